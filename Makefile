@@ -1,0 +1,51 @@
+# One entry point for people and CI. Every target installs what it needs first,
+# so each works on a fresh Debian 12 machine as root.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# libsystemd-dev + pkg-config + gcc build systemd-python (the `systemd` extra);
+# systemd + util-linux boot the real systemd 252 sandbox of tests/systemd.
+APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps
+
+.PHONY: help deps venv run test lint schema clean bench
+
+help:
+	@echo "make run    - run poolkeeper in the foreground on config/example.yaml (Ctrl-C drains)"
+	@echo "make test   - install everything the tests need (apt included) and run every test"
+	@echo "make lint   - ruff"
+	@echo "make schema - regenerate config/poolkeeper.schema.json"
+	@echo "make bench  - run the benchmarks in bench/"
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: deps $(BIN)/python
+	$(BIN)/pip install -q -e '.[systemd,test]'
+
+run: venv
+	$(BIN)/poolkeeper run config/example.yaml
+
+lint: venv
+	$(BIN)/ruff check poolkeeper tests bench
+
+test: venv lint
+	$(BIN)/python -m pytest
+
+schema: venv
+	$(BIN)/poolkeeper schema > config/poolkeeper.schema.json
+
+bench: venv
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

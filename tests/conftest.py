@@ -1,0 +1,42 @@
+"""Suite-wide rules: no test may leave a process running."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import procs  # noqa: E402
+
+procs.become_subreaper()
+
+
+def _stop_multiprocessing_helpers() -> None:
+    """Tests that run a pool inside pytest start multiprocessing's forkserver and resource
+    tracker, process-wide singletons that would otherwise outlive the test."""
+    from multiprocessing import forkserver, resource_tracker
+
+    for helper in (forkserver._forkserver, resource_tracker._resource_tracker):
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except Exception:
+                pass
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes(request):
+    yield
+    for child in multiprocessing.active_children():
+        child.join(timeout=5)
+    _stop_multiprocessing_helpers()
+    left = procs.leftovers(grace=5.0)
+    if left:
+        procs.kill_all(list(left))
+        listing = "; ".join(f"{pid}: {cmd}" for pid, cmd in sorted(left.items()))
+        pytest.fail(f"test left processes running: {listing}", pytrace=False)
