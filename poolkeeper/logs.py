@@ -1,0 +1,162 @@
+"""Logging for the daemon and its workers: the journal under systemd, one human line otherwise.
+
+Job records carry the journal fields JOB, RUN_ID, ATTEMPT and WORKER_PID (python-systemd's
+JournalHandler sends every UPPERCASE record attribute as a field), so
+`journalctl -u poolkeeper JOB=rollup` shows one job's lines, tracebacks included. Event records
+(run started, run failed, drain finished, ...) also carry a fixed MESSAGE_ID, listed in
+docs/journal.md, so `journalctl MESSAGE_ID=...` finds every event of one kind.
+
+Workers log on their own (to the journal socket or the inherited stderr): a record never has
+to cross the worker's pipe, and a job that floods its log cannot slow the main loop down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+LOGGER_NAME = "poolkeeper"
+JOB_FIELDS = ("JOB", "RUN_ID", "ATTEMPT", "WORKER_PID")
+
+# One fixed 128-bit id per event kind (like systemd's catalog ids): stable across releases.
+MESSAGE_IDS: dict[str, str] = {
+    "run_started": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a01",
+    "run_succeeded": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a02",
+    "run_failed": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a03",
+    "run_timeout": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a04",
+    "run_lost": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a05",
+    "run_killed": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a06",
+    "worker_replaced": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a07",
+    "reload_applied": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a08",
+    "reload_rejected": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a09",
+    "drain_started": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0a",
+    "drain_finished": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0b",
+    "daemon_ready": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0c",
+}
+
+# The run a worker is executing right now; stamped on every record the job emits through
+# plain `logging`, not only through ctx.log. Set by the worker around each call.
+_current_run: dict[str, Any] = {}
+
+
+def bind_run(fields: dict[str, Any] | None) -> None:
+    """Stamp `fields` (JOB, RUN_ID, ...) on every record this process emits until unbound."""
+    _current_run.clear()
+    if fields:
+        _current_run.update(fields)
+
+
+class _RunFieldsFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _current_run.items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+class HumanFormatter(logging.Formatter):
+    """`12:00:01.234 INFO  rollup[3f2a9c] message`: a job's name and run id lead the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        where = ""
+        job = getattr(record, "JOB", None)
+        if job is not None:
+            run_id = getattr(record, "RUN_ID", None)
+            where = f"{job}[{str(run_id)[:8]}] " if run_id else f"{job} "
+        line = f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} {where}{record.getMessage()}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        return line
+
+
+class PriorityPrefixFormatter(HumanFormatter):
+    """For journald's stdout/stderr stream without python-systemd: `<N>` sets PRIORITY."""
+
+    _PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self._PRIORITIES.get(record.levelname, 6)
+        text = super().format(record).split(" ", 1)[1]  # journald stamps time itself
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets $JOURNAL_STREAM to 'DEV:INODE' of the stream it connected stderr to."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def _journal_handler() -> logging.Handler | None:
+    try:
+        from systemd.journal import JournalHandler
+    except ImportError:
+        return None
+    return JournalHandler(SYSLOG_IDENTIFIER="poolkeeper")
+
+
+def resolve_target(target: str) -> str:
+    """'auto' becomes 'journal' when stderr is connected to journald, else 'stderr'."""
+    if target == "auto":
+        return "journal" if stderr_is_journal() else "stderr"
+    return target
+
+
+def make_handler(target: str) -> logging.Handler:
+    """A handler for a resolved target: 'journal' or 'stderr'."""
+    if target == "journal":
+        handler = _journal_handler()
+        if handler is not None:
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            return handler
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(PriorityPrefixFormatter())
+        return handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(HumanFormatter())
+    return handler
+
+
+def setup(target: str = "auto", level: int | str = logging.INFO) -> str:
+    """Configure the root logger of this process; returns the resolved target."""
+    resolved = resolve_target(target)
+    handler = make_handler(resolved)
+    handler.addFilter(_RunFieldsFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return resolved
+
+
+class WorkerLogSetup:
+    """Picklable worker initialiser: the same log target as the main process."""
+
+    def __init__(self, target: str, level: int | str = logging.INFO) -> None:
+        self.target = target
+        self.level = level
+
+    def __call__(self) -> None:
+        setup(self.target, self.level)
+
+
+def event(kind: str, **fields: Any) -> dict[str, Any]:
+    """`extra=` for an event record: its MESSAGE_ID plus the given journal fields."""
+    extra = {key: value for key, value in fields.items() if value is not None}
+    extra["MESSAGE_ID"] = MESSAGE_IDS[kind]
+    return extra
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)

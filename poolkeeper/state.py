@@ -1,0 +1,560 @@
+"""Run history and last fire times in SQLite (standard library, WAL).
+
+Two promises shape this module (docs/state.md has the details):
+- Writes are cheap: `run_started`/`run_ended`/`set_last_fire` only touch in-memory buffers;
+  rows reach the disk in batched transactions (`flush()`, or when the buffer fills).
+- The state DB never stops the jobs: a corrupt file is moved aside, an unwritable location
+  falls back to an in-memory DB, and a write error is logged once and swallowed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+OUTCOMES = ("succeeded", "failed", "timeout", "lost", "killed")
+RUNNING = "running"
+
+ABANDONED_ERROR = "daemon exited while the run was in flight"
+
+# Rows buffered before a write forces a flush. The daemon also flushes from its loop at most
+# every ~0.5 s, so at low rates this only bounds memory.
+DEFAULT_BATCH = 2000
+
+# Error summaries are for a human skimming `history`; tracebacks belong in the journal.
+MAX_ERROR_CHARS = 2000
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT NOT NULL UNIQUE,
+        job TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        scheduled REAL,
+        started REAL,
+        ended REAL,
+        outcome TEXT NOT NULL,
+        exit_code INTEGER,
+        signal INTEGER,
+        worker_pid INTEGER,
+        error TEXT
+    )""",
+    # (job, rowid): history of one job, newest first. ended: pruning.
+    "CREATE INDEX IF NOT EXISTS runs_job ON runs(job)",
+    "CREATE INDEX IF NOT EXISTS runs_ended ON runs(ended)",
+    # One row per job: its last fire (for catchup / interval resume) and its last finished
+    # run (so `status` doesn't scan the history).
+    """CREATE TABLE IF NOT EXISTS jobs (
+        job TEXT PRIMARY KEY,
+        last_fire REAL,
+        last_run_id TEXT
+    )""",
+)
+
+_COLUMNS = (
+    "run_id, job, attempt, scheduled, started, ended, outcome, exit_code, signal, worker_pid, error"
+)
+_SQL_START = f"""INSERT INTO runs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+    ON CONFLICT(run_id) DO NOTHING"""
+# An end may arrive without a start row (a run that failed to dispatch): upsert.
+_SQL_END = f"""INSERT INTO runs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+    ON CONFLICT(run_id) DO UPDATE SET job=excluded.job, attempt=excluded.attempt,
+    scheduled=excluded.scheduled, started=coalesce(excluded.started, runs.started),
+    ended=excluded.ended, outcome=excluded.outcome, exit_code=excluded.exit_code,
+    signal=excluded.signal, worker_pid=coalesce(excluded.worker_pid, runs.worker_pid),
+    error=excluded.error"""
+_SQL_FIRE = """INSERT INTO jobs (job, last_fire) VALUES (?, ?)
+    ON CONFLICT(job) DO UPDATE SET last_fire=excluded.last_fire"""
+_SQL_LAST_RUN = """INSERT INTO jobs (job, last_run_id) VALUES (?, ?)
+    ON CONFLICT(job) DO UPDATE SET last_run_id=excluded.last_run_id"""
+
+
+class StateLocked(RuntimeError):
+    """Another daemon holds the state DB's lock."""
+
+    def __init__(self, path: Path, holder: str):
+        self.path = path
+        self.holder = holder
+        who = f"pid {holder}" if holder else "another process"
+        super().__init__(f"state DB {path} is in use by {who} (one daemon per state DB)")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    job: str
+    run_id: str
+    attempt: int
+    scheduled: float | None
+    started: float | None
+    ended: float | None
+    outcome: str
+    exit_code: int | None
+    signal: int | None
+    worker_pid: int | None
+    error: str | None
+
+    @property
+    def duration(self) -> float | None:
+        if self.started is None or self.ended is None:
+            return None
+        return self.ended - self.started
+
+
+class StateStore:
+    """The daemon's state DB. Not process-safe by design (one daemon per DB, see acquire_lock);
+    thread-safe, so a control-socket thread may read while the main loop writes."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        log: logging.Logger | None = None,
+        batch: int = DEFAULT_BATCH,
+        readonly: bool = False,
+    ):
+        self.path = Path(path) if str(path) != ":memory:" else None
+        self.log = log or logging.getLogger("poolkeeper.state")
+        self.batch = batch
+        self.readonly = readonly
+        self.persistent = False  # True once a file DB is open (False: in-memory fallback)
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._mutex = threading.RLock()
+        # run_id -> (sql, row); dict order is arrival order, and an end replaces its start.
+        self._runs: dict[str, tuple[str, tuple]] = {}
+        self._fires: dict[str, float] = {}
+        self._last_run: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+        self._failing = False  # a write error was logged; stay quiet until writes work again
+        self._dropped = 0
+
+    # --- locations ---------------------------------------------------------------------
+
+    @staticmethod
+    def resolve_path(spec_path: str, config_dir: Path) -> Path:
+        """Where `state.path` points.
+
+        'auto': `$STATE_DIRECTORY/poolkeeper.db` (the first entry when systemd lists several,
+        colon-separated), else `.poolkeeper/state.db` next to the config file. A relative path
+        is relative to the config file's directory, like `pythonpath`: the DB (and with it the
+        one-daemon lock) must not depend on the directory the daemon was started from.
+        """
+        if spec_path == ":memory:":
+            return Path(spec_path)
+        if spec_path == "auto":
+            state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+            if state_dir:
+                return Path(state_dir) / "poolkeeper.db"
+            return Path(config_dir) / ".poolkeeper" / "state.db"
+        path = Path(spec_path).expanduser()
+        return path if path.is_absolute() else Path(config_dir) / path
+
+    # --- open / lock / close -------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (creating directories and schema). Never raises for a bad file or location:
+        a corrupt file is moved aside, an unusable location gives an in-memory DB."""
+        with self._mutex:
+            if self.path is None:
+                self._use_memory(None)
+                return
+            try:
+                self._conn = self._connect_file()
+                self.persistent = True
+            except sqlite3.DatabaseError as exc:
+                if _is_corruption(exc) and not self.readonly:
+                    self._open_after_corruption(exc)
+                else:
+                    self._use_memory(exc)
+            except FileNotFoundError as exc:
+                # Read-only (`poolkeeper history`) before any daemon ran: an empty history.
+                self._use_memory(None if self.readonly else exc)
+            except OSError as exc:
+                self._use_memory(exc)
+
+    def _connect_file(self) -> sqlite3.Connection:
+        assert self.path is not None
+        if self.readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no state DB at {self.path}")
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=2.0
+            )
+            _check_version(conn)
+            return conn
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # timeout: a `poolkeeper history` reader never blocks us in WAL, but a checkpoint may.
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=2.0)
+        try:
+            # Reading the header here is what detects a file that isn't a database.
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                self.log.warning(
+                    "state DB %s: WAL mode unavailable, using rollback journal", self.path
+                )
+            conn.execute("PRAGMA synchronous=NORMAL")
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_after_corruption(self, exc: BaseException) -> None:
+        assert self.path is not None
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        n = 1
+        while aside.exists():  # corrupted twice within a second: keep both
+            aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
+            n += 1
+        try:
+            self.path.rename(aside)
+            for suffix in ("-wal", "-shm"):  # they belong to the corrupt file, not the new one
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    side.rename(aside.with_name(aside.name + suffix))
+            self.log.error(
+                "state DB %s is corrupt (%s): moved it to %s, starting a new one",
+                self.path,
+                exc,
+                aside,
+            )
+            self._conn = self._connect_file()
+            self.persistent = True
+        except (OSError, sqlite3.Error) as again:
+            self._use_memory(again)
+
+    def _use_memory(self, reason: BaseException | None) -> None:
+        if reason is not None:
+            self.log.error(
+                "state DB %s unusable (%s): keeping state in memory; run history will not "
+                "survive a restart",
+                self.path,
+                reason,
+            )
+        conn = sqlite3.connect(":memory:", check_same_thread=False)
+        _migrate(conn)
+        self._conn = conn
+        self.persistent = False
+
+    def acquire_lock(self) -> None:
+        """Take `<path>.lock` (flock, released by the kernel if we die). Raises StateLocked
+        when another daemon holds it. Where no lock file can be created at all, the daemon runs
+        unlocked (logged): that location cannot hold a persistent DB either."""
+        if self.path is None or self._lock_fd is not None:
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            self.log.warning(
+                "cannot create lock file %s (%s): running without the single-instance lock",
+                lock_path,
+                exc,
+            )
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise StateLocked(self.path, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Flush, close the DB, release the lock. The lock file stays: unlinking a lock file
+        races with a daemon that just opened it."""
+        with self._mutex:
+            self.flush()
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except sqlite3.Error:
+                    pass
+                self._conn = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing the description releases the flock
+                self._lock_fd = None
+
+    # --- writes (buffered) ------------------------------------------------------------------
+
+    def run_started(
+        self,
+        *,
+        run_id: str | int,
+        job: str,
+        attempt: int,
+        scheduled_at: float | None,
+        started_at: float | None,
+        worker_pid: int | None,
+    ) -> None:
+        row = (
+            str(run_id),
+            job,
+            attempt,
+            scheduled_at,
+            started_at,
+            None,
+            RUNNING,
+            None,
+            None,
+            worker_pid,
+            None,
+        )
+        with self._mutex:
+            self._runs.setdefault(row[0], (_SQL_START, row))
+            self._maybe_flush()
+
+    def run_ended(
+        self,
+        *,
+        run_id: str | int,
+        job: str,
+        attempt: int,
+        scheduled_at: float | None,
+        started_at: float | None,
+        ended_at: float,
+        outcome: str,
+        exit_code: int | None = None,
+        signal: int | None = None,
+        worker_pid: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+        if error is not None and len(error) > MAX_ERROR_CHARS:
+            error = error[: MAX_ERROR_CHARS - 1] + "…"
+        row = (
+            str(run_id),
+            job,
+            attempt,
+            scheduled_at,
+            started_at,
+            ended_at,
+            outcome,
+            exit_code,
+            signal,
+            worker_pid,
+            error,
+        )
+        with self._mutex:
+            # Re-assigning keeps a buffered start's position: history order is start order.
+            self._runs[row[0]] = (_SQL_END, row)
+            self._last_run[job] = row[0]
+            self._counts[outcome] = self._counts.get(outcome, 0) + 1
+            self._maybe_flush()
+
+    def set_last_fire(self, job: str, when: float) -> None:
+        with self._mutex:
+            self._fires[job] = when
+
+    def _maybe_flush(self) -> None:
+        if len(self._runs) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything buffered in one transaction. Never raises: on an SQLite error the
+        batch is dropped and the error logged once (until writes work again)."""
+        with self._mutex:
+            if not (self._runs or self._fires or self._last_run) or self._conn is None:
+                return
+            runs, fires, last_run = self._runs, self._fires, self._last_run
+            self._runs, self._fires, self._last_run = {}, {}, {}
+            try:
+                with self._conn:  # one transaction: commit, or roll back on error
+                    for sql, rows in _runs_of_same_kind(runs.values()):
+                        self._conn.executemany(sql, rows)
+                    self._conn.executemany(_SQL_FIRE, fires.items())
+                    self._conn.executemany(_SQL_LAST_RUN, last_run.items())
+            except (sqlite3.Error, OSError) as exc:
+                self._write_failed(exc, len(runs) + len(fires))
+                return
+            if self._failing:
+                self._failing = False
+                self.log.warning("state DB writes work again (%d records were lost)", self._dropped)
+                self._dropped = 0
+
+    def _write_failed(self, exc: BaseException, rows: int) -> None:
+        self._dropped += rows
+        if not self._failing:
+            self._failing = True
+            self.log.error(
+                "state DB %s: write failed (%s); run history is being lost, the jobs keep running",
+                self.path or ":memory:",
+                exc,
+            )
+        if isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc) and self.persistent:
+            # Corrupted under us: reopen, which moves the bad file aside.
+            self._reopen()
+
+    def _reopen(self) -> None:
+        try:
+            if self._conn is not None:
+                self._conn.close()
+        except sqlite3.Error:
+            pass
+        self._conn = None
+        self.persistent = False
+        self.open()
+
+    def mark_abandoned(self, now: float) -> int:
+        """Runs still 'running' were in flight when a previous daemon died: mark them 'lost'.
+        Call after acquire_lock, before starting runs. Returns how many."""
+        with self._mutex:
+            self.flush()
+            if self._conn is None:
+                return 0
+            try:
+                with self._conn:
+                    abandoned = self._conn.execute(
+                        "SELECT job, run_id FROM runs WHERE outcome = ? ORDER BY rowid", (RUNNING,)
+                    ).fetchall()
+                    self._conn.execute(
+                        "UPDATE runs SET outcome='lost', ended=?, error=? WHERE outcome=?",
+                        (now, ABANDONED_ERROR, RUNNING),
+                    )
+                    # They are now each job's newest finished runs (`status`'s last outcome);
+                    # dict() keeps the last run_id per job.
+                    self._conn.executemany(_SQL_LAST_RUN, dict(abandoned).items())
+                return len(abandoned)
+            except sqlite3.Error as exc:
+                self._write_failed(exc, 0)
+                return 0
+
+    def prune(self, keep_seconds: float, now: float) -> int:
+        """Delete finished runs that ended more than `keep_seconds` ago, except each job's
+        last finished run (so `status` can still show it). Returns how many."""
+        with self._mutex:
+            self.flush()
+            if self._conn is None:
+                return 0
+            try:
+                with self._conn:
+                    cur = self._conn.execute(
+                        """DELETE FROM runs WHERE ended < ? AND outcome != ? AND run_id NOT IN
+                           (SELECT last_run_id FROM jobs WHERE last_run_id IS NOT NULL)""",
+                        (now - keep_seconds, RUNNING),
+                    )
+                return cur.rowcount
+            except sqlite3.Error as exc:
+                self._write_failed(exc, 0)
+                return 0
+
+    # --- reads --------------------------------------------------------------------------
+    # Reads flush first so they see every write made so far; they are for `status` and
+    # `history`, not for the hot path. On an SQLite error they log and return nothing.
+
+    def last_fire(self, job: str) -> float | None:
+        with self._mutex:
+            if job in self._fires:
+                return self._fires[job]
+            row = self._query("SELECT last_fire FROM jobs WHERE job = ?", (job,))
+            return row[0][0] if row else None
+
+    def history(self, job: str | None = None, limit: int = 50) -> list[RunRecord]:
+        """Runs, newest first (by when they were first recorded, i.e. start order)."""
+        where, args = ("WHERE job = ?", (job,)) if job is not None else ("", ())
+        with self._mutex:
+            self.flush()
+            rows = self._query(
+                f"SELECT {_RECORD_COLUMNS} FROM runs {where} ORDER BY rowid DESC LIMIT ?",
+                (*args, limit),
+            )
+        return [RunRecord(*r) for r in rows]
+
+    def last_outcomes(self) -> dict[str, RunRecord]:
+        """The last finished run of each job."""
+        with self._mutex:
+            self.flush()
+            rows = self._query(
+                f"SELECT {_RECORD_COLUMNS} FROM jobs JOIN runs ON runs.run_id = jobs.last_run_id"
+            )
+        return {r[0]: RunRecord(*r) for r in rows}
+
+    def counts(self, overall: bool = False) -> dict[str, int]:
+        """Finished runs per outcome since this store was opened (= since the daemon started:
+        STATUS= figures, O(1)); `overall=True` counts the whole retained history instead."""
+        with self._mutex:
+            if not overall:
+                return dict(self._counts)
+            self.flush()
+            rows = self._query(
+                "SELECT outcome, count(*) FROM runs WHERE outcome != ? GROUP BY outcome", (RUNNING,)
+            )
+        return dict(rows)
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        if self._conn is None:
+            return []
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            self.log.error("state DB %s: read failed (%s)", self.path or ":memory:", exc)
+            return []
+
+
+_RECORD_COLUMNS = ", ".join(
+    f"runs.{c}"
+    for c in (
+        "job",
+        "run_id",
+        "attempt",
+        "scheduled",
+        "started",
+        "ended",
+        "outcome",
+        "exit_code",
+        "signal",
+        "worker_pid",
+        "error",
+    )
+)
+
+
+def _runs_of_same_kind(entries):
+    """Group consecutive buffered rows by statement, keeping arrival order across groups."""
+    group_sql, group = None, []
+    for sql, row in entries:
+        if sql is not group_sql and group:
+            yield group_sql, group
+            group = []
+        group_sql = sql
+        group.append(row)
+    if group:
+        yield group_sql, group
+
+
+def _is_corruption(exc: BaseException) -> bool:
+    """DatabaseError proper ('file is not a database', 'malformed'), as opposed to its
+    subclass OperationalError (locked, disk full, read-only, I/O), which is not the file's fault."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.OperationalError | sqlite3.IntegrityError | sqlite3.ProgrammingError
+    )
+
+
+def _check_version(conn: sqlite3.Connection) -> int:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        # Written by a newer poolkeeper: don't touch it (the caller falls back to memory).
+        raise sqlite3.OperationalError(
+            f"schema version {version} is newer than this poolkeeper's ({SCHEMA_VERSION})"
+        )
+    return version
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION. Version 0 is a new, empty file. Future versions
+    add their steps here, each in its own transaction with the user_version bump."""
+    if _check_version(conn) < 1:
+        with conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -1,0 +1,404 @@
+"""The state DB on real SQLite files (tmp_path), no mocks."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from poolkeeper.state import ABANDONED_ERROR, SCHEMA_VERSION, StateLocked, StateStore
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = StateStore(tmp_path / "state.db")
+    s.acquire_lock()
+    s.open()
+    yield s
+    s.close()
+
+
+def start(s: StateStore, run_id, job="rollup", at=T0, attempt=1, pid=4242) -> None:
+    s.run_started(
+        run_id=run_id, job=job, attempt=attempt, scheduled_at=at, started_at=at, worker_pid=pid
+    )
+
+
+def end(s: StateStore, run_id, job="rollup", at=T0, outcome="succeeded", **kw) -> None:
+    fields = dict(
+        attempt=1,
+        scheduled_at=at,
+        started_at=at,
+        exit_code=None,
+        signal=None,
+        worker_pid=4242,
+        error=None,
+    )
+    fields.update(kw)
+    s.run_ended(run_id=run_id, job=job, ended_at=at + 1, outcome=outcome, **fields)
+
+
+def rows_on_disk(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+
+
+def test_round_trip_survives_reopen(tmp_path):
+    path = tmp_path / "state.db"
+    s = StateStore(path)
+    s.open()
+    start(s, "r1")
+    end(s, "r1", outcome="failed", exit_code=3, error="ValueError: boom")
+    start(s, 2, job="nightly", at=T0 + 10)
+    s.set_last_fire("nightly", T0 + 10)
+    s.close()
+
+    s = StateStore(path)
+    s.open()
+    assert s.persistent
+    newest, oldest = s.history()
+    assert (newest.run_id, newest.job, newest.outcome, newest.ended) == (
+        "2",
+        "nightly",
+        "running",
+        None,
+    )
+    assert oldest.job == "rollup" and oldest.outcome == "failed" and oldest.exit_code == 3
+    assert oldest.error == "ValueError: boom" and oldest.worker_pid == 4242
+    assert oldest.started == T0 and oldest.ended == T0 + 1 and oldest.duration == 1
+    assert s.last_fire("nightly") == T0 + 10 and s.last_fire("rollup") is None
+    assert [r.run_id for r in s.history("rollup")] == ["r1"]
+    s.close()
+
+
+def test_schema_is_versioned_and_in_wal_mode(store):
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_end_without_start_is_recorded(store):
+    end(store, "never-dispatched", outcome="failed", started_at=None, error="no worker")
+    (rec,) = store.history()
+    assert rec.outcome == "failed" and rec.started is None and rec.error == "no worker"
+
+
+def test_end_keeps_start_fields_it_does_not_know(store):
+    start(store, "r1", pid=77)
+    store.flush()
+    end(store, "r1", outcome="lost", signal=9, started_at=None, worker_pid=None)
+    (rec,) = store.history()
+    assert (rec.outcome, rec.signal, rec.started, rec.worker_pid) == ("lost", 9, T0, 77)
+
+
+def test_writes_are_buffered_until_flush_or_batch(tmp_path):
+    path = tmp_path / "state.db"
+    s = StateStore(path, batch=100)
+    s.open()
+    for i in range(99):
+        start(s, i)
+    assert rows_on_disk(path) == 0  # nothing written yet: cheap calls
+    start(s, 99)  # the 100th fills the batch
+    assert rows_on_disk(path) == 100
+    for i in range(50):
+        end(s, i)
+    assert rows_on_disk(path) == 100
+    s.flush()
+    with sqlite3.connect(path) as conn:
+        done = conn.execute("SELECT count(*) FROM runs WHERE outcome='succeeded'").fetchone()[0]
+    assert done == 50
+    s.close()
+
+
+def test_many_tiny_runs_are_fast(store):
+    import time
+
+    t = time.perf_counter()
+    for i in range(20_000):
+        start(store, i)
+        end(store, i)
+    store.flush()
+    assert time.perf_counter() - t < 3.0
+    assert store.counts() == {"succeeded": 20_000}
+
+
+def test_history_is_newest_first_and_limited(store):
+    for i in range(10):
+        start(store, i, job="a" if i % 2 else "b")
+        end(store, i, job="a" if i % 2 else "b")
+    assert [r.run_id for r in store.history(limit=3)] == ["9", "8", "7"]
+    assert [r.run_id for r in store.history("a", limit=2)] == ["9", "7"]
+
+
+def test_last_outcomes_and_counts(store):
+    start(store, 1)
+    end(store, 1, outcome="failed")
+    start(store, 2)
+    end(store, 2, outcome="succeeded")
+    start(store, 3, job="ingest")
+    end(store, 3, job="ingest", outcome="timeout")
+    start(store, 4, job="ingest")  # still running: not a last outcome
+    last = store.last_outcomes()
+    assert {job: r.outcome for job, r in last.items()} == {
+        "rollup": "succeeded",
+        "ingest": "timeout",
+    }
+    assert store.counts() == {"failed": 1, "succeeded": 1, "timeout": 1}
+    assert store.counts(overall=True) == {"failed": 1, "succeeded": 1, "timeout": 1}
+
+
+def test_counts_since_open_vs_overall(tmp_path):
+    path = tmp_path / "state.db"
+    s = StateStore(path)
+    s.open()
+    end(s, 1)
+    s.close()
+    s = StateStore(path)
+    s.open()
+    end(s, 2, outcome="failed")
+    assert s.counts() == {"failed": 1}
+    assert s.counts(overall=True) == {"failed": 1, "succeeded": 1}
+    s.close()
+
+
+def test_unknown_outcome_is_a_bug(store):
+    with pytest.raises(ValueError):
+        end(store, 1, outcome="exploded")
+
+
+def test_long_errors_are_truncated(store):
+    end(store, 1, outcome="failed", error="x" * 100_000)
+    assert len(store.history()[0].error) == 2000
+
+
+def test_corrupt_file_is_moved_aside_and_a_new_db_works(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not an sqlite database, just garbage " * 100)
+    s = StateStore(path)
+    with caplog.at_level(logging.ERROR, logger="poolkeeper.state"):
+        s.open()
+    assert s.persistent
+    aside = list(tmp_path.glob("state.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+    assert "corrupt" in caplog.text
+    start(s, 1)
+    end(s, 1)
+    assert [r.run_id for r in s.history()] == ["1"]
+    s.close()
+    assert rows_on_disk(path) == 1
+
+
+def test_unwritable_location_falls_back_to_memory(tmp_path, caplog):
+    # Tests run as root, so a chmod'ed dir would still be writable: put the DB under a FILE.
+    (tmp_path / "afile").write_text("")
+    s = StateStore(tmp_path / "afile" / "db")
+    with caplog.at_level(logging.WARNING, logger="poolkeeper.state"):
+        s.acquire_lock()  # can't create the lock file either: logged, not fatal
+        s.open()
+    assert not s.persistent
+    assert "in memory" in caplog.text and "lock" in caplog.text
+    start(s, 1)
+    end(s, 1)
+    s.set_last_fire("rollup", T0)
+    assert [r.outcome for r in s.history()] == ["succeeded"]
+    assert s.last_fire("rollup") == T0
+    assert s.mark_abandoned(T0) == 0 and s.prune(1, T0 + 100) == 0
+    s.close()
+
+
+def test_newer_schema_is_left_alone(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    s = StateStore(path)
+    with caplog.at_level(logging.ERROR, logger="poolkeeper.state"):
+        s.open()
+    assert not s.persistent and "newer" in caplog.text
+    s.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+
+
+def test_write_errors_are_logged_once_and_never_raise(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    s = StateStore(path, batch=10)
+    s.open()
+    with sqlite3.connect(path) as conn:  # someone breaks the table under us
+        conn.execute("DROP TABLE runs")
+    with caplog.at_level(logging.ERROR, logger="poolkeeper.state"):
+        for i in range(100):  # ten failing batches
+            start(s, i)
+        s.flush()
+    failures = [r for r in caplog.records if "write failed" in r.getMessage()]
+    assert len(failures) == 1
+    s.close()
+
+
+def test_db_overwritten_under_us_does_not_stop_writes(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    s = StateStore(path, batch=5)
+    s.open()
+    start(s, "before")
+    s.flush()
+    s._conn.close()  # drop SQLite's cached pages, as if a long time had passed
+    s._conn = sqlite3.connect(path, check_same_thread=False)
+    path.write_bytes(b"\x00garbage" * 4096)
+    with caplog.at_level(logging.ERROR, logger="poolkeeper.state"):
+        for i in range(20):
+            start(s, i)
+            end(s, i)
+        s.flush()
+    assert "write failed" in caplog.text
+    # Recovered onto a fresh file (the bad one moved aside): later writes land on disk.
+    assert s.persistent and list(tmp_path.glob("state.db.corrupt-*"))
+    end(s, "after")
+    s.close()
+    assert rows_on_disk(path) >= 1
+
+
+def _lock_holder(lock_path: Path) -> subprocess.Popen:
+    code = textwrap.dedent(
+        f"""
+        import fcntl, os, sys
+        fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"%d\\n" % os.getpid())
+        print("locked", flush=True)
+        sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_held_by_another_process_raises_state_locked(tmp_path):
+    path = tmp_path / "state.db"
+    holder = _lock_holder(Path(str(path) + ".lock"))
+    try:
+        with pytest.raises(StateLocked) as info:
+            StateStore(path).acquire_lock()
+        assert info.value.holder == str(holder.pid)
+        assert str(holder.pid) in str(info.value)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    # Released by the holder's exit: now we get it, and write our pid.
+    s = StateStore(path)
+    s.acquire_lock()
+    assert Path(str(path) + ".lock").read_text().strip() == str(__import__("os").getpid())
+    s.close()
+
+
+def test_second_store_in_process_is_locked_out_until_close(tmp_path):
+    a = StateStore(tmp_path / "state.db")
+    a.acquire_lock()
+    with pytest.raises(StateLocked):
+        StateStore(tmp_path / "state.db").acquire_lock()
+    a.close()
+    b = StateStore(tmp_path / "state.db")
+    b.acquire_lock()
+    b.close()
+
+
+def test_abandoned_runs_are_marked_lost(tmp_path):
+    path = tmp_path / "state.db"
+    s = StateStore(path)
+    s.open()
+    start(s, 1)
+    end(s, 1)
+    start(s, 2)
+    start(s, 3, job="ingest")
+    s.flush()  # ...and the daemon dies (no close)
+    s2 = StateStore(path)
+    s2.open()
+    assert s2.mark_abandoned(T0 + 50) == 2
+    recs = {r.run_id: r for r in s2.history()}
+    assert recs["1"].outcome == "succeeded"
+    assert recs["2"].outcome == recs["3"].outcome == "lost"
+    assert recs["2"].error == ABANDONED_ERROR and recs["2"].ended == T0 + 50
+    assert {j: r.run_id for j, r in s2.last_outcomes().items()} == {"rollup": "2", "ingest": "3"}
+    assert s2.mark_abandoned(T0 + 60) == 0
+    s2.close()
+
+
+def test_prune_deletes_old_finished_runs_but_keeps_each_jobs_last(store):
+    day = 86400.0
+    for i in range(5):  # rollup ran days 0..4
+        start(store, f"r{i}", at=T0 + i * day)
+        end(store, f"r{i}", at=T0 + i * day)
+    start(store, "old-nightly", job="nightly", at=T0)
+    end(store, "old-nightly", job="nightly", at=T0)
+    start(store, "stuck", at=T0)  # running: never pruned
+    now = T0 + 10 * day
+    # Cut-off at day 3: r0..r2 go; old-nightly stays as nightly's last run.
+    assert store.prune(keep_seconds=7 * day, now=now) == 3
+    left = {r.run_id for r in store.history()}
+    assert left == {"r3", "r4", "old-nightly", "stuck"}
+    assert store.prune(keep_seconds=0, now=now) == 1  # r3; r4 is rollup's last
+    assert {r.run_id for r in store.history()} == {"r4", "old-nightly", "stuck"}
+    assert store.last_outcomes()["nightly"].run_id == "old-nightly"
+
+
+def test_concurrent_reader_sees_consistent_snapshots(store):
+    start(store, 1)
+    store.flush()
+    reader = sqlite3.connect(store.path, timeout=0.5)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+        for i in range(2, 500):  # the store writes while the reader's transaction is open
+            start(store, i)
+        store.flush()
+        assert not store._failing
+        assert reader.execute("SELECT count(*) FROM runs").fetchone()[0] == 1  # its snapshot
+        reader.execute("COMMIT")
+        assert reader.execute("SELECT count(*) FROM runs").fetchone()[0] == 499
+    finally:
+        reader.close()
+
+
+def test_readonly_store_reads_a_live_db_and_tolerates_a_missing_one(store, tmp_path, caplog):
+    start(store, 1)
+    end(store, 1)
+    store.flush()
+    ro = StateStore(store.path, readonly=True)
+    ro.open()
+    assert [r.run_id for r in ro.history()] == ["1"]
+    ro.close()
+    missing = StateStore(tmp_path / "nope.db", readonly=True)
+    with caplog.at_level(logging.WARNING, logger="poolkeeper.state"):
+        missing.open()
+    assert missing.history() == [] and caplog.text == ""
+    assert not (tmp_path / "nope.db").exists()
+    missing.close()
+
+
+def test_resolve_path(tmp_path, monkeypatch):
+    cfg = tmp_path / "etc"
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert StateStore.resolve_path("auto", cfg) == cfg / ".poolkeeper" / "state.db"
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/poolkeeper:/var/lib/other")
+    assert StateStore.resolve_path("auto", cfg) == Path("/var/lib/poolkeeper/poolkeeper.db")
+    assert StateStore.resolve_path("data/s.db", cfg) == cfg / "data" / "s.db"
+    assert StateStore.resolve_path("/abs/s.db", cfg) == Path("/abs/s.db")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert StateStore.resolve_path("~/s.db", cfg) == tmp_path / "s.db"
+
+
+def test_memory_path(tmp_path):
+    s = StateStore(":memory:")
+    s.acquire_lock()
+    s.open()
+    end(s, 1)
+    assert len(s.history()) == 1 and not s.persistent
+    s.close()
