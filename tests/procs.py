@@ -14,6 +14,9 @@ import time
 
 PR_SET_CHILD_SUBREAPER = 36
 
+# Entries a test session made itself are newer than this (see systemd/sandbox.py HostGuard).
+SESSION_STARTED = time.time()
+
 # Long-lived processes that a session-scoped fixture owns (the systemd sandbox) are
 # registered here and not counted as leaks.
 ALLOWED: set[int] = set()

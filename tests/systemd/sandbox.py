@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import procs
+
 BOOT_SCRIPT = Path(__file__).with_name("boot.sh")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = "/lib/systemd/systemd"
@@ -92,9 +94,9 @@ def own_cgroup() -> str:
 def cgroup_pids(root: Path) -> list[int]:
     """Host pids in `root` and every cgroup below it."""
     pids: list[int] = []
-    for procs in root.rglob("cgroup.procs"):
+    for procs_file in root.rglob("cgroup.procs"):
         try:
-            pids += [int(p) for p in procs.read_text().split()]
+            pids += [int(p) for p in procs_file.read_text().split()]
         except OSError:
             pass
     return pids
@@ -449,7 +451,20 @@ class HostGuard:
         return name.startswith(f".{NAME}-marker-") and name != self.markers["/etc"].name
 
     def _names(self, directory: str) -> list[str]:
-        return sorted(n for n in os.listdir(directory) if not self._foreign_marker(n))
+        """Top-level names, less other sessions' markers and entries this test session made
+        itself (tests and multiprocessing create and remove /tmp entries while the sandbox
+        runs; only what existed before the session must survive it)."""
+        names = []
+        for n in os.listdir(directory):
+            if self._foreign_marker(n):
+                continue
+            try:
+                if os.lstat(os.path.join(directory, n)).st_ctime >= procs.SESSION_STARTED:
+                    continue
+            except OSError:
+                continue
+            names.append(n)
+        return sorted(names)
 
     def snapshot(self) -> dict[str, object]:
         state: dict[str, object] = {}
