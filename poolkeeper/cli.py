@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from poolkeeper import __version__, exitcodes
@@ -24,6 +26,101 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def default_config_path() -> str:
+    """$CONFIGURATION_DIRECTORY/poolkeeper.yaml under systemd, else /etc/poolkeeper/poolkeeper.yaml."""
+    base = os.environ.get("CONFIGURATION_DIRECTORY", "/etc/poolkeeper").split(":")[0]
+    return os.path.join(base, "poolkeeper.yaml")
+
+
+def _print_config_errors(exc) -> None:
+    for issue in exc.issues:
+        print(issue, file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from poolkeeper import logs
+    from poolkeeper.notify import Notifier
+    from poolkeeper.spec import ConfigError, load_config
+
+    target = logs.setup(args.log_target, args.log_level.upper())
+    notifier = Notifier()
+    path = args.config or default_config_path()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        _print_config_errors(exc)
+        first = str(exc.issues[0]) if exc.issues else str(exc)
+        more = f" (+{len(exc.issues) - 1} more)" if len(exc.issues) > 1 else ""
+        notifier.fatal(f"config error: {first}{more}")
+        return exc.exit_code
+    from poolkeeper.daemon import Daemon
+
+    return Daemon(config, log_target=target, notifier=notifier).run()
+
+
+def _load_for_reading(path: str | None):
+    """The config, for commands that read state: targets are not imported."""
+    from poolkeeper.spec import load_config
+
+    return load_config(path or default_config_path(), import_targets=False)
+
+
+def _with_config(func):
+    """Run a reading command; a bad config is reported like `check` does, exit 78/66."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        from poolkeeper.spec import ConfigError
+
+        try:
+            config = _load_for_reading(args.config)
+        except ConfigError as exc:
+            _print_config_errors(exc)
+            return exc.exit_code
+        return func(args, config)
+
+    return wrapper
+
+
+@_with_config
+def _cmd_history(args: argparse.Namespace, config) -> int:
+    from poolkeeper.report import open_readonly, print_history
+
+    if args.job and args.job not in config.jobs:
+        print(f"poolkeeper: no job named '{args.job}' in {config.path}", file=sys.stderr)
+        return exitcodes.USAGE
+    store = open_readonly(config)
+    try:
+        print_history(store.history(args.job, limit=args.n), sys.stdout)
+    finally:
+        store.close()
+    return exitcodes.OK
+
+
+@_with_config
+def _cmd_status(args: argparse.Namespace, config) -> int:
+    from poolkeeper.report import open_readonly, print_status
+
+    store = open_readonly(config)
+    try:
+        print_status(config, store, sys.stdout)
+    finally:
+        store.close()
+    return exitcodes.OK
+
+
+@_with_config
+def _cmd_next(args: argparse.Namespace, config) -> int:
+    from poolkeeper.report import print_next
+
+    job = config.jobs.get(args.job)
+    if job is None:
+        known = ", ".join(config.jobs) or "none"
+        print(f"poolkeeper: no job named '{args.job}' (jobs: {known})", file=sys.stderr)
+        return exitcodes.USAGE
+    print_next(job, args.n, sys.stdout)
+    return exitcodes.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poolkeeper",
@@ -33,9 +130,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"poolkeeper {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    p = sub.add_parser("run", help="run the daemon in the foreground (the unit's ExecStart)")
+    p.add_argument(
+        "config",
+        metavar="CONFIG",
+        nargs="?",
+        help="path to the YAML job spec (default: $CONFIGURATION_DIRECTORY/poolkeeper.yaml "
+        "or /etc/poolkeeper/poolkeeper.yaml)",
+    )
+    p.add_argument(
+        "--log-target",
+        choices=("auto", "journal", "stderr"),
+        default="auto",
+        help="auto: the journal when stderr is connected to journald, else stderr",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+    )
+    p.set_defaults(func=_cmd_run)
+
     p = sub.add_parser("check", help="validate a job spec; exit 0 if valid, 78 if not")
     p.add_argument("config", metavar="CONFIG", help="path to the YAML job spec")
     p.set_defaults(func=_cmd_check)
+
+    config_help = "the YAML job spec (default: the daemon's, see `run --help`)"
+    p = sub.add_parser("status", help="jobs, next fire, last outcome (from the state DB)")
+    p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("history", help="recent runs, newest first (from the state DB)")
+    p.add_argument("job", metavar="JOB", nargs="?", help="only this job's runs")
+    p.add_argument("-n", type=int, default=50, help="how many runs (default 50)")
+    p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
+    p.set_defaults(func=_cmd_history)
+
+    p = sub.add_parser("next", help="upcoming fire times of a job")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-n", type=int, default=5, help="how many (default 5)")
+    p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
+    p.set_defaults(func=_cmd_next)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the job spec")
     p.set_defaults(func=_cmd_schema)
@@ -57,3 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return exitcodes.OK
+    except Exception as exc:  # a bug of ours: one line for the user, the details in the log
+        logging.getLogger("poolkeeper").debug("internal error", exc_info=True)
+        print(
+            f"poolkeeper: internal error: {type(exc).__name__}: {exc} "
+            "(please report it; rerun with --log-level debug for the traceback)",
+            file=sys.stderr,
+        )
+        return exitcodes.SOFTWARE

@@ -1,0 +1,446 @@
+"""The daemon's life: one main loop owns every decision.
+
+    start   load config (done by the caller) -> lock the state DB -> start the pool
+            -> run `before_ready` jobs -> READY=1
+    turn    wait (worker pipes and sentinels, the signal pipe, the next deadline)
+            -> signals -> pool events (started, ended, lost) -> fire due schedules
+            -> dispatch to free workers -> phase changes -> STATUS=, WATCHDOG=1, flush state
+    drain   STOPPING=1 -> the stop event is set (loops return) -> in-flight runs get
+            `drain_timeout`, then their process groups are killed -> join -> exit 0
+
+Signals only wake the loop (poolkeeper.signals); the pool never blocks (poolkeeper.pool);
+so a turn is short, and a loop that stops turning stops the watchdog pings.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import random
+import signal
+import time
+from collections import Counter
+from multiprocessing.connection import wait as wait_for_ready
+from pathlib import Path
+
+from poolkeeper import exitcodes
+from poolkeeper.jobs import JobRuntime, PendingRun
+from poolkeeper.logs import WorkerLogSetup, event, get_logger
+from poolkeeper.notify import Notifier
+from poolkeeper.pool import NotStarted, Pool, RunEnded, RunStarted, WorkerEvent
+from poolkeeper.signals import SignalQueue
+from poolkeeper.state import StateLocked, StateStore
+from poolkeeper.status import status_line
+
+MAX_WAIT = 1.0  # the loop turns at least this often: status, watchdog, wall-clock jumps
+EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
+EXTEND_BY = 5.0
+STATE_FLUSH_EVERY = 0.5
+ENV_FOR_MAIN_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+OUTCOME_LEVELS = {
+    "succeeded": logging.INFO,
+    "failed": logging.ERROR,
+    "timeout": logging.ERROR,
+    "lost": logging.ERROR,
+    "killed": logging.WARNING,
+}
+
+
+class StartupFailed(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Daemon:
+    def __init__(
+        self,
+        config,
+        *,
+        log_target: str = "stderr",
+        notifier: Notifier | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.log = get_logger()
+        self.log_target = log_target
+        # The notifier captures NOTIFY_SOCKET and WATCHDOG_* now; they are then removed from
+        # the environment so no worker (or job subprocess) can talk to systemd as us.
+        self.notifier = notifier or Notifier()
+        for name in ENV_FOR_MAIN_ONLY:
+            os.environ.pop(name, None)
+        self.rng = rng or random.Random()
+        self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        self.state: StateStore | None = None
+        self.pool: Pool | None = None
+        self.jobs: dict[str, JobRuntime] = {}
+        self.phase = "starting"  # starting -> running -> draining -> stopped
+        self.outcomes: Counter[str] = Counter()
+        self.drain_outcomes: Counter[str] = Counter()
+        self.drain_started: float | None = None
+        self.drain_deadline: float | None = None
+        self.drained_in_flight = 0
+        self.exit_code = exitcodes.OK
+        self._next_extend = 0.0
+        self._next_flush = 0.0
+        self._next_ping = 0.0
+        self._watchdog = self.notifier.watchdog_interval()
+        self.last_turn = time.monotonic()
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self._start()
+            while self.phase != "stopped":
+                self._turn()
+        except StartupFailed as exc:
+            self.log.error("%s", exc)
+            self.notifier.fatal(str(exc), errno=None)
+            self.exit_code = exc.exit_code
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _turn(self) -> None:
+        self._wait()
+        self._handle_signals()
+        self._collect()
+        self._fire_schedules()
+        self._dispatch()
+        self._advance_phase()
+        self._report()
+        self.last_turn = time.monotonic()
+
+    def _start(self) -> None:
+        faulthandler.enable()
+        self.signals.install()
+        self._open_state()
+        cfg = self.config
+        self.pool = Pool(
+            workers=cfg.pool.workers,
+            start_method=cfg.pool.start_method,
+            preload=cfg.pool.preload,
+            pythonpath=cfg.pythonpath,
+            max_runs_per_worker=cfg.pool.max_runs_per_worker,
+            max_memory_per_worker=cfg.pool.max_memory_per_worker,
+            worker_setup=WorkerLogSetup(self.log_target, logging.getLogger().level),
+        )
+        self.pool.start()
+        now_wall, now_mono = time.time(), time.monotonic()
+        for name, spec in cfg.jobs.items():
+            runtime = JobRuntime(spec, random.Random(self.rng.random()))
+            runtime.start(now_wall, now_mono, self.state.last_fire(name))
+            self.jobs[name] = runtime
+        self.log.info(
+            "started: %d jobs, %d workers (%s), state %s",
+            len(self.jobs),
+            cfg.pool.workers,
+            cfg.pool.start_method,
+            self.state.path,
+        )
+        if not self._before_ready_jobs():
+            self._become_ready()
+
+    def _open_state(self) -> None:
+        path = StateStore.resolve_path(self.config.state.path, Path(self.config.path).parent)
+        self.state = StateStore(path, log=self.log)
+        try:
+            self.state.acquire_lock()
+        except StateLocked as exc:
+            raise StartupFailed(
+                f"another poolkeeper holds the state database {path} ({exc}); stop it first "
+                "or give this config its own state.path",
+                exitcodes.TEMPFAIL,
+            ) from None
+        self.state.open()
+        abandoned = self.state.mark_abandoned(time.time())
+        if abandoned:
+            self.log.warning(
+                "%d runs of a previous daemon had no outcome: recorded as lost", abandoned
+            )
+
+    def _shutdown(self) -> None:
+        if self.pool is not None:
+            for ev in self.pool.close(timeout=0 if self.phase != "stopped" else None):
+                self._on_ended(ev)
+        if self.drain_started is not None:
+            self._log_drain_summary()
+        if self.state is not None:
+            self.state.close()
+        self.signals.close()
+
+    # -- one turn -----------------------------------------------------------------------
+
+    def _wait(self) -> None:
+        now_mono, now_wall = time.monotonic(), time.time()
+        deadlines = [now_mono + MAX_WAIT, self.pool.next_deadline()]
+        for job in self.jobs.values():
+            deadlines.append(job.next_due(now_mono))
+            fires_now = self.phase == "running" or (
+                self.phase == "starting" and job.spec.before_ready
+            )
+            if fires_now and job.next_fire is not None:
+                deadlines.append(now_mono + (job.next_fire - now_wall))
+        if self.drain_deadline is not None:
+            deadlines.append(self.drain_deadline)
+        if self._watchdog:
+            deadlines.append(self._next_ping)
+        timeout = max(0.0, min(d for d in deadlines if d is not None) - now_mono)
+        if timeout:
+            wait_for_ready([*self.pool.waitables(), self.signals], timeout)
+
+    def _handle_signals(self) -> None:
+        for signum in self.signals.pop_all():
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                self.log.warning("SIGHUP: reload is not implemented yet; config unchanged")
+            elif self.phase == "draining":
+                self._fast_stop(name)
+            else:
+                self._begin_drain(name)
+
+    def _collect(self) -> None:
+        for ev in self.pool.poll():
+            if isinstance(ev, RunEnded):
+                self._on_ended(ev)
+            elif isinstance(ev, RunStarted):
+                self._on_started(ev)
+            elif isinstance(ev, NotStarted):
+                self._on_not_started(ev)
+            elif isinstance(ev, WorkerEvent):
+                self._on_worker_event(ev)
+
+    def _fire_schedules(self) -> None:
+        if self.phase not in ("starting", "running"):
+            return
+        now_wall, now_mono = time.time(), time.monotonic()
+        for job in self.jobs.values():
+            if self.phase == "starting" and not job.spec.before_ready:
+                continue
+            fired = job.fire_due(now_wall, now_mono)
+            if fired:
+                self.state.set_last_fire(job.name, fired[-1])
+
+    def _dispatch(self) -> None:
+        if self.phase in ("draining", "stopped"):
+            return
+        now_mono = time.monotonic()
+        ready: list[tuple[int, float, JobRuntime, PendingRun]] = []
+        for job in self.jobs.values():
+            if self.phase == "starting" and not job.spec.before_ready:
+                continue
+            for run in job.ready(now_mono, draining=False):
+                # Loop replicas first: their workers were promised by validation.
+                ready.append((0 if run.replica is not None else 1, run.due, job, run))
+        ready.sort(key=lambda item: (item[0], item[1]))
+        for _, _, job, run in ready:
+            if self.pool.free_slots() <= 0:
+                break
+            task = job.make_task(run)
+            job.dispatched(run, task)
+            self.pool.submit(task)
+
+    def _advance_phase(self) -> None:
+        now = time.monotonic()
+        if self.phase == "starting" and not self._before_ready_jobs():
+            self._become_ready()
+        elif self.phase == "draining":
+            if not self.pool.in_flight():
+                self.phase = "stopped"
+            elif self.drain_deadline is not None and now >= self.drain_deadline:
+                left = self.pool.in_flight()
+                self.log.warning(
+                    "drain budget of %ss spent: killing %d runs still in flight (%s)",
+                    self.config.shutdown.drain_timeout,
+                    len(left),
+                    ", ".join(sorted({t.job for t in left})),
+                )
+                for ev in self.pool.kill_runs("killed"):
+                    self._on_ended(ev)
+                self.phase = "stopped"
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        self.notifier.status(self.status_text(now))
+        if self.phase in ("starting", "draining") and now >= self._next_extend:
+            self._next_extend = now + EXTEND_EVERY
+            budget = EXTEND_BY
+            if self.drain_deadline is not None:
+                budget = max(self.drain_deadline - now, 0.0) + EXTEND_BY
+            self.notifier.extend_timeout(budget)
+        if self._watchdog and now >= self._next_ping:
+            healthy, why = self.health(now)
+            if healthy:
+                self.notifier.watchdog_ping()
+            else:
+                self.log.error("unhealthy, withholding the watchdog ping: %s", why)
+            self._next_ping = now + self._watchdog / 2
+        if now >= self._next_flush:
+            self._next_flush = now + STATE_FLUSH_EVERY
+            self.state.flush()
+
+    # -- events -------------------------------------------------------------------------
+
+    def _on_started(self, ev: RunStarted) -> None:
+        task = ev.task
+        self.state.run_started(
+            run_id=task.run_id,
+            job=task.job,
+            attempt=task.attempt,
+            scheduled_at=task.scheduled_at,
+            started_at=ev.started_at,
+            worker_pid=ev.worker_pid,
+        )
+        self.log.info(
+            "run started (attempt %d, worker %d)",
+            task.attempt,
+            ev.worker_pid,
+            extra=event("run_started", **_run_fields(task, ev.worker_pid)),
+        )
+
+    def _on_ended(self, ev: RunEnded) -> None:
+        task = ev.task
+        self.outcomes[ev.outcome] += 1
+        if self.drain_started is not None:
+            self.drain_outcomes[ev.outcome] += 1
+        self.state.run_ended(
+            run_id=task.run_id,
+            job=task.job,
+            attempt=task.attempt,
+            scheduled_at=task.scheduled_at,
+            started_at=ev.started_at,
+            ended_at=ev.ended_at,
+            outcome=ev.outcome,
+            exit_code=ev.exit_code,
+            signal=ev.signal,
+            worker_pid=ev.worker_pid,
+            error=ev.error,
+        )
+        job = self.jobs.get(task.job)
+        follow_up = ""
+        if job is not None:
+            follow_up = job.ended(ev, time.time(), time.monotonic(), self.phase == "draining")
+        took = f" in {ev.ended_at - ev.started_at:.3f}s" if ev.started_at else ""
+        message = f"run {ev.outcome}{took}"
+        if ev.error:
+            message += f": {ev.error}"
+        if follow_up:
+            message += f"; {follow_up}"
+        if ev.traceback:
+            message += "\n" + ev.traceback.rstrip()
+        self.log.log(
+            OUTCOME_LEVELS.get(ev.outcome, logging.INFO),
+            "%s",
+            message,
+            extra=event(f"run_{ev.outcome}", **_run_fields(task, ev.worker_pid)),
+        )
+        if job is not None and job.spec.before_ready and ev.outcome != "succeeded":
+            if self.phase == "starting" and not job.pending:
+                raise StartupFailed(
+                    f"before_ready job '{task.job}' did not succeed ({ev.outcome}"
+                    f"{': ' + ev.error if ev.error else ''}); not reporting ready",
+                    exitcodes.UNAVAILABLE,
+                )
+
+    def _on_not_started(self, ev: NotStarted) -> None:
+        job = self.jobs.get(ev.task.job)
+        if self.phase == "draining" or job is None:
+            self.log.info("run not started: %s", ev.reason, extra=_run_fields(ev.task, None))
+            if job is not None:
+                job.running.pop(ev.task.run_id, None)
+            return
+        job.handed_back(ev.task, time.monotonic())
+
+    def _on_worker_event(self, ev: WorkerEvent) -> None:
+        if ev.kind in ("replaced", "recycled"):
+            self.log.warning(
+                "worker %d %s: %s",
+                ev.pid,
+                ev.kind,
+                ev.detail,
+                extra=event("worker_replaced", WORKER_PID=ev.pid),
+            )
+        elif ev.kind == "init_failed":
+            self.log.error("worker %d failed to start: %s", ev.pid, ev.detail)
+        else:
+            self.log.debug("worker %d %s: %s", ev.pid, ev.kind, ev.detail)
+
+    # -- phases -------------------------------------------------------------------------
+
+    def _before_ready_jobs(self) -> list[JobRuntime]:
+        """before_ready jobs that have not succeeded yet."""
+        waiting = []
+        for job in self.jobs.values():
+            if job.spec.before_ready and (job.pending or job.running or job.next_fire is not None):
+                waiting.append(job)
+        return waiting
+
+    def _become_ready(self) -> None:
+        self.phase = "running"
+        self.notifier.ready()
+        self.log.info("ready", extra=event("daemon_ready"))
+
+    def _begin_drain(self, why: str) -> None:
+        now = time.monotonic()
+        self.notifier.stopping()
+        self.phase = "draining"
+        self.drain_started = now
+        self.drain_deadline = now + self.config.shutdown.drain_timeout
+        self.pool.drain()  # sets the stop event; queued, unstarted runs come back NotStarted
+        in_flight = self.pool.in_flight()
+        self.drained_in_flight = len(in_flight)
+        dropped = sum(len(job.pending) for job in self.jobs.values())
+        for job in self.jobs.values():
+            job.pending.clear()
+        self.log.info(
+            "%s: draining %d runs in flight (%d loop replicas) within %ss; "
+            "%d waiting runs will not start",
+            why,
+            len(in_flight),
+            sum(1 for t in in_flight if t.loop),
+            self.config.shutdown.drain_timeout,
+            dropped,
+            extra=event("drain_started"),
+        )
+
+    def _fast_stop(self, why: str) -> None:
+        self.log.warning("%s during the drain: fast stop, killing every run in flight", why)
+        for ev in self.pool.kill_runs("killed"):
+            self._on_ended(ev)
+        self.phase = "stopped"
+
+    def _log_drain_summary(self) -> None:
+        took = time.monotonic() - self.drain_started
+        done = {k: v for k, v in self.drain_outcomes.items() if k != "killed"}
+        summary = ", ".join(f"{n} {k}" for k, v in sorted(done.items()) for n in [v]) or "none"
+        self.log.info(
+            "drain finished in %.2fs: %d runs were in flight; drained: %s; killed: %d",
+            took,
+            self.drained_in_flight,
+            summary,
+            self.drain_outcomes.get("killed", 0),
+            extra=event("drain_finished"),
+        )
+
+    # -- health and status ---------------------------------------------------------------
+
+    def health(self, now: float) -> tuple[bool, str]:
+        """Watchdog health, defined in docs/health.md: the loop turned recently and the pool
+        says it is handling everything it owns."""
+        since = now - self.last_turn
+        if since > max(MAX_WAIT * 2, 2.0):
+            return False, f"main loop has not turned for {since:.1f}s"
+        return self.pool.healthy()
+
+    def status_text(self, now: float) -> str:
+        return status_line(self, now)
+
+
+def _run_fields(task, worker_pid: int | None) -> dict:
+    fields = {"JOB": task.job, "RUN_ID": task.run_id, "ATTEMPT": task.attempt}
+    if worker_pid is not None:
+        fields["WORKER_PID"] = worker_pid
+    return fields

@@ -1,0 +1,198 @@
+"""Per-job bookkeeping for the main loop: when a job is due, what waits for a worker, and
+what a finished run means for the next one (retry, loop restart, backoff).
+
+Times: schedules are wall-clock (epoch seconds, cron is about the calendar); everything
+relative (retry delays, backoff, restarts) is monotonic, so a clock step never makes a
+backing-off job fire early or wait for hours.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from poolkeeper.backoff import Backoff, FailureTracker, Retry, should_restart
+from poolkeeper.pool import RunEnded, Task
+from poolkeeper.schedule import JobSchedule, make_schedule
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass
+class PendingRun:
+    """A run waiting for a worker: a fire of the schedule, a retry, or a loop replica."""
+
+    job: str
+    attempt: int
+    scheduled_at: float  # wall clock: when the schedule wanted it
+    due: float  # monotonic: not before
+    replica: int | None = None
+
+
+@dataclass
+class JobRuntime:
+    spec: object  # poolkeeper.spec.Job
+    rng: random.Random
+    schedule: JobSchedule | None = None
+    pending: deque[PendingRun] = field(default_factory=deque)
+    running: dict[str, Task] = field(default_factory=dict)
+    paused: bool = False
+    retry: Retry | None = None
+    replica_failures: dict[int, FailureTracker] = field(default_factory=dict)
+    backing_off_until: float | None = None  # monotonic, for STATUS and `status`
+    fired_once: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def is_loop(self) -> bool:
+        return self.spec.loop is not None
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def start(self, now_wall: float, now_mono: float, last_fire: float | None) -> None:
+        """Arm the trigger (or queue every loop replica) when the daemon starts."""
+        spec = self.spec
+        if self.is_loop:
+            for replica in range(spec.loop.replicas):
+                self.replica_failures[replica] = FailureTracker(_backoff(spec.backoff), self.rng)
+                self.pending.append(PendingRun(spec.name, 1, now_wall, now_mono, replica))
+            return
+        self.retry = Retry(spec.retry.attempts, _backoff(spec.retry), self.rng)
+        self.schedule = make_schedule(spec, now=now_wall, last_fire=last_fire, rng=self.rng)
+
+    @property
+    def next_fire(self) -> float | None:
+        """Wall-clock time of the next fire (jitter included), None if it never fires again."""
+        if self.schedule is None or self.schedule.next is None:
+            return None
+        return self.schedule.next.due
+
+    def fire_due(self, now_wall: float, now_mono: float) -> list[float]:
+        """Turn the schedule's due fire into a pending run (per `overlap`; a skipped fire is
+        gone); returns the nominal fire times, for the caller to persist (`catchup`)."""
+        fired: list[float] = []
+        if self.schedule is None:
+            return fired
+        while (fire := self.schedule.pop_due(now_wall)) is not None:
+            fired.append(fire.nominal)
+            if not self.paused:
+                self._admit(PendingRun(self.name, 1, fire.nominal, now_mono))
+        return fired
+
+    def _admit(self, run: PendingRun) -> bool:
+        policy = self.spec.overlap
+        active = len(self.running) + len(self.pending)
+        if policy == "skip" and active:
+            return False
+        if policy == "queue" and self.pending:  # coalesce: at most one queued fire
+            return False
+        if policy == "allow" and active >= self.spec.max_concurrent:
+            return False
+        self.pending.append(run)
+        return True
+
+    def ready(self, now_mono: float, draining: bool) -> list[PendingRun]:
+        """Pending runs whose time has come and that may start now."""
+        if draining:
+            return []
+        out = []
+        for run in self.pending:
+            if run.due > now_mono:
+                continue
+            if self.spec.overlap == "queue" and self.running and run.replica is None:
+                continue  # a queued fire waits for the current run to end
+            out.append(run)
+        return out
+
+    def next_due(self, now_mono: float) -> float | None:
+        """Earliest future time a pending run becomes ready (for the loop's wait). Runs that
+        are due already wait for a worker, whose freeing wakes the loop anyway."""
+        return min((run.due for run in self.pending if run.due > now_mono), default=None)
+
+    def make_task(self, run: PendingRun) -> Task:
+        spec = self.spec
+        return Task(
+            run_id=new_run_id(),
+            job=spec.name,
+            target=spec.target,
+            args=tuple(spec.args),
+            kwargs=dict(spec.kwargs),
+            attempt=run.attempt,
+            scheduled_at=run.scheduled_at,
+            timeout=spec.timeout,
+            heartbeat_timeout=spec.heartbeat_timeout,
+            env=dict(spec.env),
+            loop=self.is_loop,
+        )
+
+    def dispatched(self, run: PendingRun, task: Task) -> None:
+        self.pending.remove(run)
+        self.running[task.run_id] = task
+        self._replica_of[task.run_id] = run.replica
+
+    def handed_back(self, task: Task, now_mono: float) -> None:
+        """A submitted run that its worker never started: it waits again, first in line."""
+        replica = self._replica_of.pop(task.run_id, None)
+        self.running.pop(task.run_id, None)
+        self.pending.appendleft(
+            PendingRun(self.name, task.attempt, task.scheduled_at, now_mono, replica)
+        )
+
+    # -- outcomes -----------------------------------------------------------------------
+
+    def ended(self, ev: RunEnded, now_wall: float, now_mono: float, draining: bool) -> str:
+        """Book a finished run; returns what happens next, for the log."""
+        task = ev.task
+        self.running.pop(task.run_id, None)
+        replica = self._replica_of.pop(task.run_id, None)
+        if draining or ev.outcome == "killed":
+            return ""
+        if self.is_loop:
+            return self._after_loop_run(ev, replica, now_wall, now_mono)
+        return self._after_run(ev, now_mono)
+
+    def _after_run(self, ev: RunEnded, now_mono: float) -> str:
+        delay = self.retry.should_retry(ev.outcome, ev.task.attempt)
+        if delay is None:
+            self.backing_off_until = None
+            failed = ev.outcome != "succeeded" and ev.task.attempt > 1
+            return f"gave up after {ev.task.attempt} attempts" if failed else ""
+        due = now_mono + delay
+        self.backing_off_until = due
+        self.pending.append(PendingRun(self.name, ev.task.attempt + 1, ev.task.scheduled_at, due))
+        return f"retry {ev.task.attempt + 1}/{self.spec.retry.attempts} in {delay:.1f}s"
+
+    def _after_loop_run(self, ev: RunEnded, replica, now_wall: float, now_mono: float) -> str:
+        restart = self.spec.restart
+        if not should_restart(restart, ev.outcome):
+            return f"not restarted (restart: {restart})"
+        # A loop that crashes, or returns quickly, restarts with backoff: never a busy loop.
+        tracker = self.replica_failures[replica]
+        tracker.started(now_mono - ((ev.ended_at - ev.started_at) if ev.started_at else 0.0))
+        due = tracker.ended(ev.outcome, now_mono)
+        delay = max(0.0, due - now_mono)
+        self.backing_off_until = due if delay else None
+        self.pending.append(PendingRun(self.name, ev.task.attempt + 1, now_wall, due, replica))
+        return f"restart in {delay:.1f}s" if delay else "restarted"
+
+    def backing_off(self, now_mono: float) -> float | None:
+        """Seconds until a backing-off job may run again, or None."""
+        if self.backing_off_until is None or self.backing_off_until <= now_mono:
+            return None
+        return self.backing_off_until - now_mono
+
+    def __post_init__(self) -> None:
+        self._replica_of: dict[str, int | None] = {}
+
+
+def _backoff(policy) -> Backoff:
+    return Backoff(
+        initial=policy.initial, factor=policy.factor, max=policy.max, jitter=policy.jitter
+    )

@@ -1,0 +1,966 @@
+"""The supervised process pool: poolkeeper's engine.
+
+Processes, pipes and messages::
+
+    main process (the daemon's single loop)                     worker (one per slot)
+    +---------------------------------------+                  +----------------------------+
+    | Pool                                  |  duplex pipe     | worker_main()              |
+    |   submit(task) --------------------------("T", ...)---->  |   set up: own pgid, ignore |
+    |                                       |  ("C", seq)  ->  |   SIGTERM/SIGINT, preload, |
+    |                                       |  None (stop) ->  |   faulthandler, watcher    |
+    |   poll():                             |                  |   loop: recv, run, send    |
+    |     1. read all ready messages  <--------("R"|"I"|"H"|    |                            |
+    |     2. reap exited workers      <--+  |   "D"|"N", ...)  |   thread: poll(main pidfd) |
+    |     3. enforce deadlines (SIGKILL  |  |                  |     -> killpg(own group)   |
+    |        the worker's group)         |  |                  +----------------------------+
+    |     4. drain queued tasks if the   |  |                        ^  process group: the
+    |        stop event is set           |  |                        |  worker + its job's
+    |     5. respawn (rate-limited)      |  |                        |  grandchildren
+    |   one epoll fd over: pipes, worker +--pidfds (readable = the worker exited)
+    +---------------------------------------+
+    stop_event: one multiprocessing.Event shared with every worker (ctx.stopping)
+
+Messages, each a pickled tuple framed like multiprocessing.Connection (4-byte length):
+
+    main -> worker   ("T", seq, target, args, kwargs, job, run_id, attempt, scheduled_at, env,
+                      check_cancel)          run this (check_cancel: it was queued, not awaited)
+                     ("C", seq)              cancel seq if not started yet (drain / kill_runs)
+                     None                    exit when the queue is done
+    worker -> main   ("R", pid)              initialised, ready
+                     ("I", error, traceback) initialisation failed; the worker exits
+                     ("H",)                  heartbeat of the current run (rate-limited)
+                     ("D", seq, ok, started, ended, result_repr, error, traceback, rss)
+                     ("N", seq, reason)      seq was cancelled before it started
+
+Why no "started" message: a worker runs its queue in order, so the main process knows a task
+starts when the previous result arrives (or at once for an idle worker). Each worker holds at
+most one task beyond the running one (prefetch), so a worker never waits for the main process
+between two runs; a prefetched task whose worker dies is handed back as NotStarted.
+
+Why not multiprocessing.Pool / ProcessPoolExecutor / billiard / pebble / loky: see
+docs/design.md ("Pool"): they lose results of killed workers, wedge on a lock held by a killed
+idle worker (cpython#96062), break every future after one death or lack per-task timeouts.
+Here each worker has its own pipe owned by the main process, so a death affects exactly the
+runs that worker held, and nothing is ever shared that a dying process could leave locked.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import select
+import signal
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import forkserver, resource_tracker
+from typing import Any
+
+from poolkeeper.worker import (
+    PICKLE_PROTOCOL,
+    PassFd,
+    WorkerConfig,
+    format_tb,
+    one_line,
+    preload_for_forkserver,
+    worker_main,
+)
+
+__all__ = [
+    "NotStarted",
+    "Pool",
+    "PoolFull",
+    "RunEnded",
+    "RunStarted",
+    "Task",
+    "WorkerEvent",
+]
+
+log = logging.getLogger("poolkeeper.pool")
+
+# After SIGUSR1 (faulthandler dumps the hung run's stack), give the dump this long to reach
+# stderr before the SIGKILL.
+STACK_DUMP_GRACE = 0.3
+# A run cancelled by kill_runs() that reached its worker anyway gets this long to be refused
+# ("N") before the worker is killed.
+VERDICT_GRACE = 0.05
+# Respawn backoff after a worker fails to initialise: initial, factor 2, ceiling.
+RESPAWN_BACKOFF_INITIAL = 0.25
+RESPAWN_BACKOFF_MAX = 30.0
+# A task this big is only sent to a worker known to be reading its pipe, never queued behind a
+# run: a full socket buffer would block the main process in send().
+BUFFERED_MAX = 32 * 1024
+# healthy() tolerances: a deadline this far in the past not acted upon, a killed worker that
+# does not go away.
+OVERDUE = 2.0
+DYING_TOO_LONG = 10.0
+
+STARTING, READY, RETIRING, DYING = "starting", "ready", "retiring", "dying"
+_CONN, _PIDFD, _SENTINEL = 0, 1, 2
+
+
+class PoolFull(Exception):
+    """submit() found no worker that can take the task now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    run_id: str
+    job: str
+    target: str  # "pkg.module:func" or "module:obj.attr"
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    attempt: int = 1
+    scheduled_at: float = 0.0
+    timeout: float | None = None  # hard wall-clock limit from the actual start
+    heartbeat_timeout: float | None = None  # no ctx.heartbeat() this long = hung
+    env: dict[str, str] = field(default_factory=dict)  # set for the run, restored after
+    loop: bool = False  # a loop replica: long-lived, never queued behind or ahead of anything
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnded:
+    task: Task
+    outcome: str  # 'succeeded' | 'failed' | 'timeout' | 'lost' | 'killed'
+    started_at: float | None
+    ended_at: float
+    worker_pid: int | None
+    exit_code: int | None
+    signal: int | None
+    error: str | None
+    traceback: str | None
+    result_repr: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    task: Task
+    worker_pid: int
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NotStarted:
+    task: Task
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEvent:
+    kind: str  # 'started' | 'exited' | 'replaced' | 'recycled' | 'init_failed'
+    pid: int
+    detail: str
+
+
+Event = RunStarted | RunEnded | NotStarted | WorkerEvent
+
+
+class _Slot:
+    """A task handed to a worker, from submit() until its terminal event."""
+
+    __slots__ = ("task", "seq", "started_at", "started_clock", "cancelled", "reported")
+
+    def __init__(self, task: Task, seq: int) -> None:
+        self.task = task
+        self.seq = seq
+        self.started_at: float | None = None  # epoch, as inferred by the main process
+        self.started_clock: float | None = None
+        self.cancelled = False  # a cancel was sent: wait for the worker's verdict
+        self.reported = False  # its terminal event was already emitted (kill_runs)
+
+
+class _Worker:
+    __slots__ = (
+        "proc", "pid", "conn", "fd", "pidfd", "state", "queue", "buf", "assigned", "done",
+        "last_heartbeat", "kill_at", "kill_outcome", "kill_error", "born", "state_since",
+        "init_error", "exited", "sentinel_watched", "retire_reason", "broken",
+    )  # fmt: skip
+
+    def __init__(self, proc: Any, conn: Any, pidfd: int | None, now: float) -> None:
+        self.proc = proc
+        self.pid: int = proc.pid
+        self.conn = conn
+        self.fd: int = conn.fileno()
+        self.pidfd = pidfd
+        self.state = STARTING
+        self.queue: collections.deque[_Slot] = collections.deque()
+        self.buf = bytearray()
+        self.assigned = 0  # tasks ever handed to it (recycling counts these)
+        self.done = 0
+        self.last_heartbeat = now
+        self.kill_at: float | None = None  # SIGKILL the group at this clock time
+        self.kill_outcome: str | None = None  # ... and end the running task with this
+        self.kill_error: str | None = None
+        self.born = now
+        self.state_since = now
+        self.init_error: str | None = None
+        self.exited = False  # its pidfd fired; reaping may wait for the exit status
+        self.sentinel_watched = False
+        self.retire_reason: str | None = None
+        self.broken = False  # a send failed: it is dying, give it nothing more
+
+
+# Process-wide: the forkserver and resource tracker are singletons of multiprocessing. A pool
+# that started one stops it on close when no other open pool still needs it.
+_open_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_helpers_started_by_us = {"forkserver": False, "resource_tracker": False}
+
+
+class Pool:
+    """A fixed-size pool of supervised worker processes. Never blocks, never sleeps: the
+    caller waits on waitables() until next_deadline(), then calls poll()."""
+
+    def __init__(
+        self,
+        *,
+        workers: int,
+        start_method: str = "forkserver",
+        preload: Sequence[str] = (),
+        pythonpath: Sequence[str] = (),
+        max_runs_per_worker: int = 0,
+        max_memory_per_worker: int = 0,
+        worker_setup: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        prefetch: int = 1,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self._ctx = multiprocessing.get_context(start_method)
+        self.start_method = start_method
+        self.target_size = workers
+        self.preload = tuple(preload)
+        self.pythonpath = tuple(os.path.abspath(p) for p in pythonpath)
+        self.max_runs = max_runs_per_worker
+        self.max_memory = max_memory_per_worker
+        self.worker_setup = worker_setup
+        self._clock = clock
+        self.prefetch = max(0, prefetch)
+        self._note_helpers()  # before the Event: under spawn/forkserver it starts the tracker
+        self.stop_event = self._ctx.Event()
+        self._workers: list[_Worker] = []  # every process not yet reaped, in start order
+        self._fdmap: dict[int, tuple[_Worker, int]] = {}
+        self._epoll: select.epoll | None = None
+        self._main_pidfd: int | None = None
+        self._events: list[Event] = []
+        self._seq = itertools.count(1)
+        self._respawn_at = 0.0
+        self._init_failures = 0
+        self._last_init_error = ""
+        self._replaces: list[int] = []  # pids of dead workers whose replacement is owed
+        self._draining = False
+        self._closing = False
+        self._closed = False
+        self._started = False
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._epoll = select.epoll()
+        self._main_pidfd = os.pidfd_open(os.getpid())
+        if self.start_method == "forkserver" and forkserver._forkserver._forkserver_pid is None:
+            self._ctx.set_forkserver_preload(preload_for_forkserver(self.preload))
+        _open_pools.add(self)
+        atexit.register(_close_at_exit, weakref.ref(self))
+        now = self._clock()
+        for _ in range(self.target_size):
+            self._spawn(now)
+
+    def close(self, *, timeout: float | None = None) -> list[RunEnded]:
+        """Stop accepting tasks, set the stop event, hand back queued tasks, let running ones
+        finish; after `timeout` SIGKILL the rest ('killed'). Joins every worker. Returns the
+        RunEnded of every run that ended during close; other events produced meanwhile
+        (NotStarted of handed-back tasks, WorkerEvents) are left for one more poll()."""
+        if self._closed or not self._started:
+            self._closed = True
+            return []
+        self._closing = True
+        self.stop_event.set()
+        self._drain_queued()
+        for w in self._workers:
+            if w.state != DYING:
+                self._send(w, None)
+                if w.state != STARTING:
+                    self._set_state(w, RETIRING)
+        deadline = None if timeout is None else self._clock() + timeout
+        ended: list[RunEnded] = []
+        rest: list[Event] = []
+        killed = False
+        while self._workers:
+            now = self._clock()
+            if deadline is not None and now >= deadline and not killed:
+                killed = True
+                self._kill_all("killed", "killed at shutdown: drain timeout")
+            wake = self.next_deadline()
+            if deadline is not None and not killed:
+                wake = deadline if wake is None else min(wake, deadline)
+            wait = None if wake is None else max(0.0, wake - self._clock())
+            multiprocessing.connection.wait([self._epoll], timeout=wait)
+            for ev in self.poll():
+                (ended if isinstance(ev, RunEnded) else rest).append(ev)
+        self._events = rest + self._events
+        self._release()
+        return ended
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._epoll is not None:
+            self._epoll.close()
+        if self._main_pidfd is not None:
+            os.close(self._main_pidfd)
+            self._main_pidfd = None
+        _open_pools.discard(self)
+        # Every worker is joined: nobody needs the stop event's semaphores by name any more.
+        # Unlink them now, while the resource tracker still runs; done later (at garbage
+        # collection) it would restart a tracker we are about to stop.
+        _unlink_semaphores(self.stop_event)
+        _stop_helpers_if_unused()
+
+    # -- the daemon's interface ---------------------------------------------------------------
+
+    def waitables(self) -> list[Any]:
+        """One epoll object over every worker pipe and pidfd: readable when poll() has work."""
+        return [] if self._epoll is None or self._closed else [self._epoll]
+
+    def size(self) -> int:
+        return sum(1 for w in self._workers if w.state in (STARTING, READY))
+
+    def busy_count(self) -> int:
+        return sum(1 for w in self._workers if w.queue and w.state != DYING)
+
+    def in_flight(self) -> list[Task]:
+        return [s.task for w in self._workers for s in w.queue if not s.reported]
+
+    def free_slots(self) -> int:
+        if self._closing:
+            return 0
+        return sum(self._room(w) for w in self._workers)
+
+    def idle_slots(self) -> int:
+        """Workers with nothing to do: where a loop task (never queued) can go."""
+        if self._closing:
+            return 0
+        return sum(1 for w in self._workers if self._room(w) and not w.queue)
+
+    def submit(self, task: Task) -> None:
+        if self._closing or not self._started:
+            raise PoolFull("pool is closed" if self._closing else "pool is not started")
+        w = self._pick(task.loop, big=False)
+        seq = next(self._seq)
+        try:
+            payload = self._encode(task, seq, w)
+            if len(payload) > BUFFERED_MAX and not self._awaits(w):
+                w = self._pick(task.loop, big=True)
+                payload = self._encode(task, seq, w)
+        except PoolFull:
+            raise
+        except Exception as exc:  # unpicklable args: this run fails, no worker is touched
+            self._events.append(
+                RunEnded(task, "failed", None, time.time(), None, None, None,
+                         f"cannot send arguments: {one_line(exc)}", format_tb(exc))
+            )  # fmt: skip
+            return
+        if not self._send(w, payload):
+            self._events.append(NotStarted(task, f"worker {w.pid} went away"))
+            return
+        slot = _Slot(task, seq)
+        w.queue.append(slot)
+        w.assigned += 1
+        if len(w.queue) == 1 and w.state == READY:
+            self._promote(w, self._clock())
+
+    def poll(self) -> list[Event]:
+        """Non-blocking. Reads every ready message, reaps exited workers, enforces deadlines,
+        hands back queued tasks once the stop event is set, starts replacements."""
+        if self._epoll is not None and not self._closed:
+            exited = self._read_messages()
+            self._reap(exited)
+            now = self._clock()
+            self._enforce_deadlines(now)
+            if not self._draining and self.stop_event.is_set():
+                self._drain_queued()
+            self._respawn(now)
+        events, self._events = self._events, []
+        return events
+
+    def next_deadline(self) -> float | None:
+        """Earliest clock time at which poll() must run even if nothing is readable."""
+        if self._events:
+            return self._clock()
+        best: float | None = None
+        for w in self._workers:
+            t = self._deadline_of(w)
+            if t is not None and (best is None or t < best):
+                best = t
+            if w.exited:  # exit status not in yet (forkserver reports it a bit later)
+                t = self._clock() + 0.01
+                best = t if best is None else min(best, t)
+        if not self._closing and self.size() < self.target_size:
+            best = self._respawn_at if best is None else min(best, self._respawn_at)
+        return best
+
+    def kill_runs(
+        self, outcome: str = "killed", tasks: Sequence[Task] | None = None
+    ) -> list[RunEnded]:
+        """SIGKILL the process groups of the workers running `tasks` (default: every run).
+        Each targeted run ends with `outcome` (returned, not repeated by poll()); a targeted
+        task still queued behind another run is cancelled and ends the same way, with
+        started_at None. Untargeted queued tasks of a killed worker come back as NotStarted."""
+        ids = None if tasks is None else {t.run_id for t in tasks}
+        out: list[RunEnded] = []
+        now = self._clock()
+        for w in list(self._workers):
+            if w.state == DYING or not w.queue:
+                continue
+            head = w.queue[0]
+            if head.started_clock is not None and (ids is None or head.task.run_id in ids):
+                out.extend(self._kill(w, outcome, f"{outcome} on request", ids, emit=False))
+                continue
+            for slot in w.queue:
+                if slot.reported or (ids is not None and slot.task.run_id not in ids):
+                    continue
+                out.append(self._ended_unstarted(slot, outcome, w.pid, f"{outcome} before start"))
+                slot.reported = True
+                if not slot.cancelled:
+                    slot.cancelled = True
+                    self._send(w, ("C", slot.seq))
+                if slot is head and head.started_clock is None and w.state == READY:
+                    w.kill_at, w.kill_outcome = now + VERDICT_GRACE, None
+        return out
+
+    def drain(self) -> None:
+        """Set the stop event and hand back every task not yet started (NotStarted)."""
+        self.stop_event.set()
+        self._drain_queued()
+
+    def healthy(self) -> tuple[bool, str]:
+        if self._closed:
+            return True, "closed"
+        now = self._clock()
+        for w in self._workers:
+            if w.state == DYING and now - w.state_since > DYING_TOO_LONG:
+                return False, f"worker {w.pid} still alive {now - w.state_since:.0f}s after SIGKILL"
+            t = self._deadline_of(w)
+            if t is not None and now - t > OVERDUE and w.queue:
+                task = w.queue[0].task
+                return False, f"run {task.run_id} ({task.job}) is {now - t:.1f}s past its deadline"
+        if self._init_failures:
+            wait = max(0.0, self._respawn_at - now)
+            return False, (
+                f"workers fail to start ({self._init_failures} in a row): "
+                f"{self._last_init_error}; next attempt in {wait:.1f}s"
+            )
+        if (
+            not self._closing
+            and self.size() < self.target_size
+            and now - self._respawn_at > OVERDUE
+        ):
+            return False, f"{self.size()}/{self.target_size} workers and no respawn under way"
+        return True, "ok"
+
+    # -- poll, step 1: messages -------------------------------------------------------------
+
+    def _read_messages(self) -> list[_Worker]:
+        exited = []
+        for fd, _ in self._epoll.poll(0):
+            entry = self._fdmap.get(fd)
+            if entry is None:
+                continue
+            w, kind = entry
+            if kind == _CONN:
+                self._read(w)
+            elif kind == _PIDFD:
+                self._unwatch(w.pidfd)
+                w.exited = True
+                exited.append(w)
+            else:  # the forkserver reported the exit status
+                exited.append(w)
+        return exited
+
+    def _read(self, w: _Worker) -> None:
+        try:
+            data = os.read(w.fd, 1 << 16)
+        except OSError:
+            data = b""
+        if not data:  # the worker's end is closed: it exited (its pidfd tells us the rest)
+            self._unwatch(w.fd)
+            return
+        buf = w.buf
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            size = int.from_bytes(buf[pos : pos + 4], "big", signed=True)
+            head = 4
+            if size == -1:  # multiprocessing's framing for > 2 GiB
+                if end - pos < 12:
+                    break
+                size, head = int.from_bytes(buf[pos + 4 : pos + 12], "big"), 12
+            if end - pos - head < size:
+                break
+            msg = pickle.loads(buf[pos + head : pos + head + size])
+            pos += head + size
+            self._on_message(w, msg)
+        del buf[:pos]
+
+    def _on_message(self, w: _Worker, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "D":
+            self._on_done(w, msg)
+        elif kind == "H":
+            w.last_heartbeat = self._clock()
+        elif kind == "N":
+            slot = self._pop(w, msg[1])
+            if slot is not None and not slot.reported:
+                self._events.append(NotStarted(slot.task, msg[2]))
+            self._after_run(w)
+        elif kind == "R":
+            self._init_failures = 0
+            if w.state == STARTING:
+                self._set_state(w, READY)
+                ready_in = self._clock() - w.born
+                self._events.append(WorkerEvent("started", w.pid, f"ready in {ready_in:.3f}s"))
+            self._promote(w, self._clock())
+        elif kind == "I":
+            w.init_error = msg[1]
+            self._last_init_error = msg[1]
+            log.error("worker %d failed to initialise: %s\n%s", w.pid, msg[1], msg[2])
+            self._events.append(WorkerEvent("init_failed", w.pid, msg[1]))
+
+    def _on_done(self, w: _Worker, msg: tuple[Any, ...]) -> None:
+        _, seq, ok, started, ended, result_repr, error, tb, rss = msg
+        slot = self._pop(w, seq)
+        if slot is not None and not slot.reported:
+            if slot.started_clock is None:  # ran although cancelled: it started after all
+                self._events.append(RunStarted(slot.task, w.pid, started))
+            self._events.append(
+                RunEnded(slot.task, "succeeded" if ok else "failed", started, ended, w.pid,
+                         None, None, error, tb, result_repr)
+            )  # fmt: skip
+        w.done += 1
+        if self.max_memory and rss > self.max_memory and w.state == READY:
+            self._retire(w, f"RSS {rss // 1048576} MiB > {self.max_memory // 1048576} MiB")
+        elif self.max_runs and w.done >= self.max_runs and w.state == READY:
+            self._retire(w, f"{w.done} runs")
+        self._after_run(w)
+
+    def _pop(self, w: _Worker, seq: int) -> _Slot | None:
+        if not w.queue or w.queue[0].seq != seq:  # cannot happen unless the worker is broken
+            log.error("worker %d answered for task %s out of order; killing it", w.pid, seq)
+            self._kill(w, "lost", "protocol error")
+            return None
+        w.kill_at = None
+        return w.queue.popleft()
+
+    def _after_run(self, w: _Worker) -> None:
+        if w.queue:
+            self._promote(w, self._clock())
+
+    def _promote(self, w: _Worker, now: float) -> None:
+        """The head of a ready worker's queue is running from now on (the worker runs its
+        queue in order and never waits for us in between)."""
+        if not w.queue or w.state not in (READY, RETIRING):
+            return
+        slot = w.queue[0]
+        if slot.started_clock is not None:
+            return
+        if slot.cancelled:  # the worker decides; for a killed task, enforce it shortly
+            if slot.reported:
+                w.kill_at, w.kill_outcome = now + VERDICT_GRACE, None
+            return
+        slot.started_clock = now
+        slot.started_at = time.time()
+        w.last_heartbeat = now
+        self._events.append(RunStarted(slot.task, w.pid, slot.started_at))
+
+    # -- poll, step 2: reap -----------------------------------------------------------------
+
+    def _reap(self, exited: list[_Worker]) -> None:
+        for w in exited:
+            if w not in self._workers:
+                continue
+            # Messages sent before dying still count (a result is a result).
+            while w.fd in self._fdmap and select.select([w.fd], [], [], 0)[0]:
+                self._read(w)
+            code = w.proc.exitcode
+            if code is None:
+                if self.start_method == "forkserver" and not w.sentinel_watched:
+                    w.sentinel_watched = True
+                    self._watch(w.proc.sentinel, w, _SENTINEL)
+                continue  # next_deadline() brings us back shortly
+            self._finish(w, code)
+
+    def _finish(self, w: _Worker, code: int) -> None:
+        # The job's grandchildren share the worker's process group; the group id stays
+        # reserved until they are all gone, so this cannot hit an unrelated process.
+        _killpg(w.pid)
+        sig = -code if code < 0 else None
+        exit_code = code if code >= 0 else None
+        how = f"exit code {code}" if sig is None else _signame(sig)
+        now = time.time()
+        never_ready = w.state == STARTING or w.init_error is not None
+        for slot in w.queue:
+            if slot.reported:
+                continue
+            if never_ready:
+                self._events.append(NotStarted(slot.task, f"worker {w.pid} failed to start"))
+            elif slot.started_clock is not None or slot.cancelled and slot is w.queue[0]:
+                self._events.append(
+                    RunEnded(slot.task, "lost", slot.started_at, now, w.pid, exit_code, sig,
+                             f"worker died: {how}", None)
+                )  # fmt: skip
+            else:
+                self._events.append(
+                    NotStarted(slot.task, f"worker {w.pid} died ({how}) before starting it")
+                )
+        w.queue.clear()
+        expected = w.state in (DYING, RETIRING) or self._closing
+        if not expected:
+            log.warning("worker %d died: %s", w.pid, how)
+        self._events.append(WorkerEvent("exited", w.pid, how))
+        if never_ready and not self._closing:
+            self._init_failures += 1
+            if w.init_error is None:
+                self._last_init_error = f"worker died during initialisation: {how}"
+            delay = min(
+                RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_INITIAL * 2 ** (self._init_failures - 1)
+            )
+            self._respawn_at = self._clock() + delay
+        elif w.state == READY and not self._closing:
+            self._replaces.append(w.pid)
+        self._forget(w)
+
+    def _forget(self, w: _Worker) -> None:
+        for fd in (w.fd, w.pidfd, w.proc.sentinel if w.sentinel_watched else None):
+            if fd is not None:
+                self._unwatch(fd)
+        w.conn.close()
+        if w.pidfd is not None:
+            os.close(w.pidfd)
+        w.proc.join(0)
+        w.proc.close()
+        self._workers.remove(w)
+
+    # -- poll, step 3: deadlines ------------------------------------------------------------
+
+    def _deadline_of(self, w: _Worker) -> float | None:
+        if w.kill_at is not None:
+            return w.kill_at
+        if not w.queue or w.state == DYING:
+            return None
+        slot = w.queue[0]
+        if slot.started_clock is None:
+            return None
+        task = slot.task
+        best = None
+        if task.timeout is not None:
+            best = slot.started_clock + task.timeout
+        if task.heartbeat_timeout is not None:
+            t = w.last_heartbeat + task.heartbeat_timeout
+            best = t if best is None else min(best, t)
+        return best
+
+    def _enforce_deadlines(self, now: float) -> None:
+        for w in list(self._workers):
+            if w.state == DYING or not w.queue:
+                continue
+            if w.kill_at is not None:
+                if now >= w.kill_at:
+                    self._kill(w, w.kill_outcome, w.kill_error)
+                continue
+            slot = w.queue[0]
+            if slot.started_clock is None:
+                continue
+            task = slot.task
+            if task.timeout is not None and now >= slot.started_clock + task.timeout:
+                self._kill(w, "timeout", f"timed out after {task.timeout:g}s")
+            elif (
+                task.heartbeat_timeout is not None
+                and now >= w.last_heartbeat + task.heartbeat_timeout
+            ):
+                self._dump_stack_then_kill(w, slot, now)
+
+    def _dump_stack_then_kill(self, w: _Worker, slot: _Slot, now: float) -> None:
+        secs = slot.task.heartbeat_timeout
+        log.warning(
+            "run %s (%s) sent no heartbeat for %gs: dumping its stack (worker %d, stderr), "
+            "killing it", slot.task.run_id, slot.task.job, secs, w.pid,
+        )  # fmt: skip
+        try:
+            os.kill(w.pid, signal.SIGUSR1)  # faulthandler in the worker prints every thread
+        except ProcessLookupError:
+            pass
+        w.kill_at = now + STACK_DUMP_GRACE
+        w.kill_outcome, w.kill_error = "timeout", f"no heartbeat for {secs:g}s"
+
+    def _kill(self, w: _Worker, outcome: str | None, error: str | None,
+              ids: set[str] | None = None, emit: bool = True) -> list[RunEnded]:  # fmt: skip
+        """SIGKILL the worker's process group now. Its running task ends with `outcome`
+        (None: it was already reported); queued ones are handed back, or end with `outcome`
+        too if they are in `ids`. The worker is reaped when its pidfd fires."""
+        _killpg(w.pid)
+        try:
+            os.kill(w.pid, signal.SIGKILL)  # in case it has not made itself a group leader yet
+        except ProcessLookupError:
+            pass
+        now = time.time()
+        out: list[RunEnded] = []
+        for slot in w.queue:
+            if slot.reported:
+                continue
+            if outcome is not None and slot.started_clock is not None:
+                out.append(
+                    RunEnded(slot.task, outcome, slot.started_at, now, w.pid, None,
+                             int(signal.SIGKILL), error, None)
+                )  # fmt: skip
+            elif outcome is not None and ids is not None and slot.task.run_id in ids:
+                out.append(self._ended_unstarted(slot, outcome, w.pid, f"{outcome} before start"))
+            else:
+                self._events.append(
+                    NotStarted(slot.task, f"worker {w.pid} was killed before starting it")
+                )
+            slot.reported = True
+        w.queue.clear()
+        w.kill_at = None
+        if not self._closing and w.state in (STARTING, READY):
+            self._replaces.append(w.pid)
+        self._set_state(w, DYING)
+        if emit:
+            self._events.extend(out)
+        return out
+
+    def _kill_all(self, outcome: str, error: str) -> None:
+        for w in list(self._workers):
+            if w.state != DYING:
+                self._kill(w, outcome, error, ids=None)
+
+    @staticmethod
+    def _ended_unstarted(slot: _Slot, outcome: str, pid: int, error: str) -> RunEnded:
+        return RunEnded(slot.task, outcome, None, time.time(), pid, None, None, error, None)
+
+    # -- poll, step 4: drain ------------------------------------------------------------------
+
+    def _drain_queued(self) -> None:
+        """The stop event is set: nothing that has not started may start. Cancel every task
+        still queued; the worker answers "N" (handed back as NotStarted) unless it had already
+        begun it, in which case it simply runs to completion."""
+        self._draining = True
+        for w in self._workers:
+            if w.state == DYING:
+                continue
+            for slot in w.queue:
+                if slot.started_clock is None and not slot.cancelled:
+                    slot.cancelled = True
+                    self._send(w, ("C", slot.seq))
+
+    # -- poll, step 5: recycle and respawn ---------------------------------------------------
+
+    def _retire(self, w: _Worker, why: str) -> None:
+        """Replace a healthy worker (max runs, memory): it gets no more tasks and exits after
+        what it holds; its replacement starts now."""
+        w.retire_reason = why
+        self._set_state(w, RETIRING)
+        self._send(w, None)
+        self._events.append(WorkerEvent("recycled", w.pid, why))
+
+    def _respawn(self, now: float) -> None:
+        if self._closing:
+            return
+        missing = self.target_size - self.size()
+        if missing <= 0 or now < self._respawn_at:
+            return
+        if self._init_failures:  # probing: one at a time until one comes up
+            if any(w.state == STARTING for w in self._workers):
+                return
+            missing = 1
+        for _ in range(missing):
+            new = self._spawn(now)
+            if new is not None and self._replaces:
+                old = self._replaces.pop(0)
+                self._events.append(WorkerEvent("replaced", old, f"by worker {new.pid}"))
+
+    def _spawn(self, now: float) -> _Worker | None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        close_fds: tuple[int, ...] = ()
+        if self.start_method == "fork":  # what the child would otherwise inherit from us
+            mine = [self._epoll.fileno(), parent.fileno()]
+            mine += [fd for fd in self._fdmap if fd != child.fileno()]
+            close_fds = tuple(mine)
+        cfg = WorkerConfig(
+            main_pid=os.getpid(),
+            pythonpath=self.pythonpath,
+            preload=self.preload,
+            worker_setup=self.worker_setup,
+            measure_rss=bool(self.max_memory),
+            close_fds=close_fds,
+        )
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(child, PassFd(self._main_pidfd), self.stop_event, cfg),
+            name="poolkeeper-worker",
+        )
+        try:
+            proc.start()
+        except Exception as exc:  # e.g. the forkserver itself died on a bad preload
+            parent.close()
+            child.close()
+            self._init_failures += 1
+            self._last_init_error = f"cannot start a worker: {one_line(exc)}"
+            delay = min(
+                RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_INITIAL * 2 ** (self._init_failures - 1)
+            )
+            self._respawn_at = now + delay
+            log.error("%s", self._last_init_error)
+            self._events.append(WorkerEvent("init_failed", 0, self._last_init_error))
+            return None
+        child.close()
+        try:
+            pidfd: int | None = os.pidfd_open(proc.pid)
+        except ProcessLookupError:  # already gone (forkserver reaped it)
+            pidfd = None
+        w = _Worker(proc, parent, pidfd, now)
+        self._workers.append(w)
+        self._watch(w.fd, w, _CONN)
+        if pidfd is not None:
+            self._watch(pidfd, w, _PIDFD)
+        else:
+            w.exited = True
+        return w
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _room(self, w: _Worker) -> int:
+        if w.state not in (STARTING, READY) or w.broken:
+            return 0
+        n = len(w.queue)
+        if n and (w.queue[0].task.loop or w.queue[0].cancelled):
+            return 0
+        room = 1 + self.prefetch - n
+        if self.max_runs:
+            room = min(room, self.max_runs - w.assigned)
+        return max(0, room)
+
+    def _awaits(self, w: _Worker) -> bool:
+        """The worker is blocked reading its pipe: what we send is consumed at once."""
+        return w.state == READY and not w.queue
+
+    def _pick(self, loop: bool, big: bool) -> _Worker:
+        best = None
+        for w in self._workers:
+            room = self._room(w)
+            if not room:
+                continue
+            if not w.queue:
+                if w.state == READY:
+                    return w
+                if best is None or best.queue:
+                    best = w
+            elif best is None and not loop:
+                best = w
+        if best is None or (big and not self._awaits(best)) or (loop and best.queue):
+            raise PoolFull("no worker can take a task now")
+        return best
+
+    def _encode(self, task: Task, seq: int, w: _Worker) -> bytes:
+        return pickle.dumps(
+            ("T", seq, task.target, task.args, task.kwargs, task.job, task.run_id,
+             task.attempt, task.scheduled_at, task.env, not self._awaits(w)),
+            PICKLE_PROTOCOL,
+        )  # fmt: skip
+
+    def _send(self, w: _Worker, msg: Any) -> bool:
+        data = msg if isinstance(msg, bytes) else pickle.dumps(msg, PICKLE_PROTOCOL)
+        try:
+            w.conn.send_bytes(data)
+            return True
+        except OSError:  # it died; its pidfd will tell
+            w.broken = True
+            return False
+
+    def _set_state(self, w: _Worker, state: str) -> None:
+        if w.state != state:
+            w.state = state
+            w.state_since = self._clock()
+
+    def _watch(self, fd: int, w: _Worker, kind: int) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._fdmap[fd] = (w, kind)
+
+    def _unwatch(self, fd: int) -> None:
+        if self._fdmap.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def _note_helpers(self) -> None:
+        if self.start_method == "fork":
+            return  # fork pools need neither
+        if forkserver._forkserver._forkserver_pid is None and self.start_method == "forkserver":
+            if not any(p.start_method == "forkserver" for p in _open_pools):
+                _helpers_started_by_us["forkserver"] = True
+        if resource_tracker._resource_tracker._fd is None and not _open_pools:
+            _helpers_started_by_us["resource_tracker"] = True
+
+    def _emergency_stop(self) -> None:
+        """At interpreter exit without close(): kill and join everything, without waiting for
+        runs (multiprocessing's own atexit join would hang on workers that ignore SIGTERM)."""
+        if self._started and not self._closed:
+            self._closing = True
+            self._kill_all("killed", "killed at exit")
+            self.close(timeout=0)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self.start_method} {self.size()}/{self.target_size} workers, "
+            f"{self.busy_count()} busy{', closed' if self._closed else ''}>"
+        )
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _close_at_exit(ref: weakref.ref[Pool]) -> None:
+    pool = ref()
+    if pool is not None:
+        pool._emergency_stop()
+
+
+def _unlink_semaphores(event: Any) -> None:
+    from multiprocessing import synchronize, util
+
+    cond = event._cond
+    locks = (event._flag, cond._lock, cond._sleeping_count, cond._woken_count, cond._wait_semaphore)
+    names = {lock._semlock.name for lock in locks} - {None}
+    if not names:
+        return  # fork context: unlinked at creation
+    for fin in list(util._finalizer_registry.values()):
+        if fin._callback is synchronize.SemLock._cleanup and fin._args and fin._args[0] in names:
+            fin()
+
+
+def _stop_helpers_if_unused() -> None:
+    if _open_pools:
+        return
+    if _helpers_started_by_us["forkserver"]:
+        _helpers_started_by_us["forkserver"] = False
+        forkserver._forkserver._stop()
+    if _helpers_started_by_us["resource_tracker"]:
+        _helpers_started_by_us["resource_tracker"] = False
+        resource_tracker._resource_tracker._stop()
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"

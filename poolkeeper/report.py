@@ -1,0 +1,110 @@
+"""What `status`, `history` and `next` print: read from the state DB, never from the daemon's
+memory, so they answer whether or not a daemon is running."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import TextIO
+
+from poolkeeper.durations import format_duration
+from poolkeeper.schedule import make_trigger, upcoming, zone
+from poolkeeper.state import RunRecord, StateStore
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _took(record: RunRecord) -> str:
+    return "-" if record.duration is None else format_duration(max(record.duration, 0.001))
+
+
+def open_readonly(config) -> StateStore:
+    path = StateStore.resolve_path(config.state.path, Path(config.path).parent)
+    store = StateStore(path, readonly=True)
+    store.open()
+    return store
+
+
+def print_history(records: Iterable[RunRecord], out: TextIO) -> None:
+    rows = [("STARTED", "JOB", "RUN", "ATTEMPT", "OUTCOME", "TOOK", "DETAIL")]
+    for r in records:
+        detail = r.error or ""
+        if r.signal:
+            detail = detail or f"signal {r.signal}"
+        rows.append(
+            (
+                _when(r.started or r.scheduled),
+                r.job,
+                r.run_id[:12],
+                str(r.attempt),
+                r.outcome,
+                _took(r),
+                detail,
+            )
+        )
+    _table(rows, out)
+
+
+def print_status(config, store: StateStore, out: TextIO, now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    last = store.last_outcomes()
+    rows = [("JOB", "KIND", "SCHEDULE", "NEXT", "LAST RUN", "OUTCOME")]
+    for name, job in config.jobs.items():
+        trigger = make_trigger(job)
+        nxt = "-"
+        if trigger is not None:
+            fires = upcoming(trigger, 1, now)
+            nxt = _when(fires[0]) if fires else "-"
+        record = last.get(name)
+        rows.append(
+            (
+                name,
+                job.kind,
+                _schedule_text(job),
+                nxt,
+                _when(record.started) if record else "never",
+                (record.outcome + (f" ({record.error})" if record.error else ""))
+                if record
+                else "-",
+            )
+        )
+    _table(rows, out)
+
+
+def print_next(job, n: int, out: TextIO, now: float | None = None) -> int:
+    """Upcoming fire times of one job; returns how many were printed."""
+    trigger = make_trigger(job)
+    if trigger is None:
+        out.write(f"{job.name}: a loop job runs continuously; it has no fire times\n")
+        return 0
+    fires = upcoming(trigger, n, time.time() if now is None else now)
+    tz = zone(job.timezone) if job.timezone else None
+    for ts in fires:
+        local = datetime.fromtimestamp(ts, tz) if tz else datetime.fromtimestamp(ts).astimezone()
+        out.write(local.strftime("%Y-%m-%d %H:%M:%S %Z") + "\n")
+    if not fires:
+        out.write(f"{job.name}: no upcoming fire time\n")
+    return len(fires)
+
+
+def _schedule_text(job) -> str:
+    if job.kind == "loop":
+        return f"{job.loop.replicas} replica(s)"
+    if job.kind == "every":
+        return f"every {format_duration(job.every)}"
+    if job.kind == "cron":
+        return f"cron '{job.cron}'" + (f" {job.timezone}" if job.timezone else "")
+    return f"at {job.at}"
+
+
+def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")

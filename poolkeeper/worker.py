@@ -1,0 +1,371 @@
+"""The worker process: set itself up, then run the tasks the main process sends, one at a time.
+
+Everything here runs in the worker. The protocol and the main-process side are described at
+the top of `poolkeeper/pool.py`. A worker never decides anything about its own life: it runs
+what it is sent, reports what happened as plain strings (never job objects: they might not
+pickle), and exits when told to, when its pipe reaches EOF, or (killing its whole process
+group) when the main process dies.
+"""
+
+from __future__ import annotations
+
+import collections
+import faulthandler
+import importlib
+import inspect
+import logging
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing import reduction
+from typing import Any
+
+from poolkeeper.context import RunContext
+
+# Exit code of a worker whose initialisation (worker_setup, preload) failed.
+INIT_FAILED_EXIT = 3
+# Environment that belongs to the main process only: with NotifyAccess=main systemd drops a
+# worker's notifications anyway, and a worker must never look like the watchdog's owner.
+MAIN_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# ctx.heartbeat() forwards at most one message per this many seconds: a tight loop calling it
+# on every item must not flood the main process.
+HEARTBEAT_MIN_INTERVAL = 0.25
+RESULT_REPR_MAX = 200
+ERROR_MAX = 500
+TRACEBACK_MAX = 32 * 1024
+PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs to set itself up (pickled for spawn/forkserver)."""
+
+    main_pid: int
+    pythonpath: tuple[str, ...] = ()
+    preload: tuple[str, ...] = ()
+    worker_setup: Callable[[], None] | None = None
+    measure_rss: bool = False
+    # Only for fork: descriptors of the main process (other workers' pipes, the pool's epoll)
+    # that the child inherited and must not keep open.
+    close_fds: tuple[int, ...] = ()
+
+
+class PassFd:
+    """A file descriptor handed to the worker: inherited as is under fork, duplicated into
+    the child by multiprocessing's own fd passing under spawn and forkserver."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_passfd, (reduction.DupFd(self.fd),))
+
+
+def _rebuild_passfd(dupfd: Any) -> PassFd:
+    return PassFd(dupfd.detach())
+
+
+class _TargetError(Exception):
+    """A target that cannot be imported or resolved (the summary is already one line)."""
+
+    def __init__(self, summary: str, tb: str) -> None:
+        super().__init__(summary)
+        self.summary = summary
+        self.tb = tb
+
+
+def one_line(exc: BaseException) -> str:
+    """'ZeroDivisionError: division by zero': type name and the first line of the message."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<unprintable>"
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    line = f"{name}: {text}" if text else name
+    return line if len(line) <= ERROR_MAX else line[: ERROR_MAX - 3] + "..."
+
+
+def format_tb(exc: BaseException) -> str:
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception:
+        text = f"{one_line(exc)}\n(traceback could not be formatted)\n"
+    if len(text) > TRACEBACK_MAX:  # keep the end: that is where the error is
+        text = "...(truncated)\n" + text[-TRACEBACK_MAX:]
+    return text
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except BaseException as exc:  # a job's __repr__ is job code too
+        return f"<repr failed: {one_line(exc)}>"
+    return text if len(text) <= RESULT_REPR_MAX else text[: RESULT_REPR_MAX - 3] + "..."
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _die_with_main(pidfd: int) -> None:
+    """Daemon thread: block until the main process exits, then kill our process group (us and
+    the job's grandchildren). The pidfd was opened by the main process on itself, so there is
+    no window in which the pid could have been recycled. PR_SET_PDEATHSIG is no substitute:
+    it fires when the parent *thread* exits, and a forkserver worker's parent is the
+    forkserver, not the main process."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    while not poller.poll():
+        pass
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+class _RunFields:
+    """The journal fields of the run in progress, added to every log record in the worker."""
+
+    pid = 0
+    current: tuple[str, str, int] | None = None
+
+
+def _install_record_factory() -> None:
+    base = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = base(*args, **kwargs)
+        record.WORKER_PID = _RunFields.pid
+        current = _RunFields.current
+        if current is not None:
+            record.JOB, record.RUN_ID, record.ATTEMPT = current
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+def _set_up(pidfd: PassFd, cfg: WorkerConfig, conn_fd: int) -> None:
+    # Own process group first: the parent watcher and every timeout kill the whole group.
+    os.setpgid(0, 0)
+    # The main process alone decides when a worker stops (systemd's control-group SIGTERM and
+    # a terminal's Ctrl-C reach every process).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Under fork we inherit the daemon's handlers and wakeup fd: a signal in a worker must not
+    # write into the daemon's self-pipe or run its handlers.
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR2, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)
+    for key in MAIN_ONLY_ENV:
+        os.environ.pop(key, None)
+    for fd in cfg.close_fds:
+        if fd not in (conn_fd, pidfd.fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    # A forkserver child holds the write end of the forkserver's "alive" pipe; if we kept it,
+    # the forkserver would outlive a SIGKILLed daemon for as long as any worker lives.
+    from multiprocessing import forkserver
+
+    # (Under fork we would inherit the daemon's own write end, with the same effect.) A job
+    # that wants a forkserver of its own gets a fresh one.
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        try:
+            os.close(server._forkserver_alive_fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
+        server._forkserver_pid = None
+        server._forkserver_address = None
+    threading.Thread(
+        target=_die_with_main, args=(pidfd.fd,), name="poolkeeper-die-with-main", daemon=True
+    ).start()
+    # SIGABRT (systemd's watchdog), SIGSEGV...: a Python traceback on stderr; SIGUSR1: the
+    # main process asks for the stack of a hung run, and we go on running.
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    for entry in reversed(cfg.pythonpath):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    if cfg.worker_setup is not None:
+        cfg.worker_setup()
+    for name in cfg.preload:
+        importlib.import_module(name)
+    _RunFields.pid = os.getpid()
+    _install_record_factory()
+
+
+class _Worker:
+    def __init__(self, conn: Any, stop_event: Any, cfg: WorkerConfig) -> None:
+        self.conn = conn
+        self.stop_event = stop_event
+        self.cfg = cfg
+        self.pid = os.getpid()
+        self.send_lock = threading.Lock()
+        self.targets: dict[str, tuple[Callable[..., Any], bool]] = {}
+        self.inbox: collections.deque[Any] = collections.deque()
+        self.cancelled: set[int] = set()
+        self.last_heartbeat = 0.0
+        self.stop = False
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        data = pickle.dumps(msg, PICKLE_PROTOCOL)
+        with self.send_lock:  # ctx.heartbeat() may be called from a job's own threads
+            self.conn.send_bytes(data)
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_heartbeat >= HEARTBEAT_MIN_INTERVAL:
+            self.last_heartbeat = now
+            self.send(("H",))
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while True:
+            msg = self.next_message()
+            if msg is None:
+                return
+            if msg[0] == "C":
+                self.cancelled.add(msg[1])
+                continue
+            seq, prefetched = msg[1], msg[10]
+            if prefetched:
+                # A task queued behind another one: the main process may have cancelled it
+                # (pool closing) after sending it. A cancel always follows its task, so read
+                # whatever has already arrived before deciding.
+                self.read_ready()
+                if seq in self.cancelled:
+                    self.cancelled.discard(seq)
+                    self.send(("N", seq, "cancelled before start"))
+                    continue
+            self.send(self.run(msg))
+
+    def next_message(self) -> Any:
+        if self.inbox:
+            return self.inbox.popleft()
+        try:
+            return pickle.loads(self.conn.recv_bytes())
+        except EOFError:
+            return None
+
+    def read_ready(self) -> None:
+        while self.conn.poll(0):
+            try:
+                msg = pickle.loads(self.conn.recv_bytes())
+            except EOFError:
+                msg = None
+            if msg is not None and msg[0] == "C":
+                self.cancelled.add(msg[1])
+            else:
+                self.inbox.append(msg)
+                if msg is None:
+                    return
+
+    # -- one run ----------------------------------------------------------------------------
+
+    def resolve(self, target: str) -> tuple[Callable[..., Any], bool]:
+        hit = self.targets.get(target)
+        if hit is not None:
+            return hit
+        module_name, _, attr_path = target.partition(":")
+        if not module_name or not attr_path:
+            raise _TargetError(f"invalid target {target!r}: expected 'module:function'", "")
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except BaseException as exc:
+            raise _TargetError(
+                f"cannot import {module_name!r}: {one_line(exc)}", format_tb(exc)
+            ) from None
+        try:
+            for part in attr_path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise _TargetError(
+                f"cannot resolve {target!r}: {one_line(exc)}", format_tb(exc)
+            ) from None
+        if not callable(obj):
+            raise _TargetError(f"target {target!r} is not callable", "")
+        try:
+            wants_ctx = "ctx" in inspect.signature(obj).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            wants_ctx = False
+        self.targets[target] = (obj, wants_ctx)
+        return obj, wants_ctx
+
+    def run(self, msg: tuple[Any, ...]) -> tuple[Any, ...]:
+        _, seq, target, args, kwargs, job, run_id, attempt, scheduled_at, env, _pf = msg
+        started = time.time()
+        saved_env = _apply_env(env) if env else None
+        _RunFields.current = (job, run_id, attempt)
+        result_repr = error = tb = None
+        try:
+            fn, wants_ctx = self.resolve(target)
+            if wants_ctx:
+                ctx = RunContext(
+                    job=job,
+                    run_id=run_id,
+                    attempt=attempt,
+                    scheduled_at=scheduled_at,
+                    log=logging.getLogger(f"poolkeeper.job.{job}"),
+                    stopping=self.stop_event,
+                    heartbeat=self.heartbeat,
+                )
+                kwargs = {"ctx": ctx, **kwargs}
+            result = fn(*args, **kwargs)
+            result_repr = _safe_repr(result)
+            del result
+        except _TargetError as exc:
+            error, tb = exc.summary, exc.tb
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt included: the run failed
+            error, tb = one_line(exc), format_tb(exc)
+        finally:
+            _RunFields.current = None
+            if saved_env is not None:
+                _restore_env(saved_env)
+        ended = time.time()
+        rss = _rss_bytes() if self.cfg.measure_rss else 0
+        return ("D", seq, error is None, started, ended, result_repr, error, tb, rss)
+
+
+def _apply_env(env: dict[str, str]) -> dict[str, str | None]:
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    return saved
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def worker_main(conn: Any, main_pidfd: PassFd, stop_event: Any, cfg: WorkerConfig) -> None:
+    """Entry point of every worker process (the `target` of its multiprocessing.Process)."""
+    try:
+        _set_up(main_pidfd, cfg, conn.fileno())
+    except BaseException as exc:
+        try:
+            conn.send_bytes(pickle.dumps(("I", one_line(exc), format_tb(exc)), PICKLE_PROTOCOL))
+        except OSError:
+            pass
+        sys.stderr.flush()
+        os._exit(INIT_FAILED_EXIT)
+    worker = _Worker(conn, stop_event, cfg)
+    worker.send(("R", worker.pid))
+    worker.serve()
+
+
+def preload_for_forkserver(preload: Sequence[str]) -> list[str]:
+    """What the forkserver imports once, before forking any worker."""
+    return ["poolkeeper.worker", *preload]

@@ -1,0 +1,88 @@
+"""Runs `poolkeeper run` as a real process for integration tests and reads what it left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).parent
+
+
+class DaemonProcess:
+    def __init__(self, tmp_path: Path, spec: str, *, env: dict | None = None) -> None:
+        self.dir = tmp_path
+        self.out = tmp_path / "out"
+        self.out.mkdir(exist_ok=True)
+        self.config = tmp_path / "poolkeeper.yaml"
+        self.db = tmp_path / "state.db"
+        body = textwrap.dedent(spec).replace("$OUT", str(self.out))
+        header = (
+            f"version: 1\npythonpath: [{TESTS_DIR}]\nstate:\n  path: {self.db}\n"
+        )
+        self.config.write_text(header + body)
+        self.log_path = tmp_path / "daemon.log"
+        self._log = open(self.log_path, "wb")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "poolkeeper", "run", str(self.config), "--log-target", "stderr"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, predicate, timeout: float = 20.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if self.proc.poll() is not None:
+                value = predicate()
+                if value:
+                    return value
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) before {what}:\n{self.log()}")
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
+
+    def wait_log(self, text: str, timeout: float = 20.0) -> None:
+        self.wait_for(lambda: text in self.log(), timeout, f"log line {text!r}")
+
+    def signal(self, signum: int = signal.SIGTERM) -> float:
+        sent = time.time()
+        self.proc.send_signal(signum)
+        return sent
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon did not exit within {timeout}s:\n{self.log()}") from None
+
+    def runs(self) -> list[dict]:
+        con = sqlite3.connect(self.db)
+        con.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in con.execute("SELECT * FROM runs ORDER BY started")]
+        finally:
+            con.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        self._log.close()

@@ -1,0 +1,183 @@
+"""`poolkeeper run` as a user runs it: a real daemon process, real workers, real SQLite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import procs
+import pytest
+from daemon_harness import DaemonProcess
+
+START_METHODS = ["fork", "forkserver", "spawn"]
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    started: list[DaemonProcess] = []
+
+    def start(spec: str, **kw) -> DaemonProcess:
+        d = DaemonProcess(tmp_path, spec, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()
+
+
+def _units(out) -> int:
+    return sum(len(p.read_text().splitlines()) for p in out.glob("*.units"))
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_sigterm_drains_loops_and_in_flight_runs(daemon_factory, start_method):
+    d = daemon_factory(f"""
+        pool: {{workers: 4, start_method: {start_method}}}
+        shutdown: {{drain_timeout: 20s}}
+        jobs:
+          consumer:
+            target: daemon_jobs:loop_units
+            loop: {{replicas: 2}}
+            kwargs: {{out_dir: $OUT}}
+          report:
+            target: daemon_jobs:slow
+            every: 100ms
+            kwargs: {{seconds: 1.5, out_dir: $OUT}}
+        """)
+    d.wait_log("ready")
+    d.wait_for(lambda: _units(d.out) >= 4 and list(d.out.glob("slow-*.started")), what="work")
+    sigterm_at = d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    runs = d.runs()
+    assert runs, d.log()
+    # Every run has an outcome; none is left 'running'; none started after SIGTERM.
+    assert {r["outcome"] for r in runs} == {"succeeded"}, runs
+    assert all(r["started"] <= sigterm_at for r in runs), runs
+    loops = [r for r in runs if r["job"] == "consumer"]
+    assert len(loops) == 2
+    # Both replicas saw the stop event and returned on their own.
+    assert len(list(d.out.glob("*.returned"))) == 2
+    assert [r for r in runs if r["job"] == "report"]
+    assert "drain finished" in d.log()
+
+
+def test_runs_past_the_drain_budget_are_killed_with_their_grandchildren(daemon_factory):
+    d = daemon_factory("""
+        pool: {workers: 2, start_method: fork}
+        shutdown: {drain_timeout: 1s}
+        jobs:
+          stubborn:
+            target: daemon_jobs:stubborn
+            at: startup
+            kwargs: {out_dir: $OUT}
+        """)
+    pids_file = d.out / "stubborn.pids"
+    d.wait_for(pids_file.exists, what="stubborn job to start")
+    worker, grandchild = (int(p) for p in pids_file.read_text().split())
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    [run] = d.runs()
+    assert run["outcome"] == "killed"
+    assert "killed: 1" in d.log()
+    for pid in (worker, grandchild):
+        assert not _alive(pid), f"{pid} survived the drain"
+
+
+def test_second_signal_is_a_fast_stop(daemon_factory):
+    d = daemon_factory("""
+        pool: {workers: 2, start_method: fork}
+        shutdown: {drain_timeout: 60s}
+        jobs:
+          stubborn:
+            target: daemon_jobs:stubborn
+            at: startup
+            kwargs: {out_dir: $OUT}
+        """)
+    d.wait_for((d.out / "stubborn.pids").exists, what="stubborn job to start")
+    d.signal(signal.SIGTERM)
+    d.wait_log("draining 1 runs in flight")
+    d.signal(signal.SIGINT)
+    assert d.wait_exit(timeout=15) == 0
+    assert [r["outcome"] for r in d.runs()] == ["killed"]
+    assert "fast stop" in d.log()
+
+
+def test_ctrl_c_to_the_process_group_drains(daemon_factory):
+    """A terminal's Ctrl-C reaches every process of the group: workers must ignore it."""
+    d = daemon_factory("""
+        pool: {workers: 2, start_method: forkserver}
+        jobs:
+          consumer:
+            target: daemon_jobs:loop_units
+            loop: {replicas: 1}
+            kwargs: {out_dir: $OUT}
+        """)
+    d.wait_for(lambda: _units(d.out) >= 2, what="loop units")
+    os.killpg(d.pid, signal.SIGINT)
+    assert d.wait_exit() == 0
+    [run] = d.runs()
+    assert run["outcome"] == "succeeded"
+    assert len(list(d.out.glob("*.returned"))) == 1
+
+
+def test_failed_runs_are_retried_with_backoff_and_logged_with_traceback(daemon_factory):
+    d = daemon_factory("""
+        pool: {workers: 2, start_method: fork}
+        jobs:
+          flaky:
+            target: daemon_jobs:fail
+            at: startup
+            retry: {attempts: 2, initial: 100ms, jitter: none}
+        """)
+    d.wait_for(lambda: d.log().count("run failed") >= 2, what="two failed attempts")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    runs = d.runs()
+    assert [(r["attempt"], r["outcome"]) for r in runs] == [(1, "failed"), (2, "failed")]
+    assert runs[0]["error"] == "RuntimeError: boom"
+    log = d.log()
+    assert "Traceback" in log and 'raise RuntimeError("boom")' in log
+    assert "flaky[" in log  # job records carry the job's name
+    assert "about to fail" in log
+
+
+def test_config_error_exits_78_with_file_line_col(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\njobs:\n  x:\n    target: os:getcwd\n    every: soon\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "poolkeeper", "run", str(bad)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 78
+    assert f"{bad}:5:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sigkill_of_the_daemon_leaves_no_process(daemon_factory):
+    d = daemon_factory("""
+        pool: {workers: 3, start_method: forkserver}
+        jobs:
+          stubborn:
+            target: daemon_jobs:stubborn
+            at: startup
+            kwargs: {out_dir: $OUT}
+          consumer:
+            target: daemon_jobs:loop_units
+            loop: {replicas: 1}
+            kwargs: {out_dir: $OUT}
+        """)
+    d.wait_for((d.out / "stubborn.pids").exists, what="stubborn job to start")
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    assert procs.leftovers(grace=2.0) == {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
