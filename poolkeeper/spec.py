@@ -37,7 +37,13 @@ from pydantic import (
 )
 
 from poolkeeper import check, exitcodes
-from poolkeeper.durations import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
+from poolkeeper.durations import (
+    DURATION_PATTERN,
+    SIZE_PATTERN,
+    format_duration,
+    parse_duration,
+    parse_size,
+)
 from poolkeeper.yamlload import (
     Document,
     Issue,
@@ -83,7 +89,9 @@ class Invalid(ValueError):
 
 def _require_str(value: Any, what: str, hint: str | None = None, any_string: bool = False) -> str:
     if not isinstance(value, str):
-        raise Invalid(f"expected {what}", show_input=True, wants_string=True, hint=hint, any_string=any_string)
+        raise Invalid(
+            f"expected {what}", show_input=True, wants_string=True, hint=hint, any_string=any_string
+        )
     return value
 
 
@@ -123,7 +131,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
     return validate
 
 
-def _positive_int(what: str, minimum: int) -> Callable[[Any], int]:
+def _int_at_least(what: str, minimum: int) -> Callable[[Any], int]:
     def validate(value: Any) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise Invalid(f"expected {what}", show_input=True)
@@ -139,7 +147,7 @@ def _workers(value: Any) -> int:
         return cpu_count()
     if isinstance(value, str):
         raise Invalid("expected a number of workers or 'auto'", show_input=True)
-    return _positive_int("a number of workers >= 1 or 'auto'", 1)(value)
+    return _int_at_least("a number of workers >= 1 or 'auto'", 1)(value)
 
 
 def cpu_count() -> int:
@@ -334,7 +342,7 @@ PathText = Annotated[
 def _count(what: str, minimum: int) -> Any:
     return Annotated[
         int,
-        PlainValidator(_positive_int(what, minimum)),
+        PlainValidator(_int_at_least(what, minimum)),
         WithJsonSchema({"type": "integer", "minimum": minimum}),
     ]
 
@@ -343,12 +351,11 @@ def _count(what: str, minimum: int) -> Any:
 
 
 class _Model(BaseModel):
+    # strict: YAML already typed every value; coercing '5' to 5 or true to 1 would hide mistakes
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
 def _check_max(initial: float, maximum: float) -> None:
-    from poolkeeper.durations import format_duration
-
     if maximum < initial:
         raise Invalid(
             f"max ({format_duration(maximum)}) is less than initial ({format_duration(initial)})"
@@ -439,7 +446,9 @@ class JobSpec(_Model):
     heartbeat_timeout: Duration | None = Field(
         None, description="A loop that doesn't call ctx.heartbeat() this long is hung."
     )
-    retry: Retry = Field(default_factory=Retry, description="Retries of a failed scheduled run.")
+    retry: Retry = Field(
+        default_factory=Retry, description="How often and how fast a failed run is retried."
+    )
     restart: Restart = Field("always", description="When a loop job is restarted after it ends.")
     backoff: Backoff = Field(
         default_factory=Backoff, description="Delay before a loop job is restarted."
@@ -546,9 +555,11 @@ class ConfigFile(_Model):
     include: PathText | None = Field(
         None, description="A directory (relative to this file) whose *.yaml files add jobs."
     )
-    pool: Pool = Field(default_factory=Pool)
-    shutdown: Shutdown = Field(default_factory=Shutdown)
-    state: State = Field(default_factory=State)
+    pool: Pool = Field(default_factory=Pool, description="The worker processes that run the jobs.")
+    shutdown: Shutdown = Field(default_factory=Shutdown, description="How SIGTERM drains the pool.")
+    state: State = Field(
+        default_factory=State, description="Where run history is kept, and for how long."
+    )
     defaults: JobDefaults = Field(
         default_factory=JobDefaults,
         description="Any job key, applied to every job that doesn't set it.",
@@ -984,7 +995,13 @@ def _message(kind: str, error: Any, value: Any, scalar: Any) -> str:
         if exc.wants_string and trap and not isinstance(value, str):
             return f"got {got}; {exc.hint or f'quote it ({chr(39)}{scalar.text}{chr(39)}) if you meant the string'}"
         message = f"{exc.message}, got {got}" if exc.show_input else exc.message
-        if exc.any_string and scalar is not None and scalar.plain and scalar.text and value is not None:
+        if (
+            exc.any_string
+            and scalar is not None
+            and scalar.plain
+            and scalar.text
+            and value is not None
+        ):
             message += f"; quote it ('{scalar.text}')"  # e.g. PORT: 8080 -> '8080'
         return message
     if kind == "string_type":

@@ -9,6 +9,7 @@ alias expansion ("billion laughs").
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,13 @@ class Pos:
     col: int
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
 @dataclass(frozen=True)
 class Issue:
     """One problem in a config file, printed as `FILE:LINE:COL: message`."""
@@ -44,6 +52,10 @@ class Issue:
     line: int
     col: int
     message: str
+
+    def __post_init__(self) -> None:
+        # One issue, one line: keys and values quoted in messages may hold line breaks.
+        object.__setattr__(self, "message", _CONTROL.sub(_escape, self.message))
 
     @classmethod
     def at(cls, pos: Pos, message: str) -> Issue:

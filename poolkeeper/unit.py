@@ -1,0 +1,242 @@
+"""systemd units for poolkeeper: the one source of `packaging/systemd/*` and `poolkeeper unit`.
+
+The texts below are templates with one placeholder, ``@POOLKEEPER@``: the command that starts
+poolkeeper. The shipped files in `packaging/systemd/` are these templates rendered for
+`/usr/local/bin/poolkeeper` (where `pip install` puts the console script on Debian);
+tests/systemd/test_e2e_units.py checks they are identical. `poolkeeper unit` renders them for
+the running installation instead, so the unit always names an executable that exists.
+
+Why each setting is there is said next to it; docs/systemd.md has the longer story.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PLACEHOLDER = "@POOLKEEPER@"
+SHIPPED_EXECUTABLE = "/usr/local/bin/poolkeeper"
+
+# Values a user tunes most; keep docs/systemd.md in step.
+DRAIN_BUDGET_DEFAULT = "30s"  # shutdown.drain_timeout's default (poolkeeper/spec.py)
+
+_HEAD = """\
+# {name}: {what}
+# Generated from poolkeeper/unit.py: print one for your installation with `poolkeeper unit{flag}`.
+# Tune it with a drop-in (`systemctl edit {edit}`), not by editing this file.
+[Unit]
+Description={description}
+Documentation=https://github.com/poolkeeper/poolkeeper/blob/main/docs/systemd.md
+# Jobs may talk to the network from their first run.
+Wants=network-online.target
+After=network-online.target
+"""
+
+# Everything below [Service] that plain and template units share; {config}, {state} and
+# {runtime} differ.
+_SERVICE = """\
+
+[Service]
+Type=notify
+# Only the main process speaks sd_notify; workers' messages would be dropped anyway.
+NotifyAccess=main
+# `run` validates the config exactly like `poolkeeper check`: on an error it logs every one as
+# FILE:LINE:COL, sets STATUS= and exits 78, and RestartPreventExitStatus= stops there. No
+# ExecStartPre=check: on 252 its failure is retried by Restart=on-failure (see docs/systemd.md).
+ExecStart=@POOLKEEPER@ run {config}
+Environment=PYTHONUNBUFFERED=1
+# READY=1 comes after the pool is up and every before_ready job succeeded; a long one sends
+# EXTEND_TIMEOUT_USEC, so this only bounds a start that makes no progress.
+TimeoutStartSec=90s
+# Workers ignore SIGTERM: the main process drains (shutdown.drain_timeout, 30s by default),
+# joins every worker, then exits. Stay above the drain budget; a longer drain is not cut
+# short either (EXTEND_TIMEOUT_USEC). KillMode=mixed works too: see docs/systemd.md.
+KillMode=control-group
+TimeoutStopSec=45s
+# WATCHDOG=1 every 15s while the main loop turns and the pool is healthy (docs/health.md).
+WatchdogSec=30s
+Restart=on-failure
+RestartSec=2s
+# 78 = EX_CONFIG: a restart cannot fix the config.
+RestartPreventExitStatus=78
+
+User=poolkeeper
+Group=poolkeeper
+StateDirectory={state}
+RuntimeDirectory={runtime}
+ConfigurationDirectory=poolkeeper
+UMask=0027
+
+# Hardening (systemd-analyze security: 1.1 OK). Jobs may use the network; for jobs that do
+# not, add the offline drop-in (packaging/systemd/offline.conf: 0.2 SAFE).
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+DevicePolicy=closed
+PrivateUsers=yes
+PrivateIPC=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RemoveIPC=yes
+KeyringMode=private
+# AF_UNIX: sd_notify, the journal, multiprocessing's forkserver and pipes.
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+# Not MemoryDenyWriteExecute=yes: it breaks cffi callbacks and JITs that jobs commonly use.
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+PLAIN = (
+    _HEAD.format(
+        name="poolkeeper.service",
+        what="the poolkeeper job daemon for /etc/poolkeeper/poolkeeper.yaml",
+        flag="",
+        edit="poolkeeper",
+        description="poolkeeper job daemon",
+    )
+    + _SERVICE.format(
+        config="%E/poolkeeper/poolkeeper.yaml",
+        state="poolkeeper",
+        # A directory of its own below /run/poolkeeper: stopping this unit removes it, and must
+        # not remove the runtime directories of running poolkeeper@ instances.
+        runtime="poolkeeper/poolkeeper",
+    )
+)
+
+TEMPLATE = (
+    _HEAD.format(
+        name="poolkeeper@.service",
+        what="one poolkeeper daemon per config, poolkeeper@NAME runs /etc/poolkeeper/NAME.yaml",
+        flag=" --instance NAME",
+        edit="poolkeeper@NAME",
+        description="poolkeeper job daemon (%i)",
+    )
+    + _SERVICE.format(
+        config="%E/poolkeeper/%i.yaml",
+        state="poolkeeper/%i",
+        runtime="poolkeeper/%i",
+    )
+)
+
+OFFLINE = """\
+# offline.conf: the drop-in for jobs that need no network (systemd-analyze security: 0.2 SAFE).
+# Install: mkdir -p /etc/systemd/system/poolkeeper.service.d
+#          cp offline.conf /etc/systemd/system/poolkeeper.service.d/
+#          systemctl daemon-reload && systemctl restart poolkeeper
+# (or poolkeeper@NAME.service.d/ for one instance). Generated from poolkeeper/unit.py.
+[Unit]
+# No network needed: do not wait for it.
+Wants=
+After=
+
+[Service]
+PrivateNetwork=yes
+IPAddressDeny=any
+# The empty line resets the unit's list (lists of this setting are merged otherwise).
+# AF_UNIX stays: sd_notify, the journal and the forkserver need it.
+RestrictAddressFamilies=
+RestrictAddressFamilies=AF_UNIX
+# JITs and cffi callbacks need writable+executable memory: drop this line if a job uses them
+# (it costs 0.1 in the score).
+MemoryDenyWriteExecute=yes
+"""
+
+SYSUSERS = """\
+# sysusers.d(5): the system user the poolkeeper units run as (install as
+# /usr/lib/sysusers.d/poolkeeper.conf, then `systemd-sysusers`).
+u poolkeeper - "poolkeeper job daemon" /var/lib/poolkeeper
+"""
+
+TMPFILES = """\
+# tmpfiles.d(5): what must exist before the first start (install as
+# /usr/lib/tmpfiles.d/poolkeeper.conf, then `systemd-tmpfiles --create poolkeeper.conf`).
+# The units create these themselves (ConfigurationDirectory=, StateDirectory=); creating them
+# at install time lets an admin put the config in place and run `poolkeeper status` or
+# `poolkeeper history` (which read the state DB) before the first start.
+d /etc/poolkeeper 0755 root root -
+d /var/lib/poolkeeper 0755 poolkeeper poolkeeper -
+"""
+
+# File name in packaging/systemd/ -> its text, rendered for SHIPPED_EXECUTABLE where it names one.
+SHIPPED_NAMES = (
+    "poolkeeper.service",
+    "poolkeeper@.service",
+    "offline.conf",
+    "sysusers.d/poolkeeper.conf",
+    "tmpfiles.d/poolkeeper.conf",
+)
+
+
+def exec_quote(argv: list[str]) -> str:
+    """A command line for ExecStart= (systemd.service(5) "Command lines"): `%` and `$` would
+    be expanded and `\\` and spaces split; quote what needs it."""
+    words = []
+    for arg in argv:
+        text = arg.replace("\\", "\\\\").replace("%", "%%").replace("$", "$$")
+        if not text or any(c in text for c in " \t\"'"):
+            text = '"' + text.replace('"', '\\"') + '"'
+        words.append(text)
+    return " ".join(words)
+
+
+def installed_command() -> list[str]:
+    """How this installation starts poolkeeper: the console script next to the interpreter
+    (a virtualenv's bin/, or /usr/local/bin), else `python -m poolkeeper`."""
+    script = Path(sys.executable).parent / "poolkeeper"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "poolkeeper"]
+
+
+def render(template: str, command: list[str] | None = None) -> str:
+    """`template` with the poolkeeper command filled in (the installed one by default)."""
+    return template.replace(PLACEHOLDER, exec_quote(command or installed_command()))
+
+
+def unit_text(instance: str | None = None, command: list[str] | None = None) -> str:
+    """The plain unit, or the template (instance is "" or "%i") / an instance's text: an
+    instance's unit is the template itself, systemd fills %i in."""
+    return render(PLAIN if instance is None else TEMPLATE, command)
+
+
+def shipped_files() -> dict[str, str]:
+    """What packaging/systemd/ must contain, name -> text."""
+    shipped = [SHIPPED_EXECUTABLE]
+    return {
+        "poolkeeper.service": render(PLAIN, shipped),
+        "poolkeeper@.service": render(TEMPLATE, shipped),
+        "offline.conf": OFFLINE,
+        "sysusers.d/poolkeeper.conf": SYSUSERS,
+        "tmpfiles.d/poolkeeper.conf": TMPFILES,
+    }
+
+
+def write_shipped(directory: Path) -> None:
+    """Regenerate packaging/systemd/ (python -m poolkeeper.unit DIR)."""
+    for name, text in shipped_files().items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_shipped(Path(sys.argv[1] if len(sys.argv) > 1 else "packaging/systemd"))
