@@ -29,8 +29,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-venv: deps $(BIN)/python
+# Reinstalled only when pyproject.toml changes (editable: code changes need no reinstall).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[systemd,test]'
+	$(BIN)/python -c "import poolkeeper, systemd.journal, yaml, pydantic, croniter, sdnotify"
+	touch $@
+
+venv: deps $(VENV)/.installed
 
 run: venv
 	$(BIN)/poolkeeper run config/example.yaml
