@@ -443,30 +443,32 @@ class HostGuard:
         self.markers = {d: Path(d) / f".{NAME}-marker-{os.getpid()}" for d in self.DIRS}
         for marker in self.markers.values():
             marker.write_text(self.token)
-        self.before = self.snapshot()
+        self.before = self.snapshot(before=True)
 
     def _foreign_marker(self, name: str) -> bool:
         """Another test session's marker (two sessions may run at once: each has its own
         sandbox, and each creates and removes its markers while the other one watches)."""
         return name.startswith(f".{NAME}-marker-") and name != self.markers["/etc"].name
 
-    def _names(self, directory: str) -> list[str]:
-        """Top-level names, less other sessions' markers and entries this test session made
-        itself (tests and multiprocessing create and remove /tmp entries while the sandbox
-        runs; only what existed before the session must survive it)."""
+    def _names(self, directory: str, *, older_only: bool) -> list[str]:
+        """Top-level names, less other sessions' markers. With `older_only` (the snapshot
+        before the boot), also less entries this test session made itself: tests and
+        multiprocessing create and remove /tmp entries while the sandbox runs, and only what
+        existed before the session must survive it."""
         names = []
         for n in os.listdir(directory):
             if self._foreign_marker(n):
                 continue
-            try:
-                if os.lstat(os.path.join(directory, n)).st_ctime >= procs.SESSION_STARTED:
+            if older_only:
+                try:
+                    if os.lstat(os.path.join(directory, n)).st_ctime >= procs.SESSION_STARTED:
+                        continue
+                except OSError:
                     continue
-            except OSError:
-                continue
             names.append(n)
         return sorted(names)
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self, *, before: bool = False) -> dict[str, object]:
         state: dict[str, object] = {}
         for root in self.FULL:
             for dirpath, dirs, files in os.walk(root):
@@ -479,8 +481,8 @@ class HostGuard:
                     except OSError:
                         continue
                     state[path] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns)
-        state["/etc/*"] = self._names("/etc")
-        state["/tmp/*"] = self._names("/tmp")
+        state["/etc/*"] = self._names("/etc", older_only=False)
+        state["/tmp/*"] = self._names("/tmp", older_only=before)
         return state
 
     def changes(self) -> list[str]:
