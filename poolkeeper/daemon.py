@@ -14,6 +14,7 @@ so a turn is short, and a loop that stops turning stops the watchdog pings.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import os
@@ -28,7 +29,7 @@ from poolkeeper import exitcodes
 from poolkeeper.jobs import JobRuntime, PendingRun
 from poolkeeper.logs import WorkerLogSetup, event, get_logger
 from poolkeeper.notify import Notifier
-from poolkeeper.pool import NotStarted, Pool, RunEnded, RunStarted, WorkerEvent
+from poolkeeper.pool import NotStarted, Pool, PoolFull, RunEnded, RunStarted, WorkerEvent
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state import StateLocked, StateStore
 from poolkeeper.status import status_line
@@ -38,6 +39,10 @@ EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
 EXTEND_BY = 5.0
 STATE_FLUSH_EVERY = 0.5
 ENV_FOR_MAIN_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# A pool still unhealthy this long into the start (workers fail to start: a broken preload,
+# say) fails the start: READY=1 would never come, and EXTEND_TIMEOUT_USEC would keep
+# systemd waiting for ever.
+START_UNHEALTHY_GRACE = 1.0
 
 OUTCOME_LEVELS = {
     "succeeded": logging.INFO,
@@ -49,9 +54,10 @@ OUTCOME_LEVELS = {
 
 
 class StartupFailed(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, errno: int | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.errno = errno  # sent as ERRNO= (systemctl status shows it as "Error:")
 
 
 class Daemon:
@@ -88,6 +94,8 @@ class Daemon:
         self._next_ping = 0.0
         self._watchdog = self.notifier.watchdog_interval()
         self.last_turn = time.monotonic()
+        self.workers_up: set[int] = set()  # pids of workers that reported ready
+        self._unhealthy_since: float | None = None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -98,8 +106,11 @@ class Daemon:
                 self._turn()
         except StartupFailed as exc:
             self.log.error("%s", exc)
-            self.notifier.fatal(str(exc), errno=None)
+            self.notifier.fatal(str(exc), errno=exc.errno)
             self.exit_code = exc.exit_code
+        except Exception as exc:  # a bug: say so in `systemctl status` before the traceback
+            self.notifier.fatal(f"internal error: {type(exc).__name__}: {exc}", errno.EIO)
+            raise
         finally:
             self._shutdown()
         return self.exit_code
@@ -141,8 +152,7 @@ class Daemon:
             cfg.pool.start_method,
             self.state.path,
         )
-        if not self._before_ready_jobs():
-            self._become_ready()
+        # READY=1 once the workers report ready (see _advance_phase).
 
     def _open_state(self) -> None:
         path = StateStore.resolve_path(self.config.state.path, Path(self.config.path).parent)
@@ -154,6 +164,7 @@ class Daemon:
                 f"another poolkeeper holds the state database {path} ({exc}); stop it first "
                 "or give this config its own state.path",
                 exitcodes.TEMPFAIL,
+                errno.EBUSY,
             ) from None
         self.state.open()
         abandoned = self.state.mark_abandoned(time.time())
@@ -240,13 +251,18 @@ class Daemon:
             if self.pool.free_slots() <= 0:
                 break
             task = job.make_task(run)
+            try:
+                self.pool.submit(task)
+            except PoolFull:  # a big payload waits for a worker that is reading its pipe
+                break
             job.dispatched(run, task)
-            self.pool.submit(task)
 
     def _advance_phase(self) -> None:
         now = time.monotonic()
-        if self.phase == "starting" and not self._before_ready_jobs():
-            self._become_ready()
+        if self.phase == "starting":
+            self._check_start(now)
+            if not self._before_ready_jobs() and len(self.workers_up) >= self.pool.target_size:
+                self._become_ready()
         elif self.phase == "draining":
             if not self.pool.in_flight():
                 self.phase = "stopped"
@@ -343,6 +359,7 @@ class Daemon:
                     f"before_ready job '{task.job}' did not succeed ({ev.outcome}"
                     f"{': ' + ev.error if ev.error else ''}); not reporting ready",
                     exitcodes.UNAVAILABLE,
+                    errno.ECANCELED,
                 )
 
     def _on_not_started(self, ev: NotStarted) -> None:
@@ -355,6 +372,10 @@ class Daemon:
         job.handed_back(ev.task, time.monotonic())
 
     def _on_worker_event(self, ev: WorkerEvent) -> None:
+        if ev.kind == "started":
+            self.workers_up.add(ev.pid)
+        elif ev.kind == "exited":
+            self.workers_up.discard(ev.pid)
         if ev.kind in ("replaced", "recycled"):
             self.log.warning(
                 "worker %d %s: %s",
@@ -378,8 +399,24 @@ class Daemon:
                 waiting.append(job)
         return waiting
 
+    def _check_start(self, now: float) -> None:
+        healthy, why = self.pool.healthy()
+        if healthy:
+            self._unhealthy_since = None
+        elif self._unhealthy_since is None:
+            self._unhealthy_since = now
+        elif now - self._unhealthy_since >= START_UNHEALTHY_GRACE:
+            raise StartupFailed(
+                f"the pool cannot start: {why}; not reporting ready",
+                exitcodes.UNAVAILABLE,
+                errno.ECHILD,
+            )
+
     def _become_ready(self) -> None:
         self.phase = "running"
+        # The status first, unthrottled: `systemctl start` returns on READY=1, and the unit
+        # must not go on saying "starting" until the next turn.
+        self.notifier.status(self.status_text(time.monotonic()), force=True)
         self.notifier.ready()
         self.log.info("ready", extra=event("daemon_ready"))
 

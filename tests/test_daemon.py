@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +182,23 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_loop_whose_module_fails_to_import_restarts_with_growing_backoff(daemon_factory):
+    d = daemon_factory("""
+        pool: {workers: 2, start_method: fork}
+        jobs:
+          broken:
+            target: daemon_jobs_import_breaks:loop
+            loop: {replicas: 1}
+            env: {BREAK_IMPORT: "1"}
+            restart: always
+            backoff: {initial: 100ms, factor: 2, max: 400ms, jitter: none}
+        """)
+    d.wait_for(lambda: d.log().count("restart in") >= 5, what="five restarts")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    delays = re.findall(r"restart in ([0-9.]+)s", d.log())[:5]
+    assert delays == ["0.1", "0.2", "0.4", "0.4", "0.4"]  # doubling, capped: never a busy loop
+    assert "cannot import" in d.log() and "broken on purpose" in d.log()
+    assert {r["outcome"] for r in d.runs()} == {"failed"}
