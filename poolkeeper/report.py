@@ -21,7 +21,14 @@ def _when(ts: float | None) -> str:
 
 
 def _took(record: RunRecord) -> str:
-    return "-" if record.duration is None else format_duration(max(record.duration, 0.001))
+    took = record.duration
+    if took is None:
+        return "-"
+    if took < 1:
+        return f"{took * 1000:.0f}ms"
+    if took < 60:
+        return f"{took:.2f}s"
+    return format_duration(round(took))
 
 
 def open_readonly(config) -> StateStore:
