@@ -343,7 +343,11 @@ class Pool:
     def free_slots(self) -> int:
         if self._closing:
             return 0
-        return sum(self._room(w) for w in self._workers)
+        room = self._room
+        n = 0
+        for w in self._workers:
+            n += room(w)
+        return n
 
     def idle_slots(self) -> int:
         """Workers with nothing to do: where a loop task (never queued) can go."""
@@ -369,6 +373,7 @@ class Pool:
                          f"cannot send arguments: {one_line(exc)}", format_tb(exc))
             )  # fmt: skip
             return
+        sent_at = time.time()
         if not self._send(w, payload):
             self._events.append(NotStarted(task, f"worker {w.pid} went away"))
             return
@@ -376,7 +381,7 @@ class Pool:
         w.queue.append(slot)
         w.assigned += 1
         if len(w.queue) == 1 and w.state == READY:
-            self._promote(w, self._clock())
+            self._promote(w, self._clock(), sent_at)
 
     def poll(self) -> list[Event]:
         """Non-blocking. Reads every ready message, reaps exited workers, enforces deadlines,
@@ -386,7 +391,7 @@ class Pool:
             self._reap(exited)
             now = self._clock()
             self._enforce_deadlines(now)
-            if not self._draining and self.stop_event.is_set():
+            if not self._draining and self._stop_is_set():
                 self._drain_queued()
             self._respawn(now)
         events, self._events = self._events, []
@@ -423,7 +428,8 @@ class Pool:
                 continue
             head = w.queue[0]
             if head.started_clock is not None and (ids is None or head.task.run_id in ids):
-                out.extend(self._kill(w, outcome, f"{outcome} on request", ids, emit=False))
+                targets = {s.task.run_id for s in w.queue} if ids is None else ids
+                out.extend(self._kill(w, outcome, f"{outcome} on request", targets, emit=False))
                 continue
             for slot in w.queue:
                 if slot.reported or (ids is not None and slot.task.run_id not in ids):
@@ -564,7 +570,7 @@ class Pool:
         if w.queue:
             self._promote(w, self._clock())
 
-    def _promote(self, w: _Worker, now: float) -> None:
+    def _promote(self, w: _Worker, now: float, wall: float | None = None) -> None:
         """The head of a ready worker's queue is running from now on (the worker runs its
         queue in order and never waits for us in between)."""
         if not w.queue or w.state not in (READY, RETIRING):
@@ -577,7 +583,7 @@ class Pool:
                 w.kill_at, w.kill_outcome = now + VERDICT_GRACE, None
             return
         slot.started_clock = now
-        slot.started_at = time.time()
+        slot.started_at = time.time() if wall is None else wall
         w.last_heartbeat = now
         self._events.append(RunStarted(slot.task, w.pid, slot.started_at))
 
@@ -764,10 +770,14 @@ class Pool:
     # -- poll, step 5: recycle and respawn ---------------------------------------------------
 
     def _retire(self, w: _Worker, why: str) -> None:
-        """Replace a healthy worker (max runs, memory): it gets no more tasks and exits after
-        what it holds; its replacement starts now."""
+        """Replace a healthy worker (max runs, memory): it gets no more tasks, finishes the
+        run it is in, hands back what is queued, and exits; its replacement starts now."""
         w.retire_reason = why
         self._set_state(w, RETIRING)
+        for slot in w.queue:  # queued behind the last run: hand back (a fresh worker takes it)
+            if slot.started_clock is None and not slot.cancelled:
+                slot.cancelled = True
+                self._send(w, ("C", slot.seq))
         self._send(w, None)
         self._events.append(WorkerEvent("recycled", w.pid, why))
 
@@ -799,7 +809,7 @@ class Pool:
             pythonpath=self.pythonpath,
             preload=self.preload,
             worker_setup=self.worker_setup,
-            measure_rss=bool(self.max_memory),
+            max_memory=self.max_memory,
             close_fds=close_fds,
         )
         proc = self._ctx.Process(
@@ -838,10 +848,12 @@ class Pool:
     # -- helpers ----------------------------------------------------------------------------
 
     def _room(self, w: _Worker) -> int:
-        if w.state not in (STARTING, READY) or w.broken:
+        state = w.state
+        if (state is not READY and state is not STARTING) or w.broken:
             return 0
-        n = len(w.queue)
-        if n and (w.queue[0].task.loop or w.queue[0].cancelled):
+        queue = w.queue
+        n = len(queue)
+        if n and (queue[0].task.loop or queue[0].cancelled):
             return 0
         room = 1 + self.prefetch - n
         if self.max_runs:
@@ -879,7 +891,13 @@ class Pool:
     def _send(self, w: _Worker, msg: Any) -> bool:
         data = msg if isinstance(msg, bytes) else pickle.dumps(msg, PICKLE_PROTOCOL)
         try:
-            w.conn.send_bytes(data)
+            # multiprocessing.Connection framing, in one write for the usual small message
+            if len(data) < 0x7FFFFFFF:
+                frame = memoryview(len(data).to_bytes(4, "big") + data)
+            else:
+                frame = memoryview(b"\xff\xff\xff\xff" + len(data).to_bytes(8, "big") + data)
+            while frame:
+                frame = frame[os.write(w.fd, frame) :]
             return True
         except OSError:  # it died; its pidfd will tell
             w.broken = True
@@ -897,6 +915,14 @@ class Pool:
     def _unwatch(self, fd: int) -> None:
         if self._fdmap.pop(fd, None) is not None:
             self._epoll.unregister(fd)
+
+    def _stop_is_set(self) -> bool:
+        """stop_event.is_set() without taking the Event's condition lock: poll() asks on every
+        turn, and the lock costs two semaphore round trips."""
+        try:
+            return self.stop_event._flag._semlock._get_value() > 0
+        except (AttributeError, NotImplementedError, OSError):
+            return self.stop_event.is_set()
 
     def _note_helpers(self) -> None:
         if self.start_method == "fork":

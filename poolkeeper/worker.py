@@ -51,7 +51,7 @@ class WorkerConfig:
     pythonpath: tuple[str, ...] = ()
     preload: tuple[str, ...] = ()
     worker_setup: Callable[[], None] | None = None
-    measure_rss: bool = False
+    max_memory: int = 0  # bytes of RSS after a run beyond which the worker takes no more tasks
     # Only for fork: descriptors of the main process (other workers' pipes, the pool's epoll)
     # that the child inherited and must not keep open.
     close_fds: tuple[int, ...] = ()
@@ -214,7 +214,13 @@ class _Worker:
         self.inbox: collections.deque[Any] = collections.deque()
         self.cancelled: set[int] = set()
         self.last_heartbeat = 0.0
-        self.stop = False
+        self.over_memory = False
+        # Our own framing reader (multiprocessing's recv_bytes costs two reads and a BytesIO
+        # per message): one read returns every message already in the pipe.
+        self.fd = conn.fileno()
+        self.buf = bytearray()
+        self.ready_poller = select.poll()
+        self.ready_poller.register(self.fd, select.POLLIN)
 
     def send(self, msg: tuple[Any, ...]) -> None:
         data = pickle.dumps(msg, PICKLE_PROTOCOL)
@@ -247,28 +253,50 @@ class _Worker:
                     self.cancelled.discard(seq)
                     self.send(("N", seq, "cancelled before start"))
                     continue
-            self.send(self.run(msg))
+            if self.over_memory:  # the main process retires us; queued tasks go back
+                self.send(("N", seq, "worker recycled (memory) before starting it"))
+                continue
+            result = self.run(msg)
+            self.over_memory = bool(self.cfg.max_memory) and result[-1] > self.cfg.max_memory
+            self.send(result)
 
     def next_message(self) -> Any:
-        if self.inbox:
-            return self.inbox.popleft()
-        try:
-            return pickle.loads(self.conn.recv_bytes())
-        except EOFError:
-            return None
+        while not self.inbox:
+            if not self.fill():
+                return None
+        return self.inbox.popleft()
 
-    def read_ready(self) -> None:
-        while self.conn.poll(0):
-            try:
-                msg = pickle.loads(self.conn.recv_bytes())
-            except EOFError:
-                msg = None
+    def fill(self) -> bool:
+        """Read what the pipe holds (blocking if it is empty) into the inbox; False at EOF."""
+        data = os.read(self.fd, 1 << 16)
+        if not data:
+            return False
+        buf = self.buf
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            size = int.from_bytes(buf[pos : pos + 4], "big", signed=True)
+            head = 4
+            if size == -1:
+                if end - pos < 12:
+                    break
+                size, head = int.from_bytes(buf[pos + 4 : pos + 12], "big"), 12
+            if end - pos - head < size:
+                break
+            msg = pickle.loads(buf[pos + head : pos + head + size])
+            pos += head + size
             if msg is not None and msg[0] == "C":
                 self.cancelled.add(msg[1])
             else:
                 self.inbox.append(msg)
-                if msg is None:
-                    return
+        del buf[:pos]
+        return True
+
+    def read_ready(self) -> None:
+        while self.ready_poller.poll(0):
+            if not self.fill():
+                self.inbox.append(None)
+                return
 
     # -- one run ----------------------------------------------------------------------------
 
@@ -295,7 +323,12 @@ class _Worker:
         if not callable(obj):
             raise _TargetError(f"target {target!r} is not callable", "")
         try:
-            wants_ctx = "ctx" in inspect.signature(obj).parameters
+            param = inspect.signature(obj).parameters.get("ctx")
+            # Same rule as `poolkeeper check`: the call is fn(*args, ctx=ctx, **kwargs).
+            wants_ctx = param is not None and param.kind not in (
+                param.VAR_POSITIONAL,
+                param.VAR_KEYWORD,
+            )
         except (TypeError, ValueError):  # builtins without a signature
             wants_ctx = False
         self.targets[target] = (obj, wants_ctx)
@@ -332,7 +365,7 @@ class _Worker:
             if saved_env is not None:
                 _restore_env(saved_env)
         ended = time.time()
-        rss = _rss_bytes() if self.cfg.measure_rss else 0
+        rss = _rss_bytes() if self.cfg.max_memory else 0
         return ("D", seq, error is None, started, ended, result_repr, error, tb, rss)
 
 

@@ -1,0 +1,143 @@
+"""Pool benchmarks, each a ratio against a baseline measured in the same process.
+
+1. Throughput: N no-op runs through poolkeeper's Pool (2 workers, fork and forkserver), driven
+   the way the daemon drives it (wait on waitables() until next_deadline(), poll(), submit),
+   against raw `multiprocessing.Pool(2).imap_unordered(chunksize=1)`. Goal: >= 0.9x.
+2. Recovery: time from SIGKILL of an idle worker to its replacement reporting ready, against
+   the time to start a worker at all (the same pool's start-up).
+
+Prints a markdown table. Usage: python bench/bench_pool.py [--runs N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import statistics
+import sys
+import time
+
+from poolkeeper.pool import Pool, RunEnded, Task, WorkerEvent
+
+WORKERS = 2
+
+
+def noop(_: object = None) -> None:
+    return None
+
+
+def raw_pool(method: str, n: int) -> float:
+    """Runs per second of multiprocessing.Pool(2).imap_unordered(chunksize=1)."""
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(WORKERS) as pool:
+        list(pool.imap_unordered(noop, range(200), chunksize=1))  # warm up
+        t0 = time.perf_counter()
+        for _ in pool.imap_unordered(noop, range(n), chunksize=1):
+            pass
+        took = time.perf_counter() - t0
+    return n / took
+
+
+def our_pool(method: str, n: int) -> float:
+    """Runs per second through poolkeeper.pool.Pool, driven like the daemon's main loop."""
+    pool = Pool(workers=WORKERS, start_method=method, pythonpath=[os.path.dirname(__file__)])
+    pool.start()
+    task = Task(run_id="r", job="bench", target="bench_pool:noop")
+    try:
+        _drive(pool, task, 200)  # warm up: workers ready, target imported
+        t0 = time.perf_counter()
+        _drive(pool, task, n)
+        took = time.perf_counter() - t0
+    finally:
+        pool.close(timeout=5)
+    return n / took
+
+
+def _drive(pool: Pool, task: Task, n: int) -> None:
+    submitted = ended = 0
+    wait = multiprocessing.connection.wait
+    waitables = pool.waitables()
+    while ended < n:
+        while submitted < n and pool.free_slots():
+            pool.submit(task)
+            submitted += 1
+        deadline = pool.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if timeout != 0.0:
+            wait(waitables, timeout)
+        for ev in pool.poll():
+            if type(ev) is RunEnded:
+                if ev.outcome != "succeeded":
+                    raise RuntimeError(f"bench run failed: {ev}")
+                ended += 1
+
+
+def recovery(method: str, rounds: int) -> tuple[float, float]:
+    """(median seconds from SIGKILL of an idle worker to its replacement's 'started',
+    median seconds for a worker to become ready at pool start)."""
+    pool = Pool(workers=WORKERS, start_method=method, pythonpath=[os.path.dirname(__file__)])
+    t_start = time.monotonic()
+    pool.start()
+    starts: list[float] = []
+    _until(pool, lambda ev: isinstance(ev, WorkerEvent) and ev.kind == "started", WORKERS,
+           on_event=lambda ev: starts.append(time.monotonic() - t_start))  # fmt: skip
+    times = []
+    try:
+        for _ in range(rounds):
+            victim = next(w.pid for w in pool._workers if w.state == "ready")
+            t0 = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            _until(pool, lambda ev: isinstance(ev, WorkerEvent) and ev.kind == "started", 1)
+            times.append(time.monotonic() - t0)
+    finally:
+        pool.close(timeout=5)
+    return statistics.median(times), statistics.median(starts)
+
+
+def _until(pool: Pool, pred, count: int, on_event=None) -> None:
+    seen = 0
+    limit = time.monotonic() + 30
+    while seen < count:
+        if time.monotonic() > limit:
+            raise RuntimeError("timed out waiting for the pool")
+        deadline = pool.next_deadline()
+        timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        multiprocessing.connection.wait(pool.waitables(), timeout)
+        for ev in pool.poll():
+            if pred(ev):
+                seen += 1
+                if on_event:
+                    on_event(ev)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3, help="best of R for throughput")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    rows = []
+    for method in ("fork", "forkserver"):
+        base = max(raw_pool(method, args.runs) for _ in range(args.repeat))
+        ours = max(our_pool(method, args.runs) for _ in range(args.repeat))
+        rows.append((f"throughput, {method}, {WORKERS} workers, no-op runs",
+                     f"{base:,.0f} runs/s (multiprocessing.Pool imap_unordered, chunksize=1)",
+                     f"{ours:,.0f} runs/s", f"{ours / base:.2f}x"))  # fmt: skip
+    for method in ("fork", "forkserver", "spawn"):
+        rec, start = recovery(method, args.rounds)
+        rows.append((f"SIGKILL -> replacement ready, {method}",
+                     f"{start * 1000:.1f} ms (worker start at pool start)",
+                     f"{rec * 1000:.1f} ms", f"{rec / start:.2f}x"))  # fmt: skip
+    print("| measure | baseline | poolkeeper | ratio |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
