@@ -138,6 +138,10 @@ class Daemon:
             max_runs_per_worker=cfg.pool.max_runs_per_worker,
             max_memory_per_worker=cfg.pool.max_memory_per_worker,
             worker_setup=WorkerLogSetup(self.log_target, logging.getLogger().level),
+            # Fair dispatch (as Celery's -O fair): a run goes only to an idle worker, never
+            # queued behind a long run while another worker is about to be free. Trivial
+            # runs still match a raw multiprocessing.Pool (bench/RESULTS.md).
+            prefetch=0,
         )
         self.pool.start()
         now_wall, now_mono = time.time(), time.monotonic()
@@ -248,7 +252,10 @@ class Daemon:
                 ready.append((0 if run.replica is not None else 1, run.due, job, run))
         ready.sort(key=lambda item: (item[0], item[1]))
         for _, _, job, run in ready:
-            if self.pool.free_slots() <= 0:
+            # A loop replica needs an idle worker; while it waits for one, nothing else is
+            # dispatched, so the worker that validation promised it is not taken.
+            slots = self.pool.idle_slots() if run.replica is not None else self.pool.free_slots()
+            if slots <= 0:
                 break
             task = job.make_task(run)
             try:
