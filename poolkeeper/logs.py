@@ -7,7 +7,9 @@ JournalHandler sends every UPPERCASE record attribute as a field), so
 docs/journal.md, so `journalctl MESSAGE_ID=...` finds every event of one kind.
 
 Workers log on their own (to the journal socket or the inherited stderr): a record never has
-to cross the worker's pipe, and a job that floods its log cannot slow the main loop down.
+to cross the worker's pipe, and a job that floods its log cannot slow the main loop down. The
+worker's log record factory (poolkeeper.worker) stamps the run's fields on every record, so
+plain `logging` in a job carries them too, not only `ctx.log`.
 """
 
 from __future__ import annotations
@@ -37,26 +39,6 @@ MESSAGE_IDS: dict[str, str] = {
     "daemon_ready": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0c",
 }
 
-# The run a worker is executing right now; stamped on every record the job emits through
-# plain `logging`, not only through ctx.log. Set by the worker around each call.
-_current_run: dict[str, Any] = {}
-
-
-def bind_run(fields: dict[str, Any] | None) -> None:
-    """Stamp `fields` (JOB, RUN_ID, ...) on every record this process emits until unbound."""
-    _current_run.clear()
-    if fields:
-        _current_run.update(fields)
-
-
-class _RunFieldsFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        for key, value in _current_run.items():
-            if not hasattr(record, key):
-                setattr(record, key, value)
-        return True
-
-
 class HumanFormatter(logging.Formatter):
     """`12:00:01.234 INFO  rollup[3f2a9c] message`: a job's name and run id lead the line."""
 
@@ -73,6 +55,20 @@ class HumanFormatter(logging.Formatter):
         if record.exc_text:
             line = f"{line}\n{record.exc_text}"
         return line
+
+
+class JournalFormatter(logging.Formatter):
+    """MESSAGE of a journal entry: `rollup[3f2a9c01] message`. The fields JOB, RUN_ID, ... are
+    there too, but `journalctl -u poolkeeper` and `systemctl status` show MESSAGE alone, and a
+    line must say which job it is about."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        job = getattr(record, "JOB", None)
+        if job is None:
+            return text
+        run_id = getattr(record, "RUN_ID", None)
+        return f"{job}[{str(run_id)[:8]}] {text}" if run_id else f"{job} {text}"
 
 
 class PriorityPrefixFormatter(HumanFormatter):
@@ -117,7 +113,7 @@ def make_handler(target: str) -> logging.Handler:
     if target == "journal":
         handler = _journal_handler()
         if handler is not None:
-            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.setFormatter(JournalFormatter("%(message)s"))
             return handler
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(PriorityPrefixFormatter())
@@ -131,7 +127,6 @@ def setup(target: str = "auto", level: int | str = logging.INFO) -> str:
     """Configure the root logger of this process; returns the resolved target."""
     resolved = resolve_target(target)
     handler = make_handler(resolved)
-    handler.addFilter(_RunFieldsFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
