@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -26,6 +27,23 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def _cmd_unit(args: argparse.Namespace) -> int:
+    from poolkeeper import unit
+
+    if args.offline:
+        sys.stdout.write(unit.OFFLINE)
+        return exitcodes.OK
+    sys.stdout.write(unit.unit_text(args.instance))
+    if args.instance is not None:  # the template serves every instance: say how to use it
+        print(
+            "# install as /etc/systemd/system/poolkeeper@.service, the config as "
+            f"/etc/poolkeeper/{args.instance}.yaml, then: "
+            f"systemctl enable --now poolkeeper@{args.instance}",
+            file=sys.stderr,
+        )
+    return exitcodes.OK
+
+
 def default_config_path() -> str:
     """$CONFIGURATION_DIRECTORY/poolkeeper.yaml under systemd, else /etc/poolkeeper/poolkeeper.yaml."""
     base = os.environ.get("CONFIGURATION_DIRECTORY", "/etc/poolkeeper").split(":")[0]
@@ -40,22 +58,45 @@ def _print_config_errors(exc) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from poolkeeper import logs
     from poolkeeper.notify import Notifier
+    from poolkeeper.prestart import prestart
     from poolkeeper.spec import ConfigError, load_config
 
     target = logs.setup(args.log_target, args.log_level.upper())
     notifier = Notifier()
     path = args.config or default_config_path()
+    prestarted = prestart(path)
     try:
         config = load_config(path)
     except ConfigError as exc:
+        if prestarted:
+            from poolkeeper.pool import stop_prestarted
+
+            stop_prestarted()
         _print_config_errors(exc)
         first = str(exc.issues[0]) if exc.issues else str(exc)
         more = f" (+{len(exc.issues) - 1} more)" if len(exc.issues) > 1 else ""
-        notifier.fatal(f"config error: {first}{more}")
+        # ERRNO= makes `systemctl status` show "Error: 22 (Invalid argument)" (or 2, ENOENT).
+        errno_value = errno.ENOENT if exc.exit_code == exitcodes.NOINPUT else errno.EINVAL
+        notifier.fatal(f"config error: {first}{more}", errno=errno_value)
         return exc.exit_code
     from poolkeeper.daemon import Daemon
 
-    return Daemon(config, log_target=target, notifier=notifier).run()
+    code = Daemon(config, log_target=target, notifier=notifier).run()
+    _exit_without_teardown(code)
+    return code  # not reached
+
+
+def _exit_without_teardown(code: int) -> None:
+    """Leave at once after a drain: every worker is joined and the state DB is closed, so
+    tearing the interpreter down (modules, pydantic's schemas) would only add ~50 ms to
+    every `systemctl stop`."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _load_for_reading(path: str | None):
@@ -171,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=5, help="how many (default 5)")
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
     p.set_defaults(func=_cmd_next)
+
+    p = sub.add_parser(
+        "unit", help="print a systemd unit for this installation (its real ExecStart path)"
+    )
+    p.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="print the template poolkeeper@.service (poolkeeper@NAME runs "
+        "/etc/poolkeeper/NAME.yaml)",
+    )
+    p.add_argument(
+        "--offline", action="store_true", help="print the hardening drop-in for offline jobs"
+    )
+    p.set_defaults(func=_cmd_unit)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the job spec")
     p.set_defaults(func=_cmd_schema)

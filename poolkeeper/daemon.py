@@ -30,6 +30,7 @@ from poolkeeper.jobs import JobRuntime, PendingRun
 from poolkeeper.logs import WorkerLogSetup, event, get_logger
 from poolkeeper.notify import Notifier
 from poolkeeper.pool import NotStarted, Pool, PoolFull, RunEnded, RunStarted, WorkerEvent
+from poolkeeper.prestart import add_to_sys_path
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state import StateLocked, StateStore
 from poolkeeper.status import status_line
@@ -130,6 +131,10 @@ class Daemon:
         self.signals.install()
         self._open_state()
         cfg = self.config
+        # The forkserver inherits this process's sys.path: without the spec's pythonpath
+        # its preload of the job modules would fail (silently) and every worker would
+        # import them itself.
+        add_to_sys_path(cfg.pythonpath)
         self.pool = Pool(
             workers=cfg.pool.workers,
             start_method=cfg.pool.start_method,
@@ -354,9 +359,10 @@ class Daemon:
             message += f"; {follow_up}"
         if ev.traceback:
             message += "\n" + ev.traceback.rstrip()
+        # The message goes without args: the journal handler would copy args into
+        # CODE_ARGS, storing every traceback twice.
         self.log.log(
             OUTCOME_LEVELS.get(ev.outcome, logging.INFO),
-            "%s",
             message,
             extra=event(f"run_{ev.outcome}", **_run_fields(task, ev.worker_pid)),
         )

@@ -990,3 +990,25 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
+
+
+def prestart_forkserver(preload: Sequence[str]) -> None:
+    """Boot the forkserver now (preloading `preload`), ahead of any Pool. The daemon calls it
+    before validating its config: the forkserver's ~100 ms of interpreter start and imports
+    then overlap the validation instead of delaying READY=1. A later Pool.start() finds it
+    running; the last Pool.close() (or stop_prestarted()) stops it."""
+    if forkserver._forkserver._forkserver_pid is not None:
+        return
+    tracker_was_running = resource_tracker._resource_tracker._fd is not None
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        preload_for_forkserver(preload)
+    )
+    forkserver.ensure_running()  # starts the resource tracker first
+    _helpers_started_by_us["forkserver"] = True
+    if not tracker_was_running:
+        _helpers_started_by_us["resource_tracker"] = True
+
+
+def stop_prestarted() -> None:
+    """Stop a forkserver that prestart_forkserver() started, when no pool will use it."""
+    _stop_helpers_if_unused()

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import CroniterBadDateError, croniter
-
 # The longest the daemon should sleep before re-reading the wall clock.
 MAX_SLEEP = 60.0
 
@@ -148,6 +146,9 @@ class CronTrigger:
     jitter = 0.0
 
     def __init__(self, expr: str, tz: str | None = None, catchup: str = "none"):
+        # Imported here: croniter (and dateutil) cost ~30 ms of start-up, only cron jobs need it.
+        from croniter import croniter
+
         if catchup not in CATCHUP_MODES:
             raise ValueError(f"catchup must be one of {', '.join(CATCHUP_MODES)}")
         if not croniter.is_valid(expr):
@@ -201,6 +202,8 @@ class CronTrigger:
         else:
             start = max(_wall(ts, self.tz), _wall(ts - margin, self.tz) + _OFFSET_MARGIN)
             start += timedelta(seconds=1)
+        from croniter import CroniterBadDateError, croniter
+
         it = croniter(self.expr, start)
         best: float | None = None
         try:

@@ -25,9 +25,9 @@ _HEAD = """\
 # {name}: {what}
 # Generated from poolkeeper/unit.py: print one for your installation with `poolkeeper unit{flag}`.
 # Tune it with a drop-in (`systemctl edit {edit}`), not by editing this file.
+# Documented in poolkeeper's docs/systemd.md, docs/health.md and docs/journal.md.
 [Unit]
 Description={description}
-Documentation=https://github.com/poolkeeper/poolkeeper/blob/main/docs/systemd.md
 # Jobs may talk to the network from their first run.
 Wants=network-online.target
 After=network-online.target
@@ -105,36 +105,30 @@ SystemCallErrorNumber=EPERM
 WantedBy=multi-user.target
 """
 
-PLAIN = (
-    _HEAD.format(
-        name="poolkeeper.service",
-        what="the poolkeeper job daemon for /etc/poolkeeper/poolkeeper.yaml",
-        flag="",
-        edit="poolkeeper",
-        description="poolkeeper job daemon",
-    )
-    + _SERVICE.format(
-        config="%E/poolkeeper/poolkeeper.yaml",
-        state="poolkeeper",
-        # A directory of its own below /run/poolkeeper: stopping this unit removes it, and must
-        # not remove the runtime directories of running poolkeeper@ instances.
-        runtime="poolkeeper/poolkeeper",
-    )
+PLAIN = _HEAD.format(
+    name="poolkeeper.service",
+    what="the poolkeeper job daemon for /etc/poolkeeper/poolkeeper.yaml",
+    flag="",
+    edit="poolkeeper",
+    description="poolkeeper job daemon",
+) + _SERVICE.format(
+    config="%E/poolkeeper/poolkeeper.yaml",
+    state="poolkeeper",
+    # A directory of its own below /run/poolkeeper: stopping this unit removes it, and must
+    # not remove the runtime directories of running poolkeeper@ instances.
+    runtime="poolkeeper/poolkeeper",
 )
 
-TEMPLATE = (
-    _HEAD.format(
-        name="poolkeeper@.service",
-        what="one poolkeeper daemon per config, poolkeeper@NAME runs /etc/poolkeeper/NAME.yaml",
-        flag=" --instance NAME",
-        edit="poolkeeper@NAME",
-        description="poolkeeper job daemon (%i)",
-    )
-    + _SERVICE.format(
-        config="%E/poolkeeper/%i.yaml",
-        state="poolkeeper/%i",
-        runtime="poolkeeper/%i",
-    )
+TEMPLATE = _HEAD.format(
+    name="poolkeeper@.service",
+    what="one poolkeeper daemon per config, poolkeeper@NAME runs /etc/poolkeeper/NAME.yaml",
+    flag=" --instance NAME",
+    edit="poolkeeper@NAME",
+    description="poolkeeper job daemon (%i)",
+) + _SERVICE.format(
+    config="%E/poolkeeper/%i.yaml",
+    state="poolkeeper/%i",
+    runtime="poolkeeper/%i",
 )
 
 OFFLINE = """\

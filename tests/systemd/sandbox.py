@@ -457,7 +457,9 @@ class HostGuard:
         existed before the session must survive it."""
         names = []
         for n in os.listdir(directory):
-            if self._foreign_marker(n):
+            # pymp-*: multiprocessing's scratch dirs, which other Python processes on the
+            # machine create and remove at will.
+            if self._foreign_marker(n) or n.startswith("pymp-"):
                 continue
             if older_only:
                 try:

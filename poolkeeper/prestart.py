@@ -1,0 +1,67 @@
+"""Overlap the forkserver's start with the config's validation.
+
+Before READY=1 the daemon pays, in series, for importing the spec model (pydantic: ~200 ms)
+and for booting multiprocessing's forkserver (a new interpreter importing poolkeeper.worker
+and the preload modules: ~100 ms). The forkserver only needs `pool.start_method`,
+`pool.preload` and `pythonpath`, so those are read first with the bounded YAML loader and the
+forkserver boots while the full validation runs. Best effort: on any doubt about the file
+nothing is started here, the pool starts the forkserver as usual, and validation reports
+whatever is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+MAX_BYTES = 1 << 20
+
+
+def pool_hints(path: str) -> tuple[str, list[str], list[str]] | None:
+    """(start_method, preload, absolute pythonpath) as the file writes them, or None."""
+    from poolkeeper.yamlload import load_yaml
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            return None
+        doc, _ = load_yaml(raw, path)
+    except Exception:  # noqa: BLE001 - anything odd: leave it to the validation
+        return None
+    data = doc.data
+    if not isinstance(data, dict):
+        return None
+    pool = data.get("pool") or {}
+    paths = data.get("pythonpath") or []
+    if not isinstance(pool, dict) or not isinstance(paths, list):
+        return None
+    method = pool.get("start_method", "forkserver")
+    preload = pool.get("preload") or []
+    if not isinstance(method, str) or not isinstance(preload, list):
+        return None
+    if not all(isinstance(p, str) for p in [*preload, *paths]):
+        return None
+    base = Path(path).resolve().parent
+    return method, preload, [str((base / p).resolve()) for p in paths]
+
+
+def prestart(path: str) -> bool:
+    """Start the forkserver for the config at `path` if it asks for one; True if started."""
+    hints = pool_hints(path)
+    if hints is None or hints[0] != "forkserver":
+        return False
+    method, preload, pythonpath = hints
+    # The forkserver takes the main process's sys.path: preload modules must be findable.
+    add_to_sys_path(pythonpath)
+    from poolkeeper.pool import prestart_forkserver
+
+    prestart_forkserver(preload)
+    return True
+
+
+def add_to_sys_path(entries: list[str]) -> None:
+    for entry in reversed(entries):
+        if entry not in sys.path and os.path.isdir(entry):
+            sys.path.insert(0, entry)
