@@ -6,6 +6,7 @@
 # Usage (as root):  boot.sh outer
 #   env SANDBOX_CGROUP  host path of an empty cgroup2 directory made for this sandbox
 #       SANDBOX_BINDS   ':'-separated host paths that must appear at the same path inside
+#       SANDBOX_SCRATCH where to mount the scratch tmpfs (default /tmp): never above a bind
 #                       (project tree, virtualenv, interpreter); bound only when they live on
 #                       another filesystem than /, because the overlay shows the root fs only
 #       SANDBOX_NAME    value of $container and the hostname (default poolkeeper-sandbox)
@@ -61,7 +62,13 @@ bind_other_filesystems() {
     local IFS=:
     for p in ${SANDBOX_BINDS:-}; do
         [ -n "$p" ] && [ -e "$p" ] || continue
-        if [ "$(findmnt -n -o TARGET --target "$p")" != / ]; then
+        # On another filesystem (the overlay shows only /), or under a directory the sandbox
+        # replaces with its own tmpfs (a CI clone in /tmp).
+        case "$p" in
+            /tmp/* | /run/* | /dev/*) local hidden=1 ;;
+            *) local hidden=0 ;;
+        esac
+        if [ "$hidden" = 1 ] || [ "$(findmnt -n -o TARGET --target "$p")" != / ]; then
             mkdir -p "$m$p"
             mount --rbind "$p" "$m$p"
             # Read-only: units must not write into the host's tree through the sandbox.
@@ -115,9 +122,10 @@ EOF
 }
 
 inner() {
-    # A tmpfs on /tmp of our private mount namespace: holds the overlay's upper and work dirs and
-    # hides nothing from the host (propagation is private).
-    local r=/tmp m
+    # A scratch tmpfs (on /tmp unless a path to bind lives there) of our private mount
+    # namespace: holds the overlay's upper and work dirs, hides nothing from the host
+    # (propagation is private).
+    local r=${SANDBOX_SCRATCH:-/tmp} m
     mount -t tmpfs -o mode=700 sandbox "$r"
     mkdir "$r/upper" "$r/work" "$r/merged"
     m=$r/merged

@@ -149,6 +149,18 @@ def default_binds() -> list[str]:
     return sorted(paths)
 
 
+def scratch_dir(binds: Iterable[str]) -> str:
+    """Where boot.sh mounts its scratch tmpfs (overlay upper and work dirs) in its private
+    mount namespace: a directory that hides none of the paths to bind (CI may clone the
+    project under /tmp)."""
+    for candidate in ("/tmp", "/mnt", "/srv", "/media", "/opt"):
+        if os.path.isdir(candidate) and not any(
+            b == candidate or b.startswith(candidate + "/") for b in binds
+        ):
+            return candidate
+    raise SandboxUnavailable(f"no scratch directory outside {sorted(binds)}")
+
+
 # -- the sandbox -------------------------------------------------------------------------------
 
 
@@ -180,10 +192,12 @@ class Sandbox:
         except OSError as exc:  # e.g. a read-only /sys/fs/cgroup in an unprivileged container
             raise SandboxUnavailable(f"cannot create the sandbox's cgroup {cgroup}: {exc}") from exc
         console = tempfile.TemporaryFile()  # O_TMPFILE: leaves no name in the host's /tmp
+        bind_list = default_binds() if binds is None else list(binds)
         env = {
             "PATH": INSIDE_ENV["PATH"],
             "SANDBOX_CGROUP": str(cgroup),
-            "SANDBOX_BINDS": ":".join(default_binds() if binds is None else binds),
+            "SANDBOX_BINDS": ":".join(bind_list),
+            "SANDBOX_SCRATCH": scratch_dir(bind_list),
             "SANDBOX_NAME": NAME,
         }
         # A session of its own: a Ctrl-C meant for pytest must not reach systemd (SIGINT to
