@@ -6,9 +6,10 @@
 # Usage (as root):  boot.sh outer
 #   env SANDBOX_CGROUP  host path of an empty cgroup2 directory made for this sandbox
 #       SANDBOX_BINDS   ':'-separated host paths that must appear at the same path inside
-#       SANDBOX_SCRATCH where to mount the scratch tmpfs (default /tmp): never above a bind
 #                       (project tree, virtualenv, interpreter); bound only when they live on
-#                       another filesystem than /, because the overlay shows the root fs only
+#                       another filesystem than /, because the overlay shows the root fs only,
+#                       or under /tmp, /run, /dev, which the sandbox replaces
+#       SANDBOX_SCRATCH where to mount the scratch tmpfs (default /tmp): never above a bind
 #       SANDBOX_NAME    value of $container and the hostname (default poolkeeper-sandbox)
 # The `outer` stage joins SANDBOX_CGROUP and re-executes this script as `inner` under
 # `unshare`; `inner` runs as PID 1 of the new PID namespace, builds the root and execs systemd.

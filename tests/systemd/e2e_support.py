@@ -22,6 +22,7 @@ from typing import Any
 
 from sandbox import Sandbox
 
+import poolkeeper
 from poolkeeper import unit as units
 
 JOBS_DIR = "/srv/pk-e2e"  # e2e_jobs.py is copied here: readable by the unit's user anywhere
@@ -44,10 +45,20 @@ def _host_paths_needed() -> list[Path]:
 
 def environment_dropin() -> str:
     """What this machine needs beyond the shipped unit, and nothing else: an interpreter under
-    /root or /home (pyenv, a home venv) is hidden by ProtectHome=yes."""
-    hidden = ("/root", "/home", "/run/user")
-    needs = any(str(p).startswith(hidden) for p in _host_paths_needed())
-    return "ProtectHome=read-only\n" if needs else ""
+    /root or /home (pyenv, a home venv) is hidden by ProtectHome=yes; a checkout under /tmp
+    (CI's clone) is hidden by PrivateTmp=yes, so it is bound into the unit's private /tmp."""
+    paths = [str(p) for p in _host_paths_needed()]
+    lines = []
+    if any(p.startswith(("/root", "/home", "/run/user")) for p in paths):
+        lines.append("ProtectHome=read-only")
+    # The package itself too: an editable install imports it from the checkout.
+    paths.append(str(Path(poolkeeper.__file__).resolve().parent.parent))
+    in_tmp = sorted(p for p in paths if p.startswith(("/tmp/", "/var/tmp/")))
+    # Only the outermost paths: a bind inside another bind is redundant.
+    in_tmp = [p for p in in_tmp if not any(p.startswith(q + "/") for q in in_tmp)]
+    if in_tmp:
+        lines.append("BindReadOnlyPaths=" + " ".join(in_tmp))
+    return "".join(line + "\n" for line in lines)
 
 
 def prepare(sb: Sandbox) -> None:
