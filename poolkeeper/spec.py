@@ -591,7 +591,9 @@ class ConfigError(Exception):
 # --- Loading -----------------------------------------------------------------------------------
 
 _SECTIONS = ("pool", "shutdown", "state", "defaults", "jobs")
-JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+# Unicode letters and digits are welcome (`\w` of a str pattern): names travel as UTF-8 in
+# journal fields and STATUS=, which python-systemd sends correctly.
+JOB_NAME_PATTERN = r"^[^\W_][\w.@-]{0,63}$"
 
 
 def load_config(path: str | os.PathLike[str], *, import_targets: bool = True) -> Config:

@@ -17,7 +17,8 @@ def status_line(daemon, now: float) -> str:
     if daemon.phase == "starting":
         waiting = ", ".join(job.name for job in daemon._before_ready_jobs())
         return f"starting: waiting for {waiting}" if waiting else "starting"
-    head = f"{len(daemon.jobs)} jobs, {pool.busy_count()}/{pool.size()} workers busy"
+    jobs = len(daemon.jobs)
+    head = f"{jobs} job{'' if jobs == 1 else 's'}, {pool.busy_count()}/{pool.size()} workers busy"
     backing = [
         (job.name, left)
         for job in daemon.jobs.values()

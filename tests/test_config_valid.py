@@ -288,3 +288,14 @@ def test_check_counts_jobs_in_the_ok_line(tmp_path: Path) -> None:
     assert check_file(str(path), out, err) == 0
     assert (out.getvalue(), err.getvalue()) == (f"{path}: ok, 1 job\n", "")
     assert os.getpid()  # the target above is a real callable
+
+
+def test_job_names_may_use_unicode_letters(tmp_path):
+    from poolkeeper.spec import load_config
+
+    spec = tmp_path / "u.yaml"
+    spec.write_text(
+        "version: 1\njobs:\n  wärme-café:\n    target: os:getcwd\n    every: 5m\n",
+        encoding="utf-8",
+    )
+    assert list(load_config(spec).jobs) == ["wärme-café"]

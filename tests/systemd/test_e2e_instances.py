@@ -41,7 +41,7 @@ def test_template_instance_runs_its_own_config_beside_the_plain_unit(systemd_san
         e2e.wait_journal(sb, "quick run", "-u", demo, "JOB=demo_job")
         e2e.wait_journal(sb, "quick run", "-u", PLAIN, "JOB=main_job")
         assert sb.journal("-u", demo, "JOB=main_job") == []
-        assert sb.show(demo, "StatusText")["StatusText"].startswith("1 jobs, ")
+        assert sb.show(demo, "StatusText")["StatusText"].startswith("1 job, ")
 
         # Stopping the plain unit removes its runtime directory, not the instance's.
         sb.systemctl("stop", PLAIN)

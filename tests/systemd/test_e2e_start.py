@@ -20,7 +20,7 @@ def test_start_waits_for_a_before_ready_job_longer_than_the_start_timeout(
         "warmup",
         e2e.config(
             """
-            warm:
+            wärme-café:
               target: e2e_jobs:sleep_for
               at: startup
               before_ready: true
@@ -47,7 +47,8 @@ def test_start_waits_for_a_before_ready_job_longer_than_the_start_timeout(
             )  # fmt: skip
             assert status
             assert sb.show(unit, "ActiveState")["ActiveState"] == "activating"
-            assert sb.show(unit, "StatusText")["StatusText"] == "starting: waiting for warm"
+            # A non-ASCII job name arrives intact (UTF-8 all the way to systemd).
+            assert sb.show(unit, "StatusText")["StatusText"] == "starting: waiting for wärme-café"
         finally:
             starter.join(30)
         proc = result["proc"]
@@ -128,7 +129,7 @@ def test_status_text_follows_the_runs(systemd_sandbox: Sandbox):
         sb.wait_for(lambda: observe(lambda t: "1/2 workers busy" in t), 10, "a busy worker")
         sb.wait_for(lambda: observe(lambda t: "2 runs ok" in t), 10, "two runs counted")
         sb.wait_for(lambda: observe(lambda t: "3 runs ok" in t), 10, "three runs counted")
-        assert all(t.startswith("1 jobs, ") for t in seen), seen
+        assert all(t.startswith("1 job, ") for t in seen), seen
         assert len(seen) >= 3, seen
 
 
