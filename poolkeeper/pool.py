@@ -70,6 +70,7 @@ from poolkeeper.worker import (
     format_tb,
     one_line,
     preload_for_forkserver,
+    take_messages,
     worker_main,
 )
 
@@ -500,22 +501,9 @@ class Pool:
         if not data:  # the worker's end is closed: it exited (its pidfd tells us the rest)
             self._unwatch(w.fd)
             return
-        buf = w.buf
-        buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            size = int.from_bytes(buf[pos : pos + 4], "big", signed=True)
-            head = 4
-            if size == -1:  # multiprocessing's framing for > 2 GiB
-                if end - pos < 12:
-                    break
-                size, head = int.from_bytes(buf[pos + 4 : pos + 12], "big"), 12
-            if end - pos - head < size:
-                break
-            msg = pickle.loads(buf[pos + head : pos + head + size])
-            pos += head + size
+        w.buf += data
+        for msg in take_messages(w.buf):
             self._on_message(w, msg)
-        del buf[:pos]
 
     def _on_message(self, w: _Worker, msg: tuple[Any, ...]) -> None:
         kind = msg[0]

@@ -93,6 +93,28 @@ def one_line(exc: BaseException) -> str:
     return line if len(line) <= ERROR_MAX else line[: ERROR_MAX - 3] + "..."
 
 
+def take_messages(buf: bytearray) -> list[Any]:
+    """Unpickle every complete message at the front of `buf` (multiprocessing.Connection's
+    framing: a 4-byte big-endian length, or -1 and an 8-byte length above 2 GiB) and remove
+    them from it; a partial message stays for the next read. Both ends of a worker's pipe read
+    this way, non-blocking, so one slow peer never stalls the other."""
+    messages = []
+    pos, end = 0, len(buf)
+    while end - pos >= 4:
+        size = int.from_bytes(buf[pos : pos + 4], "big", signed=True)
+        head = 4
+        if size == -1:
+            if end - pos < 12:
+                break
+            size, head = int.from_bytes(buf[pos + 4 : pos + 12], "big"), 12
+        if end - pos - head < size:
+            break
+        messages.append(pickle.loads(buf[pos + head : pos + head + size]))
+        pos += head + size
+    del buf[:pos]
+    return messages
+
+
 def format_tb(exc: BaseException) -> str:
     try:
         text = "".join(traceback.format_exception(exc))
@@ -271,25 +293,12 @@ class _Worker:
         data = os.read(self.fd, 1 << 16)
         if not data:
             return False
-        buf = self.buf
-        buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            size = int.from_bytes(buf[pos : pos + 4], "big", signed=True)
-            head = 4
-            if size == -1:
-                if end - pos < 12:
-                    break
-                size, head = int.from_bytes(buf[pos + 4 : pos + 12], "big"), 12
-            if end - pos - head < size:
-                break
-            msg = pickle.loads(buf[pos + head : pos + head + size])
-            pos += head + size
+        self.buf += data
+        for msg in take_messages(self.buf):
             if msg is not None and msg[0] == "C":
                 self.cancelled.add(msg[1])
             else:
                 self.inbox.append(msg)
-        del buf[:pos]
         return True
 
     def read_ready(self) -> None:

@@ -40,3 +40,26 @@ def no_stray_processes(request):
         procs.kill_all(list(left))
         listing = "; ".join(f"{pid}: {cmd}" for pid, cmd in sorted(left.items()))
         pytest.fail(f"test left processes running: {listing}", pytrace=False)
+
+
+@pytest.fixture
+def make_pool():
+    """Start a pool in this process (`make(method, **Pool kwargs)` -> a jobs_for_tests.Driver);
+    every pool is closed, its workers joined, when the test ends."""
+    from jobs_for_tests import TESTS_DIR, Driver
+
+    from poolkeeper.pool import Pool
+
+    pools = []
+
+    def make(method: str = "fork", **kw) -> Driver:
+        kw.setdefault("workers", 2)
+        kw.setdefault("pythonpath", [TESTS_DIR])
+        pool = Pool(start_method=method, **kw)
+        pools.append(pool)
+        pool.start()
+        return Driver(pool)
+
+    yield make
+    for pool in pools:
+        pool.close(timeout=2)

@@ -20,23 +20,6 @@ def T(run_id: str, func: str, *args, **kw) -> Task:
     )
 
 
-@pytest.fixture
-def make_pool():
-    pools = []
-
-    def make(method: str = "fork", **kw) -> Driver:
-        kw.setdefault("workers", 2)
-        kw.setdefault("pythonpath", [TESTS_DIR])
-        pool = Pool(start_method=method, **kw)
-        pools.append(pool)
-        pool.start()
-        return Driver(pool)
-
-    yield make
-    for pool in pools:
-        pool.close(timeout=2)
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_outcomes_of_the_job_call(make_pool, method):
     d = make_pool(method)

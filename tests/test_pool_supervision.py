@@ -11,32 +11,15 @@ import threading
 import time
 
 import pytest
-from jobs_for_tests import TESTS_DIR, Driver, pid_alive, wait_gone
+from jobs_for_tests import TESTS_DIR, pid_alive, wait_gone
 
-from poolkeeper.pool import Pool, RunEnded, RunStarted, Task, WorkerEvent
+from poolkeeper.pool import RunEnded, RunStarted, Task, WorkerEvent
 
 METHODS = ["fork", "forkserver", "spawn"]
 
 
 def T(run_id: str, func: str, *args, **kw) -> Task:
     return Task(run_id=run_id, job="j", target=f"jobs_for_tests:{func}", args=args, **kw)
-
-
-@pytest.fixture
-def make_pool():
-    pools = []
-
-    def make(method: str = "fork", **kw) -> Driver:
-        kw.setdefault("workers", 2)
-        kw.setdefault("pythonpath", [TESTS_DIR])
-        pool = Pool(start_method=method, **kw)
-        pools.append(pool)
-        pool.start()
-        return Driver(pool)
-
-    yield make
-    for pool in pools:
-        pool.close(timeout=2)
 
 
 @pytest.mark.parametrize(
