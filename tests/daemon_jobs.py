@@ -46,3 +46,8 @@ def fail(ctx):
 
 def ok():
     return 42
+
+
+def hold(seconds):
+    """A run of a known length, to see how runs of one job overlap (or don't)."""
+    time.sleep(seconds)
