@@ -39,47 +39,42 @@ MESSAGE_IDS: dict[str, str] = {
     "daemon_ready": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0c",
 }
 
+def job_prefix(record: logging.LogRecord) -> str:
+    """`rollup[3f2a9c01] ` for a job's record (its name and run id lead the line), else ''."""
+    job = getattr(record, "JOB", None)
+    if job is None:
+        return ""
+    run_id = getattr(record, "RUN_ID", None)
+    return f"{job}[{str(run_id)[:8]}] " if run_id else f"{job} "
+
+
 class HumanFormatter(logging.Formatter):
-    """`12:00:01.234 INFO  rollup[3f2a9c] message`: a job's name and run id lead the line."""
+    """`12:00:01.234 INFO    rollup[3f2a9c01] message`, for a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        where = ""
-        job = getattr(record, "JOB", None)
-        if job is not None:
-            run_id = getattr(record, "RUN_ID", None)
-            where = f"{job}[{str(run_id)[:8]}] " if run_id else f"{job} "
-        line = f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} {where}{record.getMessage()}"
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            line = f"{line}\n{record.exc_text}"
-        return line
+        head = f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} "
+        return head + job_prefix(record) + super().format(record)
 
 
 class JournalFormatter(logging.Formatter):
     """MESSAGE of a journal entry: `rollup[3f2a9c01] message`. The fields JOB, RUN_ID, ... are
     there too, but `journalctl -u poolkeeper` and `systemctl status` show MESSAGE alone, and a
-    line must say which job it is about."""
+    line must say which job it is about. journald stamps time and priority itself."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        job = getattr(record, "JOB", None)
-        if job is None:
-            return text
-        run_id = getattr(record, "RUN_ID", None)
-        return f"{job}[{str(run_id)[:8]}] {text}" if run_id else f"{job} {text}"
+        return job_prefix(record) + super().format(record)
 
 
-class PriorityPrefixFormatter(HumanFormatter):
-    """For journald's stdout/stderr stream without python-systemd: `<N>` sets PRIORITY."""
+class PriorityPrefixFormatter(JournalFormatter):
+    """For journald's stdout/stderr stream without python-systemd: `<N>` on every line sets
+    PRIORITY, so a traceback is filed at its record's priority."""
 
     _PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
     def format(self, record: logging.LogRecord) -> str:
         prio = self._PRIORITIES.get(record.levelname, 6)
-        text = super().format(record).split(" ", 1)[1]  # journald stamps time itself
-        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
 
 
 def stderr_is_journal() -> bool:
