@@ -39,6 +39,7 @@ MAX_WAIT = 1.0  # the loop turns at least this often: status, watchdog, wall-clo
 EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
 EXTEND_BY = 5.0
 STATE_FLUSH_EVERY = 0.5
+PRUNE_EVERY = 3600.0  # run history retention (state.keep) is enforced hourly
 ENV_FOR_MAIN_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 # A pool still unhealthy this long into the start (workers fail to start: a broken preload,
 # say) fails the start: READY=1 would never come, and EXTEND_TIMEOUT_USEC would keep
@@ -92,6 +93,7 @@ class Daemon:
         self.exit_code = exitcodes.OK
         self._next_extend = 0.0
         self._next_flush = 0.0
+        self._next_prune = 0.0  # at start, then every PRUNE_EVERY
         self._next_ping = 0.0
         self._watchdog = self.notifier.watchdog_interval()
         self.last_turn = time.monotonic()
@@ -183,8 +185,11 @@ class Daemon:
             )
 
     def _shutdown(self) -> None:
+        # Not "stopped" here means start-up failed or a bug: whatever runs is killed, not
+        # waited for, and no outcome can raise another start-up failure.
+        aborted, self.phase = self.phase != "stopped", "stopped"
         if self.pool is not None:
-            for ev in self.pool.close(timeout=0 if self.phase != "stopped" else None):
+            for ev in self.pool.close(timeout=0 if aborted else None):
                 self._on_ended(ev)
         if self.drain_started is not None:
             self._log_drain_summary()
@@ -309,6 +314,11 @@ class Daemon:
         if now >= self._next_flush:
             self._next_flush = now + STATE_FLUSH_EVERY
             self.state.flush()
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY
+            pruned = self.state.prune(self.config.state.keep, time.time())
+            if pruned:
+                self.log.info("pruned %d runs older than state.keep from the history", pruned)
 
     # -- events -------------------------------------------------------------------------
 

@@ -15,7 +15,9 @@ TESTS_DIR = Path(__file__).parent
 
 
 class DaemonProcess:
-    def __init__(self, tmp_path: Path, spec: str, *, env: dict | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, spec: str, *, env: dict | None = None, keep: str = "30d"
+    ) -> None:
         self.dir = tmp_path
         self.out = tmp_path / "out"
         self.out.mkdir(exist_ok=True)
@@ -23,7 +25,7 @@ class DaemonProcess:
         self.db = tmp_path / "state.db"
         body = textwrap.dedent(spec).replace("$OUT", str(self.out))
         header = (
-            f"version: 1\npythonpath: [{TESTS_DIR}]\nstate:\n  path: {self.db}\n"
+            f"version: 1\npythonpath: [{TESTS_DIR}]\nstate:\n  path: {self.db}\n  keep: {keep}\n"
         )
         self.config.write_text(header + body)
         self.log_path = tmp_path / "daemon.log"

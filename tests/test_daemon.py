@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import procs
 import pytest
@@ -202,3 +203,52 @@ def test_a_loop_whose_module_fails_to_import_restarts_with_growing_backoff(daemo
     assert delays == ["0.1", "0.2", "0.4", "0.4", "0.4"]  # doubling, capped: never a busy loop
     assert "cannot import" in d.log() and "broken on purpose" in d.log()
     assert {r["outcome"] for r in d.runs()} == {"failed"}
+
+
+def test_a_failing_before_ready_job_aborts_the_start_with_exit_69(daemon_factory):
+    d = daemon_factory("""
+        pool: {workers: 2, start_method: fork}
+        jobs:
+          warm:
+            target: daemon_jobs:fail
+            at: startup
+            before_ready: true
+          other:
+            target: daemon_jobs:stubborn
+            at: startup
+            kwargs: {out_dir: $OUT}
+        """)
+    assert d.wait_exit() == 69
+    log = d.log()
+    assert "before_ready job 'warm' did not succeed (failed: RuntimeError: boom)" in log
+    assert "INFO    ready" not in log  # never reported ready
+    assert not (d.out / "stubborn.pids").exists()  # nothing else started before READY
+    assert "Traceback (most recent call last):\n  File \"" in log  # the job's, logged once
+    assert log.count("Traceback") == 1
+
+
+def test_history_older_than_keep_is_pruned_at_start(daemon_factory, tmp_path):
+    from poolkeeper.state import StateStore
+
+    store = StateStore(tmp_path / "state.db")
+    store.open()
+    now = time.time()
+    for run_id, ended in (("old", now - 3 * 86400), ("recent", now - 3600)):
+        store.run_ended(
+            run_id=run_id, job="tick", attempt=1, scheduled_at=ended - 1, started_at=ended - 1,
+            ended_at=ended, outcome="succeeded", exit_code=None, signal=None, worker_pid=1,
+            error=None,
+        )
+    store.close()
+    d = daemon_factory("""
+        pool: {workers: 2, start_method: fork}
+        jobs:
+          tick:
+            target: daemon_jobs:ok
+            every: 1h
+        """, keep="1d")
+    d.wait_log("pruned 1 runs")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert "old" not in {r["run_id"] for r in d.runs()}
+    assert "recent" in {r["run_id"] for r in d.runs()}
