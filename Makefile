@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # libsystemd-dev + pkg-config + gcc build systemd-python (the `systemd` extra);
-# systemd + util-linux boot the real systemd 252 sandbox of tests/systemd.
-APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps
+# systemd + util-linux (+ dbus, for systemd-run --wait) boot the real systemd 252 sandbox
+# of tests/systemd.
+APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps dbus
 
 .PHONY: help deps venv run test lint schema clean bench
 
