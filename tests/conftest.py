@@ -63,3 +63,21 @@ def make_pool():
     yield make
     for pool in pools:
         pool.close(timeout=2)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    """Start `poolkeeper run` on a spec (see daemon_harness.DaemonProcess); whatever is still
+    running when the test ends is killed, its process group included."""
+    from daemon_harness import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def start(spec: str, **kw) -> DaemonProcess:
+        d = DaemonProcess(tmp_path, spec, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()

@@ -11,23 +11,8 @@ import time
 
 import procs
 import pytest
-from daemon_harness import DaemonProcess
 
 START_METHODS = ["fork", "forkserver", "spawn"]
-
-
-@pytest.fixture
-def daemon_factory(tmp_path):
-    started: list[DaemonProcess] = []
-
-    def start(spec: str, **kw) -> DaemonProcess:
-        d = DaemonProcess(tmp_path, spec, **kw)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.close()
 
 
 def _units(out) -> int:

@@ -15,18 +15,12 @@ from daemon_harness import DaemonProcess
 from poolkeeper.state import StateStore
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    started: list[DaemonProcess] = []
-
-    def start(spec: str) -> DaemonProcess:
-        d = DaemonProcess(tmp_path, spec)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.close()
+def _down_since(tmp_path, job: str, seconds: float) -> None:
+    """The state of a daemon that last fired `job` `seconds` ago and then stopped."""
+    store = StateStore(tmp_path / "state.db")
+    store.open()
+    store.set_last_fire(job, time.time() - seconds)
+    store.close()
 
 
 def _stop(d: DaemonProcess) -> list[dict]:
@@ -35,13 +29,10 @@ def _stop(d: DaemonProcess) -> list[dict]:
     return d.runs()
 
 
-def test_cron_job_catches_up_once_after_downtime_in_its_time_zone(daemon, tmp_path):
+def test_cron_job_catches_up_once_after_downtime_in_its_time_zone(daemon_factory, tmp_path):
     # The daemon was down for the last three fires of an every-minute cron job.
-    store = StateStore(tmp_path / "state.db")
-    store.open()
-    store.set_last_fire("minutely", time.time() - 200)
-    store.close()
-    d = daemon("""
+    _down_since(tmp_path, "minutely", 200)
+    d = daemon_factory("""
         pool: {workers: 2, start_method: fork}
         jobs:
           minutely:
@@ -60,13 +51,10 @@ def test_cron_job_catches_up_once_after_downtime_in_its_time_zone(daemon, tmp_pa
     assert run["outcome"] == "succeeded"
 
 
-def test_cron_job_without_catchup_does_not_run_for_missed_fires(daemon, tmp_path):
-    store = StateStore(tmp_path / "state.db")
-    store.open()
-    store.set_last_fire("minutely", time.time() - 200)
-    store.close()
+def test_cron_job_without_catchup_does_not_run_for_missed_fires(daemon_factory, tmp_path):
+    _down_since(tmp_path, "minutely", 200)
     started = time.time()
-    d = daemon("""
+    d = daemon_factory("""
         pool: {workers: 2, start_method: fork}
         jobs:
           minutely:
@@ -83,9 +71,9 @@ def test_cron_job_without_catchup_does_not_run_for_missed_fires(daemon, tmp_path
     assert all(r["scheduled"] >= started for r in runs if r["job"] == "minutely"), runs
 
 
-def test_at_an_iso_datetime_fires_once_at_that_time(daemon):
+def test_at_an_iso_datetime_fires_once_at_that_time(daemon_factory):
     when = datetime.fromtimestamp(int(time.time()) + 2).isoformat()
-    d = daemon(f"""
+    d = daemon_factory(f"""
         pool: {{workers: 2, start_method: fork}}
         jobs:
           once:
@@ -102,9 +90,9 @@ def test_at_an_iso_datetime_fires_once_at_that_time(daemon):
     ("overlap", "max_concurrent", "expect_overlap"),
     [("skip", 1, False), ("queue", 1, False), ("allow", 2, True)],
 )
-def test_overlap_policy(daemon, overlap, max_concurrent, expect_overlap):
+def test_overlap_policy(daemon_factory, overlap, max_concurrent, expect_overlap):
     limit = f"max_concurrent: {max_concurrent}" if overlap == "allow" else ""
-    d = daemon(f"""
+    d = daemon_factory(f"""
         pool: {{workers: 3, start_method: fork}}
         jobs:
           slow:
