@@ -16,13 +16,19 @@ TESTS_DIR = Path(__file__).parent
 
 class DaemonProcess:
     def __init__(
-        self, tmp_path: Path, spec: str, *, env: dict | None = None, keep: str = "30d"
+        self,
+        tmp_path: Path,
+        spec: str,
+        *,
+        env: dict | None = None,
+        keep: str = "30d",
+        db: Path | None = None,
     ) -> None:
         self.dir = tmp_path
         self.out = tmp_path / "out"
-        self.out.mkdir(exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.config = tmp_path / "poolkeeper.yaml"
-        self.db = tmp_path / "state.db"
+        self.db = db or tmp_path / "state.db"
         body = textwrap.dedent(spec).replace("$OUT", str(self.out))
         header = (
             f"version: 1\npythonpath: [{TESTS_DIR}]\nstate:\n  path: {self.db}\n  keep: {keep}\n"

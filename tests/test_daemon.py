@@ -11,6 +11,7 @@ import time
 
 import procs
 import pytest
+from daemon_harness import DaemonProcess
 
 START_METHODS = ["fork", "forkserver", "spawn"]
 
@@ -237,3 +238,51 @@ def test_history_older_than_keep_is_pruned_at_start(daemon_factory, tmp_path):
     assert d.wait_exit() == 0
     assert "old" not in {r["run_id"] for r in d.runs()}
     assert "recent" in {r["run_id"] for r in d.runs()}
+
+
+def test_a_second_daemon_on_the_same_state_db_exits_75(daemon_factory, tmp_path):
+    spec = """
+        pool: {workers: 2, start_method: fork}
+        jobs:
+          tick:
+            target: daemon_jobs:ok
+            every: 1h
+        """
+    first = daemon_factory(spec)
+    first.wait_log("INFO    ready")
+    second = DaemonProcess(tmp_path / "second", spec.replace("1h", "2h"), db=first.db)
+    try:
+        assert second.wait_exit() == 75
+        assert "another poolkeeper holds the state database" in second.log()
+    finally:
+        second.close()
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0
+
+
+def test_a_run_in_flight_when_the_daemon_was_killed_is_recorded_lost(daemon_factory):
+    spec = """
+        pool: {workers: 2, start_method: fork}
+        jobs:
+          stubborn:
+            target: daemon_jobs:stubborn
+            at: startup
+            kwargs: {out_dir: $OUT}
+        """
+    d = daemon_factory(spec)
+    d.wait_for((d.out / "stubborn.pids").exists, what="stubborn job to start")
+    d.wait_for(lambda: d.runs(), what="the run's start in the state DB")  # flushed <= 0.5 s
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    assert [r["outcome"] for r in d.runs()] == ["running"]
+    (d.out / "stubborn.pids").unlink()
+    again = daemon_factory(spec)
+    again.wait_log("1 runs of a previous daemon had no outcome: recorded as lost")
+    again.wait_for((d.out / "stubborn.pids").exists, what="the new run to start")
+    again.signal(signal.SIGINT)
+    again.wait_log("draining 1 runs")  # (two signals sent at once would merge into one)
+    again.signal(signal.SIGINT)  # fast stop: the new stubborn run is killed
+    assert again.wait_exit() == 0
+    outcomes = [(r["outcome"], r["error"]) for r in again.runs()]
+    assert outcomes[0] == ("lost", "daemon exited while the run was in flight")
+    assert outcomes[1][0] == "killed"
