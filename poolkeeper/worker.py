@@ -409,5 +409,7 @@ def worker_main(conn: Any, main_pidfd: PassFd, stop_event: Any, cfg: WorkerConfi
 
 
 def preload_for_forkserver(preload: Sequence[str]) -> list[str]:
-    """What the forkserver imports once, before forking any worker."""
-    return ["poolkeeper.worker", *preload]
+    """What the forkserver imports once, before forking any worker: the worker itself, the
+    logging every worker sets up (python-systemd's journal where installed: the forkserver
+    skips a module that fails to import), then the spec's preload."""
+    return ["poolkeeper.worker", "poolkeeper.logs", "systemd.journal", *preload]
