@@ -390,7 +390,7 @@ class Daemon:
         if self.phase == "draining" or job is None:
             self.log.info("run not started: %s", ev.reason, extra=_run_fields(ev.task, None))
             if job is not None:
-                job.running.pop(ev.task.run_id, None)
+                job.dropped(ev.task)
             return
         job.handed_back(ev.task, time.monotonic())
 

@@ -44,7 +44,7 @@ class JobRuntime:
     retry: Retry | None = None
     replica_failures: dict[int, FailureTracker] = field(default_factory=dict)
     backing_off_until: float | None = None  # monotonic, for STATUS and `status`
-    fired_once: bool = False
+    replica_of: dict[str, int | None] = field(default_factory=dict)  # run id -> loop replica
 
     @property
     def name(self) -> str:
@@ -135,11 +135,16 @@ class JobRuntime:
     def dispatched(self, run: PendingRun, task: Task) -> None:
         self.pending.remove(run)
         self.running[task.run_id] = task
-        self._replica_of[task.run_id] = run.replica
+        self.replica_of[task.run_id] = run.replica
+
+    def dropped(self, task: Task) -> None:
+        """A submitted run that will never start (handed back during a drain)."""
+        self.running.pop(task.run_id, None)
+        self.replica_of.pop(task.run_id, None)
 
     def handed_back(self, task: Task, now_mono: float) -> None:
         """A submitted run that its worker never started: it waits again, first in line."""
-        replica = self._replica_of.pop(task.run_id, None)
+        replica = self.replica_of.pop(task.run_id, None)
         self.running.pop(task.run_id, None)
         self.pending.appendleft(
             PendingRun(self.name, task.attempt, task.scheduled_at, now_mono, replica)
@@ -151,7 +156,7 @@ class JobRuntime:
         """Book a finished run; returns what happens next, for the log."""
         task = ev.task
         self.running.pop(task.run_id, None)
-        replica = self._replica_of.pop(task.run_id, None)
+        replica = self.replica_of.pop(task.run_id, None)
         if draining or ev.outcome == "killed":
             return ""
         if self.is_loop:
@@ -187,9 +192,6 @@ class JobRuntime:
         if self.backing_off_until is None or self.backing_off_until <= now_mono:
             return None
         return self.backing_off_until - now_mono
-
-    def __post_init__(self) -> None:
-        self._replica_of: dict[str, int | None] = {}
 
 
 def _backoff(policy) -> Backoff:
