@@ -299,3 +299,20 @@ def test_job_names_may_use_unicode_letters(tmp_path):
         encoding="utf-8",
     )
     assert list(load_config(spec).jobs) == ["wärme-café"]
+
+
+def test_the_readme_annotated_spec_is_valid(tmp_path):
+    """The spec a user copies from the README must pass validation (its targets are examples:
+    not imported)."""
+    import re
+    from pathlib import Path
+
+    from poolkeeper.spec import load_config
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    [text] = re.findall(r"## A job spec, annotated\n\n```yaml\n(.*?)```", readme, re.S)
+    (tmp_path / "conf.d").mkdir()  # its `include:`
+    spec = tmp_path / "poolkeeper.yaml"
+    spec.write_text(text)
+    config = load_config(spec, import_targets=False)
+    assert list(config.jobs) == ["ingest", "rollup", "nightly", "warm"]
