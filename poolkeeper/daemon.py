@@ -278,7 +278,7 @@ class Daemon:
         now = time.monotonic()
         if self.phase == "starting":
             self._check_start(now)
-            if not self._before_ready_jobs() and len(self.workers_up) >= self.pool.target_size:
+            if not self.before_ready_waiting() and len(self.workers_up) >= self.pool.target_size:
                 self._become_ready()
         elif self.phase == "draining":
             if not self.pool.in_flight():
@@ -414,7 +414,7 @@ class Daemon:
 
     # -- phases -------------------------------------------------------------------------
 
-    def _before_ready_jobs(self) -> list[JobRuntime]:
+    def before_ready_waiting(self) -> list[JobRuntime]:
         """before_ready jobs that have not succeeded yet."""
         waiting = []
         for job in self.jobs.values():

@@ -15,7 +15,7 @@ def status_line(daemon, now: float) -> str:
         budget = max(0.0, (daemon.drain_deadline or now) - now)
         return f"draining: {left} runs in flight, {budget:.0f}s left; {tail}"
     if daemon.phase == "starting":
-        waiting = ", ".join(job.name for job in daemon._before_ready_jobs())
+        waiting = ", ".join(job.name for job in daemon.before_ready_waiting())
         return f"starting: waiting for {waiting}" if waiting else "starting"
     jobs = len(daemon.jobs)
     head = f"{jobs} job{'' if jobs == 1 else 's'}, {pool.busy_count()}/{pool.size()} workers busy"
