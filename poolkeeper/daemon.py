@@ -475,12 +475,12 @@ class Daemon:
     def _log_drain_summary(self) -> None:
         took = time.monotonic() - self.drain_started
         done = {k: v for k, v in self.drain_outcomes.items() if k != "killed"}
-        summary = ", ".join(f"{n} {k}" for k, v in sorted(done.items()) for n in [v]) or "none"
+        summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(done.items()))
         self.log.info(
             "drain finished in %.2fs: %d runs were in flight; drained: %s; killed: %d",
             took,
             self.drained_in_flight,
-            summary,
+            summary or "none",
             self.drain_outcomes.get("killed", 0),
             extra=event("drain_finished"),
         )
