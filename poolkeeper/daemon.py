@@ -204,10 +204,7 @@ class Daemon:
         deadlines = [now_mono + MAX_WAIT, self.pool.next_deadline()]
         for job in self.jobs.values():
             deadlines.append(job.next_due(now_mono))
-            fires_now = self.phase == "running" or (
-                self.phase == "starting" and job.spec.before_ready
-            )
-            if fires_now and job.next_fire is not None:
+            if self._may_run(job) and job.next_fire is not None:
                 deadlines.append(now_mono + (job.next_fire - now_wall))
         if self.drain_deadline is not None:
             deadlines.append(self.drain_deadline)
@@ -238,24 +235,25 @@ class Daemon:
             elif isinstance(ev, WorkerEvent):
                 self._on_worker_event(ev)
 
+    def _may_run(self, job: JobRuntime) -> bool:
+        """Whether `job` fires and dispatches in this phase: every job while running, only
+        `before_ready` ones while starting, none while draining."""
+        return self.phase == "running" or (self.phase == "starting" and job.spec.before_ready)
+
     def _fire_schedules(self) -> None:
-        if self.phase not in ("starting", "running"):
-            return
         now_wall, now_mono = time.time(), time.monotonic()
         for job in self.jobs.values():
-            if self.phase == "starting" and not job.spec.before_ready:
+            if not self._may_run(job):
                 continue
             fired = job.fire_due(now_wall, now_mono)
             if fired:
                 self.state.set_last_fire(job.name, fired[-1])
 
     def _dispatch(self) -> None:
-        if self.phase in ("draining", "stopped"):
-            return
         now_mono = time.monotonic()
         ready: list[tuple[int, float, JobRuntime, PendingRun]] = []
         for job in self.jobs.values():
-            if self.phase == "starting" and not job.spec.before_ready:
+            if not self._may_run(job):
                 continue
             for run in job.ready(now_mono, draining=False):
                 # Loop replicas first: their workers were promised by validation.
