@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from poolkeeper.backoff import Backoff, FailureTracker, Retry, should_restart
 from poolkeeper.pool import RunEnded, Task
 from poolkeeper.schedule import JobSchedule, make_schedule
+from poolkeeper.settings import Job
 
 
 def new_run_id() -> str:
@@ -35,7 +36,7 @@ class PendingRun:
 
 @dataclass
 class JobRuntime:
-    spec: object  # poolkeeper.spec.Job
+    spec: Job
     rng: random.Random
     schedule: JobSchedule | None = None
     pending: deque[PendingRun] = field(default_factory=deque)

@@ -39,6 +39,7 @@ MESSAGE_IDS: dict[str, str] = {
     "daemon_ready": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0c",
 }
 
+
 def job_prefix(record: logging.LogRecord) -> str:
     """`rollup[3f2a9c01] ` for a job's record (its name and run id lead the line), else ''."""
     job = getattr(record, "JOB", None)

@@ -1,4 +1,5 @@
-"""The job spec: the pydantic model of the YAML file, the resolved `Config`, and `load_config`.
+"""The job spec: the pydantic model of the YAML file and `load_config`, which returns a
+`settings.Config`.
 
 Three layers, three places:
 - yamlload.py turns bytes into values plus the position of every key and value;
@@ -43,6 +44,7 @@ from poolkeeper.durations import (
     parse_duration,
     parse_size,
 )
+from poolkeeper.settings import Config
 from poolkeeper.yamlload import (
     Document,
     Issue,
@@ -568,17 +570,6 @@ class ConfigFile(_Model):
     jobs: dict[str, JobSpec] = Field(default_factory=dict, description="The jobs, by name.")
 
 
-class Config(_Model):
-    """A loaded, validated and resolved config: what the daemon runs."""
-
-    path: str  # absolute
-    pythonpath: list[str]  # absolute
-    pool: Pool
-    shutdown: Shutdown
-    state: State  # path: 'auto' or absolute
-    jobs: dict[str, Job]  # in file order, included fragments after the main file
-
-
 class ConfigError(Exception):
     """The config is invalid (exit_code 78) or cannot be read (66); `issues` says why."""
 
@@ -703,13 +694,15 @@ class _Loading:
         if self.issues:
             raise ConfigError(self.sorted_issues())
         assert top is not None and pythonpath is not None
-        return Config(
-            path=os.path.abspath(self.path),
-            pythonpath=pythonpath,
-            pool=top.pool,
-            shutdown=top.shutdown,
-            state=top.state.model_copy(update={"path": self.state_path(top.state.path)}),
-            jobs=jobs,
+        return Config.from_dict(
+            {
+                "path": os.path.abspath(self.path),
+                "pythonpath": pythonpath,
+                "pool": top.pool.model_dump(),
+                "shutdown": top.shutdown.model_dump(),
+                "state": {**top.state.model_dump(), "path": self.state_path(top.state.path)},
+                "jobs": {name: job.model_dump() for name, job in jobs.items()},
+            }
         )
 
     def read_main(self) -> Document:

@@ -40,7 +40,10 @@ class DaemonProcess:
         full_env.pop("NOTIFY_SOCKET", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "poolkeeper", "run", str(self.config), "--log-target", "stderr"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
         )
 
     @property
@@ -60,7 +63,9 @@ class DaemonProcess:
                 value = predicate()
                 if value:
                     return value
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) before {what}:\n{self.log()}")
+                raise AssertionError(
+                    f"daemon exited ({self.proc.returncode}) before {what}:\n{self.log()}"
+                )
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
 

@@ -15,7 +15,10 @@ from poolkeeper.state import StateStore
 def pk(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "poolkeeper", *args],
-        capture_output=True, text=True, timeout=60, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
     )
 
 
@@ -38,9 +41,10 @@ def test_usage_errors_exit_64_without_traceback(argv):
 @pytest.fixture
 def spec_with_history(tmp_path):
     spec = tmp_path / "jobs.yaml"
-    spec.write_text(textwrap.dedent(f"""\
+    spec.write_text(
+        textwrap.dedent(f"""\
         version: 1
-        state: {{path: {tmp_path / 'state.db'}}}
+        state: {{path: {tmp_path / "state.db"}}}
         jobs:
           nightly:
             target: os:getcwd
@@ -49,17 +53,34 @@ def spec_with_history(tmp_path):
           rollup:
             target: os:getcwd
             every: 5m
-        """))
+        """)
+    )
     store = StateStore(tmp_path / "state.db")
     store.open()
     store.run_ended(
-        run_id="r1", job="rollup", attempt=1, scheduled_at=1000.0, started_at=1000.0,
-        ended_at=1000.25, outcome="succeeded", exit_code=None, signal=None, worker_pid=10,
+        run_id="r1",
+        job="rollup",
+        attempt=1,
+        scheduled_at=1000.0,
+        started_at=1000.0,
+        ended_at=1000.25,
+        outcome="succeeded",
+        exit_code=None,
+        signal=None,
+        worker_pid=10,
         error=None,
     )
     store.run_ended(
-        run_id="r2", job="rollup", attempt=2, scheduled_at=2000.0, started_at=2000.0,
-        ended_at=2003.0, outcome="lost", exit_code=None, signal=9, worker_pid=11,
+        run_id="r2",
+        job="rollup",
+        attempt=2,
+        scheduled_at=2000.0,
+        started_at=2000.0,
+        ended_at=2003.0,
+        outcome="lost",
+        exit_code=None,
+        signal=9,
+        worker_pid=11,
         error="worker died: SIGKILL",
     )
     store.close()

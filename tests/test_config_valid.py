@@ -3,6 +3,7 @@ schema stay in step with the model; durations and sizes parse as documented."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -34,7 +35,10 @@ def write(directory: Path, text: str, name: str = "spec.yaml") -> Path:
 
 
 def test_minimal_spec_gets_every_default(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "version: 1\njobs:\n  a: {target: 'm:f', every: 5m}\n"), import_targets=False)
+    config = load_config(
+        write(tmp_path, "version: 1\njobs:\n  a: {target: 'm:f', every: 5m}\n"),
+        import_targets=False,
+    )
     assert isinstance(config, Config)
     assert config.path == str(tmp_path / "spec.yaml")
     assert config.pythonpath == []
@@ -46,10 +50,31 @@ def test_minimal_spec_gets_every_default(tmp_path: Path) -> None:
     job = config.jobs["a"]
     assert (job.name, job.target, job.kind, job.every) == ("a", "m:f", "every", 300.0)
     assert (job.loop, job.cron, job.at, job.timezone) == (None, None, None, None)
-    assert (job.before_ready, job.jitter, job.timeout, job.heartbeat_timeout) == (False, 0.0, None, None)
-    assert (job.retry.attempts, job.retry.initial, job.retry.factor, job.retry.max, job.retry.jitter) == (1, 10.0, 2.0, 600.0, "full")
-    assert (job.restart, job.overlap, job.max_concurrent, job.catchup) == ("always", "skip", 1, "none")
-    assert (job.backoff.initial, job.backoff.max, job.backoff.factor, job.backoff.jitter) == (1.0, 300.0, 2.0, "full")
+    assert (job.before_ready, job.jitter, job.timeout, job.heartbeat_timeout) == (
+        False,
+        0.0,
+        None,
+        None,
+    )
+    assert (
+        job.retry.attempts,
+        job.retry.initial,
+        job.retry.factor,
+        job.retry.max,
+        job.retry.jitter,
+    ) == (1, 10.0, 2.0, 600.0, "full")
+    assert (job.restart, job.overlap, job.max_concurrent, job.catchup) == (
+        "always",
+        "skip",
+        1,
+        "none",
+    )
+    assert (job.backoff.initial, job.backoff.max, job.backoff.factor, job.backoff.jitter) == (
+        1.0,
+        300.0,
+        2.0,
+        "full",
+    )
     assert (job.args, job.kwargs, job.env) == ([], {}, {})
 
 
@@ -95,7 +120,7 @@ jobs:
 """
     config = load_config(write(tmp_path, spec))
     assert config.pythonpath == [str(tmp_path / "code")]
-    assert config.pool.model_dump() == {
+    assert dataclasses.asdict(config.pool) == {
         "workers": 4, "start_method": "spawn", "preload": ["jobs"],
         "max_runs_per_worker": 50, "max_memory_per_worker": 3 * 512 * 1024**2,
     }  # fmt: skip
@@ -103,12 +128,39 @@ jobs:
     assert (config.state.path, config.state.keep) == (str(tmp_path / "state" / "pk.db"), 43200.0)
     assert list(config.jobs) == ["ingest", "rollup", "nightly", "warm", "later"]
     ingest, rollup, nightly, warm, later = config.jobs.values()
-    assert (ingest.kind, ingest.loop.replicas, ingest.restart, ingest.heartbeat_timeout) == ("loop", 2, "on-failure", 60.0)
-    assert (ingest.backoff.initial, ingest.backoff.max, ingest.backoff.factor, ingest.backoff.jitter) == (0.5, 300.0, 3.0, "equal")
-    assert (rollup.every, rollup.jitter, rollup.timeout, rollup.overlap, rollup.max_concurrent, rollup.args) == (300.0, 10.0, 120.0, "allow", 2, [7])
+    assert (ingest.kind, ingest.loop.replicas, ingest.restart, ingest.heartbeat_timeout) == (
+        "loop",
+        2,
+        "on-failure",
+        60.0,
+    )
+    assert (
+        ingest.backoff.initial,
+        ingest.backoff.max,
+        ingest.backoff.factor,
+        ingest.backoff.jitter,
+    ) == (0.5, 300.0, 3.0, "equal")
+    assert (
+        rollup.every,
+        rollup.jitter,
+        rollup.timeout,
+        rollup.overlap,
+        rollup.max_concurrent,
+        rollup.args,
+    ) == (300.0, 10.0, 120.0, "allow", 2, [7])
     assert (rollup.retry.attempts, rollup.retry.max, rollup.retry.jitter) == (3, 600.0, "none")
-    assert (nightly.kind, nightly.cron, nightly.timezone, nightly.catchup) == ("cron", "30 2 * * MON-FRI", "Europe/Berlin", "once")
-    assert (warm.kind, warm.at, warm.before_ready, warm.kwargs) == ("at", "startup", True, {"n": 100, "region": "us"})
+    assert (nightly.kind, nightly.cron, nightly.timezone, nightly.catchup) == (
+        "cron",
+        "30 2 * * MON-FRI",
+        "Europe/Berlin",
+        "once",
+    )
+    assert (warm.kind, warm.at, warm.before_ready, warm.kwargs) == (
+        "at",
+        "startup",
+        True,
+        {"n": 100, "region": "us"},
+    )
     assert warm.env == {"CACHE_URL": "redis://localhost", "ANSWER": "yes"}
     assert later.at == datetime.fromisoformat("2030-06-01T03:00:00+02:00")
 
@@ -129,11 +181,27 @@ jobs:
   looper: {target: 'm:f', loop: {}}
 """
     jobs = load_config(write(tmp_path, spec), import_targets=False).jobs
-    assert (jobs["plain"].every, jobs["plain"].timeout, jobs["plain"].retry.attempts) == (3600.0, 300.0, 2)
+    assert (jobs["plain"].every, jobs["plain"].timeout, jobs["plain"].retry.attempts) == (
+        3600.0,
+        300.0,
+        2,
+    )
     assert jobs["plain"].timezone is None  # timezone only applies to cron jobs: not merged
-    assert (jobs["own"].every, jobs["own"].timeout, jobs["own"].env) == (300.0, 10.0, {"B": "2"})  # key-level
-    assert (jobs["cronjob"].kind, jobs["cronjob"].every, jobs["cronjob"].timezone) == ("cron", None, "UTC")
-    assert (jobs["looper"].kind, jobs["looper"].timeout, jobs["looper"].retry.attempts) == ("loop", None, 1)
+    assert (jobs["own"].every, jobs["own"].timeout, jobs["own"].env) == (
+        300.0,
+        10.0,
+        {"B": "2"},
+    )  # key-level
+    assert (jobs["cronjob"].kind, jobs["cronjob"].every, jobs["cronjob"].timezone) == (
+        "cron",
+        None,
+        "UTC",
+    )
+    assert (jobs["looper"].kind, jobs["looper"].timeout, jobs["looper"].retry.attempts) == (
+        "loop",
+        None,
+        1,
+    )
 
 
 def test_include_adds_fragment_jobs_in_sorted_order(tmp_path: Path) -> None:
@@ -142,15 +210,23 @@ def test_include_adds_fragment_jobs_in_sorted_order(tmp_path: Path) -> None:
     write(tmp_path / "conf.d", "# all commented out\n", "30-empty.yaml")
     write(tmp_path / "conf.d", "jobs:\n  x: {}\n", "notes.txt")
     write(tmp_path / "conf.d", "jobs:\n  y: {}\n", ".hidden.yaml")
-    spec = write(tmp_path, "version: 1\ninclude: conf.d\ndefaults: {timeout: 1m}\njobs:\n  main: {target: 'm:f', every: 5m}\n")
+    spec = write(
+        tmp_path,
+        "version: 1\ninclude: conf.d\ndefaults: {timeout: 1m}\njobs:\n  main: {target: 'm:f', every: 5m}\n",
+    )
     config = load_config(spec, import_targets=False)
     assert list(config.jobs) == ["main", "a", "b"]
     assert config.jobs["b"].timeout == 60.0  # defaults apply to included jobs too
 
 
-def test_relative_paths_resolve_against_the_file_not_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_resolve_against_the_file_not_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write(tmp_path / "etc" / "lib", JOBS_PY, "jobs.py")
-    write(tmp_path / "etc", "version: 1\npythonpath: [lib, /opt/x/../y]\nstate: {path: ../var/db}\njobs:\n  a: {target: 'jobs:tick', every: 1m}\n")
+    write(
+        tmp_path / "etc",
+        "version: 1\npythonpath: [lib, /opt/x/../y]\nstate: {path: ../var/db}\njobs:\n  a: {target: 'jobs:tick', every: 1m}\n",
+    )
     monkeypatch.chdir(tmp_path)
     config = load_config("etc/spec.yaml", import_targets=False)
     assert config.path == str(tmp_path / "etc" / "spec.yaml")
@@ -159,7 +235,9 @@ def test_relative_paths_resolve_against_the_file_not_the_cwd(tmp_path: Path, mon
 
 
 def test_workers_auto_and_sections_left_empty(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "version: 1\npool:\n  workers: auto\nshutdown:\nstate:\ndefaults:\njobs:\n"))
+    config = load_config(
+        write(tmp_path, "version: 1\npool:\n  workers: auto\nshutdown:\nstate:\ndefaults:\njobs:\n")
+    )
     assert config.pool.workers == cpu_count()
     assert config.jobs == {}
 
@@ -177,7 +255,10 @@ def test_args_keep_yaml_data_as_written(tmp_path: Path) -> None:
 
 
 def test_import_targets_false_skips_imports(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "version: 1\njobs:\n  a: {target: 'no.such:mod', every: 5m}\n"), import_targets=False)
+    config = load_config(
+        write(tmp_path, "version: 1\njobs:\n  a: {target: 'no.such:mod', every: 5m}\n"),
+        import_targets=False,
+    )
     assert list(config.jobs) == ["a"]
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path / "spec.yaml")
@@ -203,7 +284,12 @@ def test_config_error_carries_issues_and_exit_codes(tmp_path: Path) -> None:
 def test_jobs_compare_equal_when_unchanged(tmp_path: Path) -> None:
     spec = "version: 1\njobs:\n  a: {target: 'm:f', every: 5m, args: [1]}\n  b: {target: 'm:f', every: 5m}\n"
     one = load_config(write(tmp_path, spec), import_targets=False)
-    two = load_config(write(tmp_path, spec.replace("b: {target: 'm:f', every: 5m}", "b: {target: 'm:f', every: 6m}")), import_targets=False)
+    two = load_config(
+        write(
+            tmp_path, spec.replace("b: {target: 'm:f', every: 5m}", "b: {target: 'm:f', every: 6m}")
+        ),
+        import_targets=False,
+    )
     assert one.jobs["a"] == two.jobs["a"]
     assert one.jobs["b"] != two.jobs["b"]
 
@@ -214,20 +300,32 @@ def test_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert check_file("config/example.yaml", out, err) == 0
     assert (out.getvalue(), err.getvalue()) == ("config/example.yaml: ok, 4 jobs\n", "")
     result = subprocess.run(
-        [sys.executable, "-m", "poolkeeper", "check", "config/example.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "poolkeeper", "check", "config/example.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert (result.returncode, result.stdout, result.stderr) == (0, "config/example.yaml: ok, 4 jobs\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        "config/example.yaml: ok, 4 jobs\n",
+        "",
+    )
 
 
 def test_example_uses_every_kind_of_job() -> None:
     config = load_config(EXAMPLE)
     assert {job.kind for job in config.jobs.values()} == {"loop", "every", "cron", "at"}
-    assert EXAMPLE.read_text().startswith("# yaml-language-server: $schema=./poolkeeper.schema.json\n")
+    assert EXAMPLE.read_text().startswith(
+        "# yaml-language-server: $schema=./poolkeeper.schema.json\n"
+    )
 
 
 def test_shipped_schema_is_current() -> None:
     shipped = json.loads((ROOT / "config" / "poolkeeper.schema.json").read_text())
-    assert shipped == json_schema(), "stale: run `make schema` (poolkeeper schema > config/poolkeeper.schema.json)"
+    assert shipped == json_schema(), (
+        "stale: run `make schema` (poolkeeper schema > config/poolkeeper.schema.json)"
+    )
 
 
 def test_schema_describes_the_file_as_written() -> None:
@@ -239,12 +337,25 @@ def test_schema_describes_the_file_as_written() -> None:
     assert job["properties"]["restart"]["enum"] == ["always", "on-failure", "never"]
     assert all(prop.get("description") for prop in job["properties"].values())
     assert all(prop.get("description") for prop in schema["properties"].values())
-    assert schema["properties"]["version"] == {"const": 1, "description": "Format version: 1.", "title": "Version"}
+    assert schema["properties"]["version"] == {
+        "const": 1,
+        "description": "Format version: 1.",
+        "title": "Version",
+    }
 
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("30s", 30), ("5m", 300), ("1.5h", 5400), ("1h30m", 5400), ("2m30s", 150), ("1d", 86400), (".5s", 0.5)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("5m", 300),
+        ("1.5h", 5400),
+        ("1h30m", 5400),
+        ("2m30s", 150),
+        ("1d", 86400),
+        (".5s", 0.5),
+    ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -256,7 +367,10 @@ def test_parse_duration_refuses(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(0.5, "500ms"), (90, "1m30s"), (5400, "1h30m"), (86400, "1d"), (1.25, "1.25s"), (0, "0s")])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.5, "500ms"), (90, "1m30s"), (5400, "1h30m"), (86400, "1d"), (1.25, "1.25s"), (0, "0s")],
+)
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
@@ -269,7 +383,16 @@ def test_format_then_parse_duration_round_trips(millis: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("0", 0), (0, 0), ("512MiB", 512 * 1024**2), ("1GiB", 1024**3), ("100MB", 10**8), ("2G", 2 * 1024**3), ("10kB", 10000), ("64B", 64)],
+    [
+        ("0", 0),
+        (0, 0),
+        ("512MiB", 512 * 1024**2),
+        ("1GiB", 1024**3),
+        ("100MB", 10**8),
+        ("2G", 2 * 1024**3),
+        ("10kB", 10000),
+        ("64B", 64),
+    ],
 )
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size

@@ -137,7 +137,9 @@ def test_config_error_exits_78_with_file_line_col(tmp_path):
     bad.write_text("version: 1\njobs:\n  x:\n    target: os:getcwd\n    every: soon\n")
     proc = subprocess.run(
         [sys.executable, "-m", "poolkeeper", "run", str(bad)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 78
     assert f"{bad}:5:" in proc.stderr
@@ -209,7 +211,7 @@ def test_a_failing_before_ready_job_aborts_the_start_with_exit_69(daemon_factory
     assert "before_ready job 'warm' did not succeed (failed: RuntimeError: boom)" in log
     assert "INFO    ready" not in log  # never reported ready
     assert not (d.out / "stubborn.pids").exists()  # nothing else started before READY
-    assert "Traceback (most recent call last):\n  File \"" in log  # the job's, logged once
+    assert 'Traceback (most recent call last):\n  File "' in log  # the job's, logged once
     assert log.count("Traceback") == 1
 
 
@@ -221,18 +223,29 @@ def test_history_older_than_keep_is_pruned_at_start(daemon_factory, tmp_path):
     now = time.time()
     for run_id, ended in (("old", now - 3 * 86400), ("recent", now - 3600)):
         store.run_ended(
-            run_id=run_id, job="tick", attempt=1, scheduled_at=ended - 1, started_at=ended - 1,
-            ended_at=ended, outcome="succeeded", exit_code=None, signal=None, worker_pid=1,
+            run_id=run_id,
+            job="tick",
+            attempt=1,
+            scheduled_at=ended - 1,
+            started_at=ended - 1,
+            ended_at=ended,
+            outcome="succeeded",
+            exit_code=None,
+            signal=None,
+            worker_pid=1,
             error=None,
         )
     store.close()
-    d = daemon_factory("""
+    d = daemon_factory(
+        """
         pool: {workers: 2, start_method: fork}
         jobs:
           tick:
             target: daemon_jobs:ok
             every: 1h
-        """, keep="1d")
+        """,
+        keep="1d",
+    )
     d.wait_log("pruned 1 runs")
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0

@@ -18,20 +18,24 @@ def test_journal_target_without_python_systemd_prefixes_priorities(tmp_path):
     hide.mkdir(parents=True)
     (hide / "__init__.py").write_text("raise ImportError('python-systemd is not installed')\n")
     spec = tmp_path / "jobs.yaml"
-    spec.write_text(textwrap.dedent(f"""\
+    spec.write_text(
+        textwrap.dedent(f"""\
         version: 1
         pythonpath: [{TESTS_DIR}]
-        state: {{path: {tmp_path / 'state.db'}}}
+        state: {{path: {tmp_path / "state.db"}}}
         pool: {{workers: 2, start_method: fork}}
         jobs:
           flaky:
             target: daemon_jobs:fail
             at: startup
-        """))
+        """)
+    )
     env = {**os.environ, "PYTHONPATH": str(hide.parent), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "poolkeeper", "run", str(spec), "--log-target", "journal"],
-        stderr=subprocess.PIPE, text=True, env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     lines = []
     for line in proc.stderr:
