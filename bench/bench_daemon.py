@@ -84,7 +84,8 @@ def _spec(tmp: Path, job: str) -> Path:
 def _start_daemon(cfg: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "poolkeeper", "run", str(cfg), "--log-target", "stderr"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 

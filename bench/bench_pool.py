@@ -44,7 +44,9 @@ def raw_pool(method: str, n: int) -> float:
 def our_pool(method: str, n: int, prefetch: int) -> float:
     """Runs per second through poolkeeper.pool.Pool, driven like the daemon's main loop."""
     pool = Pool(
-        workers=WORKERS, start_method=method, pythonpath=[os.path.dirname(__file__)],
+        workers=WORKERS,
+        start_method=method,
+        pythonpath=[os.path.dirname(__file__)],
         prefetch=prefetch,
     )
     pool.start()

@@ -14,7 +14,9 @@ def main() -> int:
     failed = 0
     for name in BENCHES:
         print(f"\n## {name}\n", flush=True)
-        failed += subprocess.run([sys.executable, str(HERE / name)], cwd=HERE.parent).returncode != 0
+        failed += (
+            subprocess.run([sys.executable, str(HERE / name)], cwd=HERE.parent).returncode != 0
+        )
     return 1 if failed else 0
 
 

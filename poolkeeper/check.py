@@ -161,6 +161,8 @@ class Importer:
 
     def __init__(self, pythonpath: list[str]):
         self.pythonpath = pythonpath
+        self.search_path: list[str] = []  # sys.path while importing
+        self.module_files: list[str] = []  # the file of every module loaded by then
 
     def __enter__(self) -> Importer:
         self._saved_path = list(sys.path)
@@ -170,6 +172,14 @@ class Importer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.search_path = [os.path.abspath(p) for p in sys.path if isinstance(p, str)]
+        self.module_files = sorted(
+            {
+                f
+                for m in list(sys.modules.values())
+                if isinstance(f := getattr(m, "__file__", None), str)
+            }
+        )
         sys.path[:] = self._saved_path
         installed = _installed_dirs()
         for name in set(sys.modules) - self._saved_modules:

@@ -56,20 +56,38 @@ def _print_config_errors(exc) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from poolkeeper import configcache
+    from poolkeeper.prestart import prestart, start_forkserver
+
+    path = args.config or default_config_path()
+    cache = None if args.no_config_cache else configcache.cache_dir()
+    cached, why = configcache.lookup(path, cache) if cache else (None, "")
+    if cached is not None:
+        # First of all: the forkserver's interpreter start then overlaps all that follows.
+        pool = cached["pool"]
+        start_forkserver(pool["start_method"], pool["preload"], cached["pythonpath"])
     from poolkeeper import logs
     from poolkeeper.notify import Notifier
-    from poolkeeper.prestart import prestart
-    from poolkeeper.spec import ConfigError, load_config
 
     target = logs.setup(args.log_target, args.log_level.upper())
+    log = logs.get_logger()
     notifier = Notifier()
-    path = args.config or default_config_path()
+    if cached is not None:
+        log.info("config %s: %s; not validated again", path, why)
+        from poolkeeper.settings import Config
+
+        return _run_daemon(Config.from_dict(cached), target, notifier)
+    if cache is not None:
+        log.info("config %s: validating (%s)", path, why)
     prestarted = prestart(path)
+    inputs = configcache.Inputs()
+    from poolkeeper.spec import ConfigError, load_config
+
     try:
-        config = load_config(path)
+        config = load_config(path, inputs=inputs)
     except ConfigError as exc:
         if prestarted:
-            from poolkeeper.pool import stop_prestarted
+            from poolkeeper.mphelpers import stop_prestarted
 
             stop_prestarted()
         _print_config_errors(exc)
@@ -79,6 +97,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         errno_value = errno.ENOENT if exc.exit_code == exitcodes.NOINPUT else errno.EINVAL
         notifier.fatal(f"config error: {first}{more}", errno=errno_value)
         return exc.exit_code
+    if cache is not None:
+        problem = configcache.store(config, inputs, cache)
+        if problem:
+            log.info("config %s: validated; not cached: %s", path, problem)
+    return _run_daemon(config, target, notifier)
+
+
+def _run_daemon(config, target: str, notifier) -> int:
     from poolkeeper.daemon import Daemon
 
     code = Daemon(config, log_target=target, notifier=notifier).run()
@@ -189,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
+    )
+    p.add_argument(
+        "--no-config-cache",
+        action="store_true",
+        help="validate the config in full even if its inputs are unchanged since the last "
+        "start (see docs/config.md, 'Start-up and the validation cache')",
     )
     p.set_defaults(func=_cmd_run)
 

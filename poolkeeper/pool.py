@@ -60,16 +60,15 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import forkserver, resource_tracker
 from typing import Any
 
+from poolkeeper import mphelpers
 from poolkeeper.worker import (
     PICKLE_PROTOCOL,
     PassFd,
     WorkerConfig,
     format_tb,
     one_line,
-    preload_for_forkserver,
     take_messages,
     worker_main,
 )
@@ -208,12 +207,6 @@ class _Worker:
         self.broken = False  # a send failed: it is dying, give it nothing more
 
 
-# Process-wide: the forkserver and resource tracker are singletons of multiprocessing. A pool
-# that started one stops it on close when no other open pool still needs it.
-_open_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
-_helpers_started_by_us = {"forkserver": False, "resource_tracker": False}
-
-
 class Pool:
     """A fixed-size pool of supervised worker processes. Never blocks, never sleeps: the
     caller waits on waitables() until next_deadline(), then calls poll()."""
@@ -243,7 +236,9 @@ class Pool:
         self.worker_setup = worker_setup
         self._clock = clock
         self.prefetch = max(0, prefetch)
-        self._note_helpers()  # before the Event: under spawn/forkserver it starts the tracker
+        mphelpers.note_new_pool(
+            start_method
+        )  # before the Event: under spawn/forkserver it starts the tracker
         self.stop_event = self._ctx.Event()
         self._workers: list[_Worker] = []  # every process not yet reaped, in start order
         self._fdmap: dict[int, tuple[_Worker, int]] = {}
@@ -268,9 +263,9 @@ class Pool:
         self._started = True
         self._epoll = select.epoll()
         self._main_pidfd = os.pidfd_open(os.getpid())
-        if self.start_method == "forkserver" and forkserver._forkserver._forkserver_pid is None:
-            self._ctx.set_forkserver_preload(preload_for_forkserver(self.preload))
-        _open_pools.add(self)
+        if self.start_method == "forkserver" and not mphelpers.forkserver_running():
+            self._ctx.set_forkserver_preload(mphelpers.forkserver_preload(self.preload))
+        mphelpers.open_pools.add(self)
         atexit.register(_close_at_exit, weakref.ref(self))
         now = self._clock()
         for _ in range(self.target_size):
@@ -319,12 +314,12 @@ class Pool:
         if self._main_pidfd is not None:
             os.close(self._main_pidfd)
             self._main_pidfd = None
-        _open_pools.discard(self)
+        mphelpers.open_pools.discard(self)
         # Every worker is joined: nobody needs the stop event's semaphores by name any more.
         # Unlink them now, while the resource tracker still runs; done later (at garbage
         # collection) it would restart a tracker we are about to stop.
         _unlink_semaphores(self.stop_event)
-        _stop_helpers_if_unused()
+        mphelpers.stop_if_unused()
 
     # -- the daemon's interface ---------------------------------------------------------------
 
@@ -912,15 +907,6 @@ class Pool:
         except (AttributeError, NotImplementedError, OSError):
             return self.stop_event.is_set()
 
-    def _note_helpers(self) -> None:
-        if self.start_method == "fork":
-            return  # fork pools need neither
-        if forkserver._forkserver._forkserver_pid is None and self.start_method == "forkserver":
-            if not any(p.start_method == "forkserver" for p in _open_pools):
-                _helpers_started_by_us["forkserver"] = True
-        if resource_tracker._resource_tracker._fd is None and not _open_pools:
-            _helpers_started_by_us["resource_tracker"] = True
-
     def _emergency_stop(self) -> None:
         """At interpreter exit without close(): kill and join everything, without waiting for
         runs (multiprocessing's own atexit join would hang on workers that ignore SIGTERM)."""
@@ -962,41 +948,8 @@ def _unlink_semaphores(event: Any) -> None:
             fin()
 
 
-def _stop_helpers_if_unused() -> None:
-    if _open_pools:
-        return
-    if _helpers_started_by_us["forkserver"]:
-        _helpers_started_by_us["forkserver"] = False
-        forkserver._forkserver._stop()
-    if _helpers_started_by_us["resource_tracker"]:
-        _helpers_started_by_us["resource_tracker"] = False
-        resource_tracker._resource_tracker._stop()
-
-
 def _signame(sig: int) -> str:
     try:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
-
-
-def prestart_forkserver(preload: Sequence[str]) -> None:
-    """Boot the forkserver now (preloading `preload`), ahead of any Pool. The daemon calls it
-    before validating its config: the forkserver's ~100 ms of interpreter start and imports
-    then overlap the validation instead of delaying READY=1. A later Pool.start() finds it
-    running; the last Pool.close() (or stop_prestarted()) stops it."""
-    if forkserver._forkserver._forkserver_pid is not None:
-        return
-    tracker_was_running = resource_tracker._resource_tracker._fd is not None
-    multiprocessing.get_context("forkserver").set_forkserver_preload(
-        preload_for_forkserver(preload)
-    )
-    forkserver.ensure_running()  # starts the resource tracker first
-    _helpers_started_by_us["forkserver"] = True
-    if not tracker_was_running:
-        _helpers_started_by_us["resource_tracker"] = True
-
-
-def stop_prestarted() -> None:
-    """Stop a forkserver that prestart_forkserver() started, when no pool will use it."""
-    _stop_helpers_if_unused()

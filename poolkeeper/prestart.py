@@ -50,12 +50,16 @@ def pool_hints(path: str) -> tuple[str, list[str], list[str]] | None:
 def prestart(path: str) -> bool:
     """Start the forkserver for the config at `path` if it asks for one; True if started."""
     hints = pool_hints(path)
-    if hints is None or hints[0] != "forkserver":
+    return hints is not None and start_forkserver(*hints)
+
+
+def start_forkserver(method: str, preload: list[str], pythonpath: list[str]) -> bool:
+    """Start the forkserver now if the pool will use one; True if started."""
+    if method != "forkserver":
         return False
-    method, preload, pythonpath = hints
     # The forkserver takes the main process's sys.path: preload modules must be findable.
     add_to_sys_path(pythonpath)
-    from poolkeeper.pool import prestart_forkserver
+    from poolkeeper.mphelpers import prestart_forkserver
 
     prestart_forkserver(preload)
     return True

@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from poolkeeper import check, exitcodes
+from poolkeeper.configcache import Inputs, cpu_count, included_files
 from poolkeeper.durations import (
     DURATION_PATTERN,
     SIZE_PATTERN,
@@ -149,14 +150,6 @@ def _workers(value: Any) -> int:
     if isinstance(value, str):
         raise Invalid("expected a number of workers or 'auto'", show_input=True)
     return _int_at_least("a number of workers >= 1 or 'auto'", 1)(value)
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (honours systemd's CPUAffinity= and taskset)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _version(value: Any) -> int:
@@ -587,12 +580,15 @@ _SECTIONS = ("pool", "shutdown", "state", "defaults", "jobs")
 JOB_NAME_PATTERN = r"^[^\W_][\w.@-]{0,63}$"
 
 
-def load_config(path: str | os.PathLike[str], *, import_targets: bool = True) -> Config:
+def load_config(
+    path: str | os.PathLike[str], *, import_targets: bool = True, inputs: Inputs | None = None
+) -> Config:
     """Read, validate and resolve a job spec. Raises ConfigError listing every problem found.
 
     With import_targets, targets and pool.preload modules are imported here (with pythonpath
-    applied, and dropped from sys.modules again) and args/kwargs bound to their signatures."""
-    return _Loading(os.fspath(path), import_targets).run()
+    applied, and dropped from sys.modules again) and args/kwargs bound to their signatures.
+    `inputs`, if given, is filled with what the validation read (for configcache)."""
+    return _Loading(os.fspath(path), import_targets, inputs or Inputs()).run()
 
 
 # --- Loading: files -> raw values -> per-job merge -> model -> checks ----------------------------
@@ -665,8 +661,9 @@ class _RawJob:
 class _Loading:
     """One load_config call: every stage adds issues; at the end we raise or resolve."""
 
-    def __init__(self, path: str, import_targets: bool):
+    def __init__(self, path: str, import_targets: bool, inputs: Inputs):
         self.path = path
+        self.inputs = inputs
         self.base = os.path.dirname(os.path.abspath(path))
         self.import_targets = import_targets
         self.issues: list[Issue] = []
@@ -712,6 +709,7 @@ class _Loading:
             reason = exc.strerror or type(exc).__name__
             issue = Issue(self.path, 0, 0, f"cannot read the file: {reason}")
             raise ConfigError([issue], exitcodes.NOINPUT) from None
+        self.inputs.add_config_file(os.path.abspath(self.path), raw)
         doc = self.parse(raw, self.path)
         if doc is not None and doc.data is None:
             self.issues.append(
@@ -790,9 +788,7 @@ class _Loading:
         where = doc.value_pos(("include",))
         directory = os.path.join(os.path.dirname(self.path), os.path.expanduser(include))
         try:
-            names = sorted(
-                n for n in os.listdir(directory) if n.endswith(".yaml") and not n.startswith(".")
-            )
+            names = included_files(directory)
         except OSError as exc:
             self.issues.append(
                 Issue.at(
@@ -801,6 +797,7 @@ class _Loading:
                 )
             )
             return []
+        self.inputs.include_dir, self.inputs.include_names = os.path.abspath(directory), names
         found = []
         for name in names:
             shown = os.path.normpath(os.path.join(directory, name))
@@ -812,6 +809,7 @@ class _Loading:
                     Issue.at(where, f"include: cannot read '{shown}': {exc.strerror or exc}")
                 )
                 continue
+            self.inputs.add_config_file(os.path.abspath(shown), raw)
             fragment = self.parse(raw, shown)
             if fragment is not None and fragment.data is not None:  # an empty fragment is fine
                 found.append((fragment, self.fragment_jobs(fragment)))
@@ -923,6 +921,8 @@ class _Loading:
                         self.issues.append(Issue.at(at, f"pool.preload[{index}]: {problem}"))
             for call in self.calls:
                 self.issues += check.target_issues(call, importer)
+        self.inputs.module_files = importer.module_files
+        self.inputs.search_path = importer.search_path
 
     def sorted_issues(self) -> list[Issue]:
         # One message per position: a loader problem there (a key YAML 1.1 turned into a

@@ -66,6 +66,9 @@ Group=poolkeeper
 StateDirectory={state}
 RuntimeDirectory={runtime}
 ConfigurationDirectory=poolkeeper
+# The last successful validation of each config, by path (docs/config.md): a start whose
+# inputs are unchanged skips validating again. Safe to delete at any time.
+CacheDirectory=poolkeeper
 UMask=0027
 
 # Hardening (systemd-analyze security: 1.1 OK). Jobs may use the network; for jobs that do

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import reduction
 from typing import Any
@@ -406,10 +406,3 @@ def worker_main(conn: Any, main_pidfd: PassFd, stop_event: Any, cfg: WorkerConfi
     worker = _Worker(conn, stop_event, cfg)
     worker.send(("R", worker.pid))
     worker.serve()
-
-
-def preload_for_forkserver(preload: Sequence[str]) -> list[str]:
-    """What the forkserver imports once, before forking any worker: the worker itself, the
-    logging every worker sets up (python-systemd's journal where installed: the forkserver
-    skips a module that fails to import), then the spec's preload."""
-    return ["poolkeeper.worker", "poolkeeper.logs", "systemd.journal", *preload]

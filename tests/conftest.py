@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,20 @@ def _stop_multiprocessing_helpers() -> None:
                 stop()
             except Exception:
                 pass
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_config_cache(tmp_path_factory):
+    """`poolkeeper run` keeps its last validation of each config in $XDG_CACHE_HOME (see
+    poolkeeper/configcache.py): the daemons the tests start use a directory of their own,
+    never the host's ~/.cache."""
+    saved = {key: os.environ.pop(key, None) for key in ("XDG_CACHE_HOME", "CACHE_DIRECTORY")}
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    for key, value in saved.items():
+        os.environ.pop(key, None)
+        if value is not None:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)

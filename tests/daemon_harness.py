@@ -23,6 +23,8 @@ class DaemonProcess:
         env: dict | None = None,
         keep: str = "30d",
         db: Path | None = None,
+        pythonpath: tuple[Path, ...] = (),
+        run_args: tuple[str, ...] = (),
     ) -> None:
         self.dir = tmp_path
         self.out = tmp_path / "out"
@@ -31,7 +33,8 @@ class DaemonProcess:
         self.db = db or tmp_path / "state.db"
         body = textwrap.dedent(spec).replace("$OUT", str(self.out))
         header = (
-            f"version: 1\npythonpath: [{TESTS_DIR}]\nstate:\n  path: {self.db}\n  keep: {keep}\n"
+            f"version: 1\npythonpath: [{', '.join(map(str, (TESTS_DIR, *pythonpath)))}]\n"
+            f"state:\n  path: {self.db}\n  keep: {keep}\n"
         )
         self.config.write_text(header + body)
         self.log_path = tmp_path / "daemon.log"
@@ -39,7 +42,8 @@ class DaemonProcess:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env.pop("NOTIFY_SOCKET", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "poolkeeper", "run", str(self.config), "--log-target", "stderr"],
+            [sys.executable, "-m", "poolkeeper", "run", str(self.config), "--log-target", "stderr"]
+            + list(run_args),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,

@@ -146,8 +146,11 @@ def test_config_error_exits_78_with_file_line_col(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_sigkill_of_the_daemon_leaves_no_process(daemon_factory):
-    d = daemon_factory("""
+@pytest.mark.parametrize("config", ["validated", "cached"])
+def test_sigkill_of_the_daemon_leaves_no_process(daemon_factory, config):
+    """The forkserver is forked early in both start paths (configcache, mphelpers): it, its
+    workers and their children must all go with a SIGKILLed daemon."""
+    spec = """
         pool: {workers: 3, start_method: forkserver}
         jobs:
           stubborn:
@@ -158,8 +161,18 @@ def test_sigkill_of_the_daemon_leaves_no_process(daemon_factory):
             target: daemon_jobs:loop_units
             loop: {replicas: 1}
             kwargs: {out_dir: $OUT}
-        """)
+        """
+    if config == "cached":
+        first = daemon_factory(spec)
+        first.wait_log("ready")
+        first.signal(signal.SIGINT)
+        first.wait_log("draining")
+        first.signal(signal.SIGINT)  # fast stop: the stubborn run is killed
+        assert first.wait_exit() == 0
+        (first.out / "stubborn.pids").unlink()
+    d = daemon_factory(spec)
     d.wait_for((d.out / "stubborn.pids").exists, what="stubborn job to start")
+    assert ("not validated again" in d.log()) == (config == "cached")
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(10)
     assert procs.leftovers(grace=2.0) == {}

@@ -1,0 +1,258 @@
+"""Remember the last successful validation of a config, so that a start with the same inputs
+skips pydantic.
+
+Validating a job spec means importing pydantic and building its model (~150 ms on a 2-core
+machine), which is most of what `systemctl start` waits for before READY=1. The result only
+depends on inputs that are cheap to compare, so `run` keeps it, as JSON, in
+`$CACHE_DIRECTORY` (the units set `CacheDirectory=`), else `$XDG_CACHE_HOME/poolkeeper`, else
+`~/.cache/poolkeeper`. A start uses it only when every input is unchanged:
+
+- the bytes of the config file and of every included file, and the names in `include:`;
+- every module file loaded when the targets and `pool.preload` were imported (the job code,
+  what it imports, poolkeeper and pydantic themselves), by modification time, size and inode:
+  the test CPython applies to its own `.pyc` files, plus the inode;
+- the module names each directory on the import path offers (a new module there could
+  shadow an old one; other files coming and going, like a state DB's journal, do not count);
+- the interpreter, poolkeeper's version, the working directory, the user, the number of
+  usable CPUs (`workers: auto`) and the environment, less the variables systemd sets anew for
+  every start (INVOCATION_ID, JOURNAL_STREAM, ...).
+
+Anything else, an unreadable or malformed cache file included, is a miss: the config is
+validated in full and the entry rewritten. The cache is never needed: a write that fails is
+logged and the start goes on, and `run --no-config-cache` (or deleting the file) always
+validates in full. `poolkeeper check` always validates in full and never writes here.
+
+What a hit cannot see: a module the jobs import only when they run (it was not imported at
+validation either), and inputs outside files and the environment (a data file a module reads
+at import). Such a change surfaces as a failed run with its traceback, not as a config error
+at start; `poolkeeper check` finds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from poolkeeper.settings import Config
+
+from poolkeeper import __version__
+
+FORMAT = 1
+_SUFFIXES = tuple(importlib.machinery.all_suffixes())
+
+# Set by systemd (or a shell) differently for every start; none changes what an import does.
+_PER_INVOCATION = frozenset(
+    {
+        "INVOCATION_ID",
+        "JOURNAL_STREAM",
+        "SYSTEMD_EXEC_PID",
+        "MAINPID",
+        "MANAGERPID",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_PID",
+        "WATCHDOG_USEC",
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "OLDPWD",
+        "_",
+    }
+)
+
+
+@dataclass
+class Inputs:
+    """What a validation read, filled in by spec.load_config(..., inputs=)."""
+
+    config_files: dict[str, str] = field(default_factory=dict)  # path -> sha256 of the bytes
+    include_dir: str | None = None
+    include_names: list[str] = field(default_factory=list)
+    module_files: list[str] = field(default_factory=list)
+    search_path: list[str] = field(default_factory=list)
+
+    def add_config_file(self, path: str, raw: bytes) -> None:
+        self.config_files[path] = _digest(raw)
+
+
+def cache_dir() -> str | None:
+    explicit = os.environ.get("CACHE_DIRECTORY")
+    if explicit:
+        return explicit.split(":")[0]
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return os.path.join(xdg, "poolkeeper")
+    home = os.environ.get("HOME")
+    if home and os.path.isabs(home):
+        return os.path.join(home, ".cache", "poolkeeper")
+    return None
+
+
+def entry_path(config_path: str, directory: str) -> str:
+    name = _digest(os.path.abspath(config_path).encode())[:20]
+    return os.path.join(directory, f"config-{name}.json")
+
+
+def lookup(config_path: str, directory: str) -> tuple[dict[str, Any] | None, str]:
+    """(the cached config, why it holds) on a hit, (None, why not) on a miss. The config is
+    what settings.Config.from_dict() takes: the caller may read the pool's settings from it
+    before paying for the dataclasses."""
+    entry = entry_path(config_path, directory)
+    try:
+        with open(entry, "rb") as f:
+            saved = json.loads(f.read())
+    except FileNotFoundError:
+        return None, "no cached validation"
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable cache entry ({exc})"
+    try:
+        why_not = _changed(saved, config_path)
+        if why_not:
+            return None, why_not
+        config = saved["config"]
+        _check_shape(config)
+        return config, f"inputs unchanged since {entry} was written"
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return None, f"malformed cache entry ({type(exc).__name__}: {exc})"
+
+
+def store(config: Config, inputs: Inputs, directory: str) -> str | None:
+    """Write the entry for a config that just passed a full validation. None if written, else
+    why not (the start goes on either way)."""
+    from poolkeeper.settings import Config
+
+    data = config.to_json()
+    if repr(Config.from_dict(json.loads(json.dumps(data)))) != repr(config):
+        # e.g. kwargs with integer keys or YAML timestamps: JSON would change them
+        return "args or kwargs do not survive JSON unchanged"
+    entry = {
+        "format": FORMAT,
+        "environment": _environment(),
+        "config_files": inputs.config_files,
+        "include": [inputs.include_dir, inputs.include_names],
+        "stats": {path: _stat(path) for path in inputs.module_files},
+        "search_path": {path: _module_names(path) for path in inputs.search_path},
+        "config": data,
+    }
+    import tempfile
+
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(entry, f)
+            os.replace(tmp, entry_path(config.path, directory))
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        return f"cannot write to {directory}: {exc.strerror or exc}"
+    return None
+
+
+def _changed(saved: dict[str, Any], config_path: str) -> str | None:
+    """Why the saved validation no longer holds, or None."""
+    if saved.get("format") != FORMAT:
+        return "cache entry of another format"
+    if saved["config"]["path"] != os.path.abspath(config_path):
+        return "cache entry of another config"
+    if saved["environment"] != _environment():
+        return "the interpreter, poolkeeper, the user or the environment changed"
+    for path, digest in saved["config_files"].items():
+        try:
+            with open(path, "rb") as f:
+                if _digest(f.read()) != digest:
+                    return f"{path} changed"
+        except OSError:
+            return f"{path} cannot be read"
+    include_dir, names = saved["include"]
+    if include_dir is not None and _yaml_names(include_dir) != names:
+        return f"the files in {include_dir} changed"
+    for path, stat in saved["stats"].items():
+        if _stat(path) != stat:
+            return f"{path} changed"
+    for path, names in saved["search_path"].items():
+        if _module_names(path) != names:
+            return f"the modules in {path} changed"
+    return None
+
+
+def _check_shape(config: dict[str, Any]) -> None:
+    """Raise TypeError unless the pool's settings, read before Config.from_dict(), are sane."""
+    pool = config["pool"]
+    if not (
+        isinstance(pool["start_method"], str)
+        and isinstance(pool["preload"], list)
+        and isinstance(config["pythonpath"], list)
+        and all(isinstance(p, str) for p in [*pool["preload"], *config["pythonpath"]])
+    ):
+        raise TypeError("pool settings of the wrong type")
+
+
+def _environment() -> dict[str, Any]:
+    env = sorted((k, v) for k, v in os.environ.items() if k not in _PER_INVOCATION)
+    return {
+        "python": sys.version,
+        "executable": sys.executable,
+        "poolkeeper": __version__,
+        "cwd": os.getcwd(),
+        "uid": os.getuid(),
+        "cpus": cpu_count(),
+        "env": _digest(json.dumps(env).encode()),
+    }
+
+
+def _yaml_names(directory: str) -> list[str] | None:
+    try:
+        return included_files(directory)
+    except OSError:
+        return None
+
+
+def _module_names(directory: str) -> str | None:
+    """A digest of the names of the modules and packages the directory offers to `import`."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return None
+    names = set()
+    for entry in entries:
+        if entry.is_dir():
+            if entry.name.isidentifier() and entry.name != "__pycache__":
+                names.add(entry.name + "/")
+        elif entry.name.endswith(_SUFFIXES):
+            names.add(entry.name)
+    return _digest("\0".join(sorted(names)).encode())
+
+
+def _stat(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (honours systemd's CPUAffinity= and taskset): what
+    `workers: auto` means. Here, not in spec.py, because a cache check must count alike."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def included_files(directory: str) -> list[str]:
+    """The names of the files `include:` adds: the directory's *.yaml, sorted, hidden ones left
+    out. Raises OSError. Here for the same reason as cpu_count()."""
+    return sorted(n for n in os.listdir(directory) if n.endswith(".yaml") and not n.startswith("."))

@@ -1,0 +1,137 @@
+"""multiprocessing's helper processes: the forkserver and the resource tracker.
+
+Both are process-wide singletons of multiprocessing. A pool that starts one stops it when it
+closes and no other open pool still needs it. The daemon may also boot the forkserver before
+any pool exists (see prestart.py), so that its interpreter start overlaps the main process's
+own; this module is kept light (no poolkeeper.pool, no dataclasses) for that reason: it is
+imported before the forkserver can start.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+import weakref
+from collections.abc import Sequence
+from multiprocessing import connection, forkserver, resource_tracker
+from typing import Any, NoReturn
+
+open_pools: weakref.WeakSet[Any] = weakref.WeakSet()  # poolkeeper.pool.Pool objects
+_started_by_us = {"forkserver": False, "resource_tracker": False}
+
+
+def forkserver_preload(preload: Sequence[str]) -> list[str]:
+    """What the forkserver imports once, before forking any worker: the worker itself, the
+    logging every worker sets up (python-systemd's journal where installed: the forkserver
+    skips a module that fails to import), then the spec's preload."""
+    return ["poolkeeper.worker", "poolkeeper.logs", "systemd.journal", *preload]
+
+
+def forkserver_running() -> bool:
+    return forkserver._forkserver._forkserver_pid is not None
+
+
+def note_new_pool(start_method: str) -> None:
+    """Before a pool creates anything: remember which helpers it is about to start."""
+    if start_method == "fork":
+        return  # fork pools need neither
+    if not forkserver_running() and start_method == "forkserver":
+        if not any(p.start_method == "forkserver" for p in open_pools):
+            _started_by_us["forkserver"] = True
+    if resource_tracker._resource_tracker._fd is None and not open_pools:
+        _started_by_us["resource_tracker"] = True
+
+
+def stop_if_unused() -> None:
+    if open_pools:
+        return
+    if _started_by_us["forkserver"]:
+        _started_by_us["forkserver"] = False
+        forkserver._forkserver._stop()
+    if _started_by_us["resource_tracker"]:
+        _started_by_us["resource_tracker"] = False
+        resource_tracker._resource_tracker._stop()
+
+
+def prestart_forkserver(preload: Sequence[str]) -> None:
+    """Boot the forkserver now (preloading `preload`), ahead of any Pool. A later Pool.start()
+    finds it running; the last Pool.close() (or stop_prestarted()) stops it."""
+    if forkserver_running():
+        return
+    tracker_was_running = resource_tracker._resource_tracker._fd is not None
+    modules = forkserver_preload(preload)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
+    if threading.active_count() == 1:
+        _fork_forkserver(modules)
+    else:  # a fork would copy locks other threads hold: start a new interpreter
+        forkserver.ensure_running()  # starts the resource tracker first
+    _started_by_us["forkserver"] = True
+    if not tracker_was_running:
+        _started_by_us["resource_tracker"] = True
+
+
+def _fork_forkserver(preload: list[str]) -> None:
+    """multiprocessing's ForkServer.ensure_running(), except that the forkserver is a fork of
+    this process instead of a new interpreter running `forkserver.main`.
+
+    This process is still young and single-threaded here (the daemon calls this first thing),
+    so the fork is as clean a parent for workers as a new interpreter, and it is ready sooner:
+    it skips the interpreter start and inherits the imports done so far (multiprocessing,
+    logging, ...), which is most of a forkserver's ~100 ms of boot on a small machine. The
+    child then runs the very same `forkserver.main` a spawned forkserver runs."""
+    server = forkserver._forkserver
+    with server._lock:
+        resource_tracker.ensure_running()
+        with socket.socket(socket.AF_UNIX) as listener:
+            address = connection.arbitrary_address("AF_UNIX")
+            listener.bind(address)
+            os.chmod(address, 0o600)
+            listener.listen()
+            # Every client holds the write end of the "alive" pipe; the forkserver exits when
+            # the read end reaches EOF, i.e. when this process (and its workers) are gone.
+            alive_r, alive_w = os.pipe()
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    _run_forked_forkserver(alive_w, listener.fileno(), alive_r, preload)
+            except BaseException:
+                os.close(alive_w)
+                raise
+            finally:
+                os.close(alive_r)
+        server._forkserver_address = address
+        server._forkserver_alive_fd = alive_w
+        server._forkserver_pid = pid
+
+
+def _run_forked_forkserver(
+    alive_w: int, listener_fd: int, alive_r: int, preload: list[str]
+) -> NoReturn:
+    code = 0
+    try:
+        # Other descriptors stay open, as under the fork start method: libraries cache theirs
+        # (libsystemd its journal socket) and would write to whatever reused a closed number.
+        # Only our end of the "alive" pipe must go, or the forkserver would never see EOF.
+        os.close(alive_w)
+        # As in a new interpreter: default handlers for the signals this process may catch.
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            if signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN):
+                signal.signal(sig, signal.SIG_DFL)
+        forkserver.main(listener_fd, alive_r, preload, sys_path=list(sys.path))
+    except SystemExit:  # how forkserver.main ends: its clients are gone
+        pass
+    except BaseException:  # noqa: B036 - leave no Python frame of the parent running here
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def stop_prestarted() -> None:
+    """Stop a forkserver that prestart_forkserver() started, when no pool will use it."""
+    stop_if_unused()
