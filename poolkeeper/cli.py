@@ -57,26 +57,24 @@ def _print_config_errors(exc) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from poolkeeper import configcache
-    from poolkeeper.prestart import prestart, start_forkserver
 
     path = args.config or default_config_path()
     cache = None if args.no_config_cache else configcache.cache_dir()
     cached, why = configcache.lookup(path, cache) if cache else (None, "")
     if cached is not None:
-        # First of all: the forkserver's interpreter start then overlaps all that follows.
-        pool = cached["pool"]
-        start_forkserver(pool["start_method"], pool["preload"], cached["pythonpath"])
-    from poolkeeper import logs
+        return _run_cached(args, path, cached, why)
+    return _run_validated(args, path, cache, why)
+
+
+def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: str) -> int:
+    """Validate the config in full (and cache the result), then run it."""
+    from poolkeeper import configcache, logs
     from poolkeeper.notify import Notifier
+    from poolkeeper.prestart import prestart
 
     target = logs.setup(args.log_target, args.log_level.upper())
     log = logs.get_logger()
     notifier = Notifier()
-    if cached is not None:
-        log.info("config %s: %s; not validated again", path, why)
-        from poolkeeper.settings import Config
-
-        return _run_daemon(Config.from_dict(cached), target, notifier)
     if cache is not None:
         log.info("config %s: validating (%s)", path, why)
     prestarted = prestart(path)
@@ -104,10 +102,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _run_daemon(config, target, notifier)
 
 
-def _run_daemon(config, target: str, notifier) -> int:
+def _run_cached(args: argparse.Namespace, path: str, cached: dict, why: str) -> int:
+    """Start from a cached validation: READY=1 waits for the workers, so they are asked for
+    first, and the main process's remaining imports overlap their start."""
+    from poolkeeper.prestart import start_forkserver
+
+    # The forkserver is forked from this process: the fewer imports before, the sooner.
+    pool_settings = cached["pool"]
+    start_forkserver(pool_settings["start_method"], pool_settings["preload"], cached["pythonpath"])
+    from poolkeeper import logs
+    from poolkeeper.pool import pool_for
+    from poolkeeper.settings import Config
+
+    config = Config.from_dict(cached)
+    level = args.log_level.upper()
+    pool = pool_for(config, logs.resolve_target(args.log_target), level)
+    pool.start()
+    target = logs.setup(args.log_target, level)
+    logs.get_logger().info("config %s: %s; not validated again", path, why)
+    from poolkeeper.notify import Notifier
+
+    return _run_daemon(config, target, Notifier(), pool)
+
+
+def _run_daemon(config, target: str, notifier, pool=None) -> int:
     from poolkeeper.daemon import Daemon
 
-    code = Daemon(config, log_target=target, notifier=notifier).run()
+    code = Daemon(config, log_target=target, notifier=notifier, pool=pool).run()
     _exit_without_teardown(code)
     return code  # not reached
 

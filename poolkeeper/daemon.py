@@ -27,9 +27,17 @@ from pathlib import Path
 
 from poolkeeper import exitcodes
 from poolkeeper.jobs import JobRuntime, PendingRun
-from poolkeeper.logs import WorkerLogSetup, event, get_logger
+from poolkeeper.logs import event, get_logger
 from poolkeeper.notify import Notifier
-from poolkeeper.pool import NotStarted, Pool, PoolFull, RunEnded, RunStarted, WorkerEvent
+from poolkeeper.pool import (
+    NotStarted,
+    Pool,
+    PoolFull,
+    RunEnded,
+    RunStarted,
+    WorkerEvent,
+    pool_for,
+)
 from poolkeeper.prestart import add_to_sys_path
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state import StateLocked, StateStore
@@ -70,7 +78,11 @@ class Daemon:
         log_target: str = "stderr",
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
+        pool: Pool | None = None,
     ) -> None:
+        """`pool`: the config's pool, possibly started already (cli.py starts it early when
+        the config comes from the cache; the state lock is then taken after it, and a second
+        daemon on the same state DB stops its fresh workers and exits 75)."""
         self.config = config
         self.log = get_logger()
         self.log_target = log_target
@@ -82,7 +94,7 @@ class Daemon:
         self.rng = rng or random.Random()
         self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         self.state: StateStore | None = None
-        self.pool: Pool | None = None
+        self.pool: Pool | None = pool
         self.jobs: dict[str, JobRuntime] = {}
         self.phase = "starting"  # starting -> running -> draining -> stopped
         self.outcomes: Counter[str] = Counter()
@@ -137,19 +149,8 @@ class Daemon:
         # its preload of the job modules would fail (silently) and every worker would
         # import them itself.
         add_to_sys_path(cfg.pythonpath)
-        self.pool = Pool(
-            workers=cfg.pool.workers,
-            start_method=cfg.pool.start_method,
-            preload=cfg.pool.preload,
-            pythonpath=cfg.pythonpath,
-            max_runs_per_worker=cfg.pool.max_runs_per_worker,
-            max_memory_per_worker=cfg.pool.max_memory_per_worker,
-            worker_setup=WorkerLogSetup(self.log_target, logging.getLogger().level),
-            # Fair dispatch (as Celery's -O fair): a run goes only to an idle worker, never
-            # queued behind a long run while another worker is about to be free. Trivial
-            # runs still match a raw multiprocessing.Pool (bench/RESULTS.md).
-            prefetch=0,
-        )
+        if self.pool is None:
+            self.pool = pool_for(cfg, self.log_target, logging.getLogger().level)
         self.pool.start()
         now_wall, now_mono = time.time(), time.monotonic()
         for name, spec in cfg.jobs.items():

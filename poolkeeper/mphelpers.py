@@ -28,8 +28,16 @@ _started_by_us = {"forkserver": False, "resource_tracker": False}
 def forkserver_preload(preload: Sequence[str]) -> list[str]:
     """What the forkserver imports once, before forking any worker: the worker itself, the
     logging every worker sets up (python-systemd's journal where installed: the forkserver
-    skips a module that fails to import), then the spec's preload."""
-    return ["poolkeeper.worker", "poolkeeper.logs", "systemd.journal", *preload]
+    skips a module that fails to import), what unpickling a worker's Process object and its
+    stop Event imports, then the spec's preload."""
+    return [
+        "poolkeeper.worker",
+        "poolkeeper.logs",
+        "systemd.journal",
+        "multiprocessing.popen_forkserver",
+        "multiprocessing.synchronize",
+        *preload,
+    ]
 
 
 def forkserver_running() -> bool:

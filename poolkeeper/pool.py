@@ -953,3 +953,22 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
+
+
+def pool_for(config: Any, log_target: str, log_level: int | str) -> Pool:
+    """The pool `poolkeeper run` runs for a settings.Config (not started yet)."""
+    from poolkeeper.logs import WorkerLogSetup
+
+    return Pool(
+        workers=config.pool.workers,
+        start_method=config.pool.start_method,
+        preload=config.pool.preload,
+        pythonpath=config.pythonpath,
+        max_runs_per_worker=config.pool.max_runs_per_worker,
+        max_memory_per_worker=config.pool.max_memory_per_worker,
+        worker_setup=WorkerLogSetup(log_target, log_level),
+        # Fair dispatch (as Celery's -O fair): a run goes only to an idle worker, never
+        # queued behind a long run while another worker is about to be free. Trivial runs
+        # still match a raw multiprocessing.Pool (bench/RESULTS.md).
+        prefetch=0,
+    )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 MAX_BYTES = 1 << 20
 
@@ -43,8 +42,8 @@ def pool_hints(path: str) -> tuple[str, list[str], list[str]] | None:
         return None
     if not all(isinstance(p, str) for p in [*preload, *paths]):
         return None
-    base = Path(path).resolve().parent
-    return method, preload, [str((base / p).resolve()) for p in paths]
+    base = os.path.dirname(os.path.realpath(path))
+    return method, preload, [os.path.realpath(os.path.join(base, p)) for p in paths]
 
 
 def prestart(path: str) -> bool:
