@@ -54,19 +54,27 @@ def timestamps(sb: Sandbox, unit: str) -> dict[str, int]:
     return {k: int(v) for k, v in sb.show(unit, *names).items()}
 
 
-def measure(sb: Sandbox, unit: str, rounds: int) -> tuple[list[float], list[float]]:
-    starts, stops = [], []
-    for _ in range(rounds + 1):  # the first round warms the page cache: not counted
-        sb.systemctl("start", unit)
-        sb.systemctl("stop", unit)
-        ts = timestamps(sb, unit)
-        starts.append(
-            (ts["ActiveEnterTimestampMonotonic"] - ts["ExecMainStartTimestampMonotonic"]) / 1000
-        )
-        stops.append(
-            (ts["InactiveEnterTimestampMonotonic"] - ts["ActiveExitTimestampMonotonic"]) / 1000
-        )
-    return starts[1:], stops[1:]
+def measure(
+    sb: Sandbox, units: list[str], rounds: int
+) -> dict[str, tuple[list[float], list[float]]]:
+    """(starts, stops) per unit in ms. The units take turns within each round, so a change
+    in the shared machine's speed hits them alike."""
+    results: dict[str, tuple[list[float], list[float]]] = {unit: ([], []) for unit in units}
+    for round_number in range(rounds + 1):  # the first round warms the page cache
+        for unit in units:
+            sb.systemctl("start", unit)
+            sb.systemctl("stop", unit)
+            if round_number == 0:
+                continue
+            ts = timestamps(sb, unit)
+            starts, stops = results[unit]
+            starts.append(
+                (ts["ActiveEnterTimestampMonotonic"] - ts["ExecMainStartTimestampMonotonic"]) / 1000
+            )
+            stops.append(
+                (ts["InactiveEnterTimestampMonotonic"] - ts["ActiveExitTimestampMonotonic"]) / 1000
+            )
+    return results
 
 
 def main() -> int:
@@ -95,9 +103,12 @@ def main() -> int:
         for unit in (pk, cold, base):
             e2e.keep_loaded(sb, unit)
         try:
-            pk_start, pk_stop = measure(sb, pk, args.rounds)
-            cold_start, _ = measure(sb, cold, args.rounds)
-            base_start, base_stop = measure(sb, base, args.rounds)
+            results = measure(sb, [pk, cold, base], args.rounds)
+            (pk_start, pk_stop), (cold_start, _), (base_start, base_stop) = (
+                results[pk],
+                results[cold],
+                results[base],
+            )
             hits = sum("not validated again" in m for m in e2e.journal_messages(sb, "-u", pk))
         finally:
             e2e.cleanup(sb, pk, cold, base)
