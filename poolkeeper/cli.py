@@ -103,19 +103,20 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
 
 
 def _run_cached(args: argparse.Namespace, path: str, cached: dict, why: str) -> int:
-    """Start from a cached validation: READY=1 waits for the workers, so they are asked for
-    first, and the main process's remaining imports overlap their start."""
-    from poolkeeper.prestart import start_forkserver
-
-    # The forkserver is forked from this process: the fewer imports before, the sooner.
-    pool_settings = cached["pool"]
-    start_forkserver(pool_settings["start_method"], pool_settings["preload"], cached["pythonpath"])
-    from poolkeeper import logs
+    """Start from a cached validation. READY=1 waits for the workers, so they are asked for
+    as soon as possible: this process imports what the forkserver preloads for poolkeeper,
+    forks it (ready at once, it only has the job modules left to import) and starts the
+    pool; setting up logging and importing the daemon then overlap the workers' start."""
+    from poolkeeper import logs, mphelpers
     from poolkeeper.pool import pool_for
+    from poolkeeper.prestart import start_forkserver
     from poolkeeper.settings import Config
 
     config = Config.from_dict(cached)
     level = args.log_level.upper()
+    if config.pool.start_method == "forkserver":
+        mphelpers.import_own_preload()
+    start_forkserver(config.pool.start_method, config.pool.preload, config.pythonpath)
     pool = pool_for(config, logs.resolve_target(args.log_target), level)
     pool.start()
     target = logs.setup(args.log_target, level)

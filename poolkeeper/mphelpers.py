@@ -9,6 +9,8 @@ imported before the forkserver can start.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import multiprocessing
 import os
 import signal
@@ -38,6 +40,14 @@ def forkserver_preload(preload: Sequence[str]) -> list[str]:
         "multiprocessing.synchronize",
         *preload,
     ]
+
+
+def import_own_preload() -> None:
+    """Import here what forkserver_preload() adds for poolkeeper, so that a forkserver forked
+    afterwards (prestart_forkserver) inherits it instead of importing it itself."""
+    for module in forkserver_preload(()):
+        with contextlib.suppress(ImportError):  # as the forkserver does: python-systemd is optional
+            importlib.import_module(module)
 
 
 def forkserver_running() -> bool:

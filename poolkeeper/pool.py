@@ -60,7 +60,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from poolkeeper import mphelpers
 from poolkeeper.worker import (
@@ -125,8 +125,7 @@ class Task:
     loop: bool = False  # a loop replica: long-lived, never queued behind or ahead of anything
 
 
-@dataclass(frozen=True, slots=True)
-class RunEnded:
+class RunEnded(NamedTuple):
     task: Task
     outcome: str  # 'succeeded' | 'failed' | 'timeout' | 'lost' | 'killed'
     started_at: float | None
@@ -139,21 +138,18 @@ class RunEnded:
     result_repr: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RunStarted:
+class RunStarted(NamedTuple):
     task: Task
     worker_pid: int
     started_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class NotStarted:
+class NotStarted(NamedTuple):
     task: Task
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerEvent:
+class WorkerEvent(NamedTuple):
     kind: str  # 'started' | 'exited' | 'replaced' | 'recycled' | 'init_failed'
     pid: int
     detail: str

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # The longest the daemon should sleep before re-reading the wall clock.
@@ -341,8 +341,7 @@ def upcoming(trigger: Trigger, n: int, after: float) -> list[float]:
 # --- one job's schedule -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Fire:
+class Fire(NamedTuple):
     nominal: float  # scheduled_at, and what to store with StateStore.set_last_fire
     due: float  # nominal + this fire's jitter: when to dispatch
 

@@ -15,8 +15,8 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SCHEMA_VERSION = 1
 
@@ -86,8 +86,7 @@ class StateLocked(RuntimeError):
         super().__init__(f"state DB {path} is in use by {who} (one daemon per state DB)")
 
 
-@dataclass(frozen=True)
-class RunRecord:
+class RunRecord(NamedTuple):
     job: str
     run_id: str
     attempt: int

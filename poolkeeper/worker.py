@@ -23,9 +23,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing import reduction
-from typing import Any
+from typing import Any, NamedTuple
 
 from poolkeeper.context import RunContext
 
@@ -43,8 +42,7 @@ TRACEBACK_MAX = 32 * 1024
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(NamedTuple):
     """Everything a worker needs to set itself up (pickled for spawn/forkserver)."""
 
     main_pid: int

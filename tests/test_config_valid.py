@@ -3,7 +3,6 @@ schema stay in step with the model; durations and sizes parse as documented."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -120,7 +119,7 @@ jobs:
 """
     config = load_config(write(tmp_path, spec))
     assert config.pythonpath == [str(tmp_path / "code")]
-    assert dataclasses.asdict(config.pool) == {
+    assert config.pool._asdict() == {
         "workers": 4, "start_method": "spawn", "preload": ["jobs"],
         "max_runs_per_worker": 50, "max_memory_per_worker": 3 * 512 * 1024**2,
     }  # fmt: skip
