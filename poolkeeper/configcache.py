@@ -35,7 +35,6 @@ import importlib.machinery
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,15 +65,16 @@ _PER_INVOCATION = frozenset(
 )
 
 
-@dataclass
 class Inputs:
-    """What a validation read, filled in by spec.load_config(..., inputs=)."""
+    """What a validation read, filled in by spec.load_config(..., inputs=). (A plain class:
+    this module is imported on the way to READY=1, a dataclass costs ~1 ms to build.)"""
 
-    config_files: dict[str, str] = field(default_factory=dict)  # path -> sha256 of the bytes
-    include_dir: str | None = None
-    include_names: list[str] = field(default_factory=list)
-    module_files: list[str] = field(default_factory=list)
-    search_path: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.config_files: dict[str, str] = {}  # path -> sha256 of the bytes
+        self.include_dir: str | None = None
+        self.include_names: list[str] = []
+        self.module_files: list[str] = []
+        self.search_path: list[str] = []
 
     def add_config_file(self, path: str, raw: bytes) -> None:
         self.config_files[path] = _digest(raw)

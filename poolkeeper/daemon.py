@@ -23,7 +23,6 @@ import signal
 import time
 from collections import Counter
 from multiprocessing.connection import wait as wait_for_ready
-from pathlib import Path
 
 from poolkeeper import exitcodes
 from poolkeeper.jobs import JobRuntime, PendingRun
@@ -167,7 +166,7 @@ class Daemon:
         # READY=1 once the workers report ready (see _advance_phase).
 
     def _open_state(self) -> None:
-        path = StateStore.resolve_path(self.config.state.path, Path(self.config.path).parent)
+        path = StateStore.resolve_path(self.config.state.path, os.path.dirname(self.config.path))
         self.state = StateStore(path, log=self.log)
         try:
             self.state.acquire_lock()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from poolkeeper.backoff import Backoff, FailureTracker, Retry, should_restart
 from poolkeeper.pool import RunEnded, Task
@@ -24,8 +24,7 @@ def new_run_id() -> str:
     return os.urandom(8).hex()
 
 
-@dataclass
-class PendingRun:
+class PendingRun(NamedTuple):
     """A run waiting for a worker: a fire of the schedule, a retry, or a loop replica."""
 
     job: str
@@ -35,18 +34,20 @@ class PendingRun:
     replica: int | None = None
 
 
-@dataclass
 class JobRuntime:
-    spec: Job
-    rng: random.Random
-    schedule: JobSchedule | None = None
-    pending: deque[PendingRun] = field(default_factory=deque)
-    running: dict[str, Task] = field(default_factory=dict)
-    paused: bool = False
-    retry: Retry | None = None
-    replica_failures: dict[int, FailureTracker] = field(default_factory=dict)
-    backing_off_until: float | None = None  # monotonic, for STATUS and `status`
-    replica_of: dict[str, int | None] = field(default_factory=dict)  # run id -> loop replica
+    # A plain class, not a dataclass: the daemon imports this on its way to READY=1, and a
+    # dataclass costs ~1 ms of start-up to build.
+    def __init__(self, spec: Job, rng: random.Random) -> None:
+        self.spec = spec
+        self.rng = rng
+        self.schedule: JobSchedule | None = None
+        self.pending: deque[PendingRun] = deque()
+        self.running: dict[str, Task] = {}
+        self.paused = False
+        self.retry: Retry | None = None
+        self.replica_failures: dict[int, FailureTracker] = {}
+        self.backing_off_until: float | None = None  # monotonic, for STATUS and `status`
+        self.replica_of: dict[str, int | None] = {}  # run id -> loop replica
 
     @property
     def name(self) -> str:

@@ -27,25 +27,28 @@ open_pools: weakref.WeakSet[Any] = weakref.WeakSet()  # poolkeeper.pool.Pool obj
 _started_by_us = {"forkserver": False, "resource_tracker": False}
 
 
+# What every worker needs from poolkeeper: the worker itself, the logging every worker sets
+# up (python-systemd's journal where installed; a module that fails to import is skipped), and
+# what unpickling a worker's Process object and its stop Event imports.
+OWN_PRELOAD = (
+    "poolkeeper.worker",
+    "poolkeeper.logs",
+    "systemd.journal",
+    "multiprocessing.popen_forkserver",
+    "multiprocessing.synchronize",
+)
+
+
 def forkserver_preload(preload: Sequence[str]) -> list[str]:
-    """What the forkserver imports once, before forking any worker: the worker itself, the
-    logging every worker sets up (python-systemd's journal where installed: the forkserver
-    skips a module that fails to import), what unpickling a worker's Process object and its
-    stop Event imports, then the spec's preload."""
-    return [
-        "poolkeeper.worker",
-        "poolkeeper.logs",
-        "systemd.journal",
-        "multiprocessing.popen_forkserver",
-        "multiprocessing.synchronize",
-        *preload,
-    ]
+    """What the forkserver imports once, before forking any worker: OWN_PRELOAD, `inspect`
+    (workers need it to call targets, the main process does not), then the spec's preload."""
+    return [*OWN_PRELOAD, "inspect", *preload]
 
 
 def import_own_preload() -> None:
-    """Import here what forkserver_preload() adds for poolkeeper, so that a forkserver forked
-    afterwards (prestart_forkserver) inherits it instead of importing it itself."""
-    for module in forkserver_preload(()):
+    """Import OWN_PRELOAD here, so that a forkserver forked afterwards (prestart_forkserver)
+    inherits it instead of importing it itself."""
+    for module in OWN_PRELOAD:
         with contextlib.suppress(ImportError):  # as the forkserver does: python-systemd is optional
             importlib.import_module(module)
 

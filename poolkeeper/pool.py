@@ -59,7 +59,6 @@ import signal
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from poolkeeper import mphelpers
@@ -110,18 +109,20 @@ class PoolFull(Exception):
     """submit() found no worker that can take the task now."""
 
 
-@dataclass(frozen=True, slots=True)
-class Task:
+_NONE: dict[str, Any] = {}  # the default kwargs and env of a Task; nothing mutates a task's
+
+
+class Task(NamedTuple):
     run_id: str
     job: str
     target: str  # "pkg.module:func" or "module:obj.attr"
     args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict = _NONE
     attempt: int = 1
     scheduled_at: float = 0.0
     timeout: float | None = None  # hard wall-clock limit from the actual start
     heartbeat_timeout: float | None = None  # no ctx.heartbeat() this long = hung
-    env: dict[str, str] = field(default_factory=dict)  # set for the run, restored after
+    env: dict[str, str] = _NONE  # set for the run, restored after
     loop: bool = False  # a loop replica: long-lived, never queued behind or ahead of anything
 
 

@@ -3,10 +3,10 @@ memory, so they answer whether or not a daemon is running."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from datetime import datetime
-from pathlib import Path
 from typing import TextIO
 
 from poolkeeper.durations import format_duration
@@ -32,7 +32,7 @@ def _took(record: RunRecord) -> str:
 
 
 def open_readonly(config) -> StateStore:
-    path = StateStore.resolve_path(config.state.path, Path(config.path).parent)
+    path = StateStore.resolve_path(config.state.path, os.path.dirname(config.path))
     store = StateStore(path, readonly=True)
     store.open()
     return store

@@ -16,10 +16,8 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # The longest the daemon should sleep before re-reading the wall clock.
@@ -69,12 +67,12 @@ def local_zone() -> tzinfo:
             return ZoneInfo(name)
         except (ZoneInfoNotFoundError, ValueError):
             pass
-    localtime = Path("/etc/localtime")
+    localtime = "/etc/localtime"
     try:
-        target = str(localtime.resolve())
+        target = os.path.realpath(localtime, strict=True)
         if "zoneinfo/" in target:
             return ZoneInfo(target.split("zoneinfo/", 1)[1])
-        with localtime.open("rb") as f:
+        with open(localtime, "rb") as f:
             return ZoneInfo.from_file(f, key="localtime")
     except (OSError, ZoneInfoNotFoundError, ValueError):
         return UTC
@@ -98,18 +96,24 @@ def _wall(ts: float, tz: tzinfo) -> datetime:
 # --- triggers ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class IntervalTrigger:
-    """`every: 5m`, `jitter: 10s`. Elapsed-time semantics: the wall clock's date is irrelevant."""
-
+class _IntervalFields(NamedTuple):
     every: float
     jitter: float = 0.0
 
-    def __post_init__(self) -> None:
+
+class IntervalTrigger(_IntervalFields):
+    """`every: 5m`, `jitter: 10s`. Elapsed-time semantics: the wall clock's date is irrelevant.
+    An immutable record (see backoff.Backoff) that checks its fields when made."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> IntervalTrigger:
+        self = super().__new__(cls, *args, **kwargs)
         if not self.every > 0:
             raise ValueError(f"every must be positive, got {self.every}")
         if self.jitter < 0:
             raise ValueError(f"jitter must not be negative, got {self.jitter}")
+        return self
 
     def next_fire(self, after: float) -> float | None:
         return after + self.every

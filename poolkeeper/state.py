@@ -15,7 +15,6 @@ import os
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 SCHEMA_VERSION = 1
@@ -79,7 +78,7 @@ _SQL_LAST_RUN = """INSERT INTO jobs (job, last_run_id) VALUES (?, ?)
 class StateLocked(RuntimeError):
     """Another daemon holds the state DB's lock."""
 
-    def __init__(self, path: Path, holder: str):
+    def __init__(self, path: str, holder: str):
         self.path = path
         self.holder = holder
         who = f"pid {holder}" if holder else "another process"
@@ -112,13 +111,15 @@ class StateStore:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | os.PathLike[str],
         *,
         log: logging.Logger | None = None,
         batch: int = DEFAULT_BATCH,
         readonly: bool = False,
     ):
-        self.path = Path(path) if str(path) != ":memory:" else None
+        # str, not pathlib.Path: pathlib would be the daemon's only reason to import it
+        # (and urllib.parse with it) on the way to READY=1.
+        self.path = os.fspath(path) if os.fspath(path) != ":memory:" else None
         self.log = log or logging.getLogger("poolkeeper.state")
         self.batch = batch
         self.readonly = readonly
@@ -137,7 +138,7 @@ class StateStore:
     # --- locations ---------------------------------------------------------------------
 
     @staticmethod
-    def resolve_path(spec_path: str, config_dir: Path) -> Path:
+    def resolve_path(spec_path: str, config_dir: str | os.PathLike[str]) -> str:
         """Where `state.path` points.
 
         'auto': `$STATE_DIRECTORY/poolkeeper.db` (the first entry when systemd lists several,
@@ -146,14 +147,13 @@ class StateStore:
         one-daemon lock) must not depend on the directory the daemon was started from.
         """
         if spec_path == ":memory:":
-            return Path(spec_path)
+            return spec_path
         if spec_path == "auto":
             state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
             if state_dir:
-                return Path(state_dir) / "poolkeeper.db"
-            return Path(config_dir) / ".poolkeeper" / "state.db"
-        path = Path(spec_path).expanduser()
-        return path if path.is_absolute() else Path(config_dir) / path
+                return os.path.join(state_dir, "poolkeeper.db")
+            return os.path.join(config_dir, ".poolkeeper", "state.db")
+        return os.path.join(config_dir, os.path.expanduser(spec_path))  # absolute: kept
 
     # --- open / lock / close -------------------------------------------------------------
 
@@ -181,14 +181,14 @@ class StateStore:
     def _connect_file(self) -> sqlite3.Connection:
         assert self.path is not None
         if self.readonly:
-            if not self.path.exists():
+            if not os.path.exists(self.path):
                 raise FileNotFoundError(f"no state DB at {self.path}")
             conn = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=2.0
             )
             _check_version(conn)
             return conn
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         # timeout: a `poolkeeper history` reader never blocks us in WAL, but a checkpoint may.
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=2.0)
         try:
@@ -206,17 +206,15 @@ class StateStore:
 
     def _open_after_corruption(self, exc: BaseException) -> None:
         assert self.path is not None
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-        n = 1
-        while aside.exists():  # corrupted twice within a second: keep both
-            aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
-            n += 1
+        first = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        aside, n = first, 1
+        while os.path.exists(aside):  # corrupted twice within a second: keep both
+            aside, n = f"{first}~{n}", n + 1
         try:
-            self.path.rename(aside)
+            os.rename(self.path, aside)
             for suffix in ("-wal", "-shm"):  # they belong to the corrupt file, not the new one
-                side = self.path.with_name(self.path.name + suffix)
-                if side.exists():
-                    side.rename(aside.with_name(aside.name + suffix))
+                if os.path.exists(self.path + suffix):
+                    os.rename(self.path + suffix, aside + suffix)
             self.log.error(
                 "state DB %s is corrupt (%s): moved it to %s, starting a new one",
                 self.path,
@@ -247,9 +245,9 @@ class StateStore:
         unlocked (logged): that location cannot hold a persistent DB either."""
         if self.path is None or self._lock_fd is not None:
             return
-        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_path = self.path + ".lock"
         try:
-            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             self.log.warning(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import faulthandler
 import importlib
-import inspect
 import logging
 import os
 import pickle
@@ -329,6 +328,8 @@ class _Worker:
             ) from None
         if not callable(obj):
             raise _TargetError(f"target {target!r} is not callable", "")
+        import inspect  # preloaded by the forkserver; kept off the main process's start
+
         try:
             param = inspect.signature(obj).parameters.get("ctx")
             # Same rule as `poolkeeper check`: the call is fn(*args, ctx=ctx, **kwargs).

@@ -386,13 +386,13 @@ def test_readonly_store_reads_a_live_db_and_tolerates_a_missing_one(store, tmp_p
 def test_resolve_path(tmp_path, monkeypatch):
     cfg = tmp_path / "etc"
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-    assert StateStore.resolve_path("auto", cfg) == cfg / ".poolkeeper" / "state.db"
+    assert StateStore.resolve_path("auto", cfg) == str(cfg / ".poolkeeper" / "state.db")
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/poolkeeper:/var/lib/other")
-    assert StateStore.resolve_path("auto", cfg) == Path("/var/lib/poolkeeper/poolkeeper.db")
-    assert StateStore.resolve_path("data/s.db", cfg) == cfg / "data" / "s.db"
-    assert StateStore.resolve_path("/abs/s.db", cfg) == Path("/abs/s.db")
+    assert StateStore.resolve_path("auto", cfg) == "/var/lib/poolkeeper/poolkeeper.db"
+    assert StateStore.resolve_path("data/s.db", cfg) == str(cfg / "data" / "s.db")
+    assert StateStore.resolve_path("/abs/s.db", cfg) == "/abs/s.db"
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert StateStore.resolve_path("~/s.db", cfg) == tmp_path / "s.db"
+    assert StateStore.resolve_path("~/s.db", cfg) == str(tmp_path / "s.db")
 
 
 def test_memory_path(tmp_path):
