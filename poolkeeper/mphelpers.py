@@ -40,9 +40,10 @@ OWN_PRELOAD = (
 
 
 def forkserver_preload(preload: Sequence[str]) -> list[str]:
-    """What the forkserver imports once, before forking any worker: OWN_PRELOAD, `inspect`
-    (workers need it to call targets, the main process does not), then the spec's preload."""
-    return [*OWN_PRELOAD, "inspect", *preload]
+    """What the forkserver imports once, before forking any worker: OWN_PRELOAD, then the
+    spec's preload. (Not `inspect`, which a worker imports for its first run: in the
+    forkserver it would delay every worker's start, and READY=1, by its import.)"""
+    return [*OWN_PRELOAD, *preload]
 
 
 def import_own_preload() -> None:

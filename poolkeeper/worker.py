@@ -328,7 +328,7 @@ class _Worker:
             ) from None
         if not callable(obj):
             raise _TargetError(f"target {target!r} is not callable", "")
-        import inspect  # preloaded by the forkserver; kept off the main process's start
+        import inspect  # here: kept off the start of the main process and of every worker
 
         try:
             param = inspect.signature(obj).parameters.get("ctx")

@@ -228,3 +228,30 @@ def test_a_restart_skips_validation_until_the_job_code_changes(daemon_factory, t
     assert (
         f"{d.config}:10:13: target 'cached_jobs:tick': 'cached_jobs' has no attribute 'tick'" in log
     )
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_a_cached_start_runs_and_drains_under_every_start_method(daemon_factory, start_method):
+    """The cached path starts the pool before logging and the daemon exist (cli._run_cached):
+    the workers must come up, run and drain under each start method as on the full path."""
+    spec = f"""
+        pool: {{workers: 3, start_method: {start_method}}}
+        jobs:
+          consumer:
+            target: daemon_jobs:loop_units
+            loop: {{replicas: 1}}
+            kwargs: {{out_dir: $OUT}}
+        """
+
+    def units(out: Path) -> int:
+        return sum(len(p.read_text().splitlines()) for p in out.glob("*.units"))
+
+    for expect_cached in (False, True):
+        d = daemon_factory(spec)
+        d.wait_log("ready")
+        assert ("not validated again" in d.log()) == expect_cached
+        before = units(d.out)
+        d.wait_for(lambda d=d, n=before: units(d.out) > n, what="a unit of work of this start")
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit() == 0
+        assert "drain finished" in d.log()
