@@ -105,6 +105,10 @@ def lookup(config_path: str, directory: str) -> tuple[dict[str, Any] | None, str
     entry = entry_path(config_path, directory)
     try:
         with open(entry, "rb") as f:
+            st = os.fstat(f.fileno())
+            # It names the code the daemon runs: trust only what this user alone could write.
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return None, f"{entry} is not this user's alone"
             saved = json.loads(f.read())
     except FileNotFoundError:
         return None, "no cached validation"

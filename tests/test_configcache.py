@@ -138,6 +138,18 @@ def test_a_damaged_entry_is_a_miss_and_is_rewritten(project, tmp_path):
     assert lookup(project, cache)[0] is not None
 
 
+def test_an_entry_others_could_have_written_is_not_trusted(project, tmp_path):
+    cache = tmp_path / "cache"
+    validate_and_store(project, cache)
+    entry = Path(configcache.entry_path(str(project / "poolkeeper.yaml"), str(cache)))
+    assert entry.stat().st_mode & 0o777 == 0o600
+    entry.chmod(0o622)
+    cached, why = lookup(project, cache)
+    assert cached is None and why.endswith("is not this user's alone")
+    entry.chmod(0o600)
+    assert lookup(project, cache)[0] is not None
+
+
 def test_arguments_json_would_change_are_not_cached(project, tmp_path):
     _edit(project / "poolkeeper.yaml", SPEC.replace('{nested: {deep: "ok"}}', "{1: one}"))
     inputs = configcache.Inputs()
