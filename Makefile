@@ -33,9 +33,11 @@ $(BIN)/python:
 # Reinstalled only when pyproject.toml changes (editable: code changes need no reinstall).
 # editable_mode=compat puts the checkout on sys.path with a plain .pth line: setuptools' default
 # editable finder costs ~25 ms in every interpreter start (the daemon and each helper process),
-# which an installed poolkeeper does not pay and bench/ should not measure.
+# which an installed poolkeeper does not pay and bench/ should not measure. setuptools calls
+# compat "transitional": should a release drop it, the default mode still installs.
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/pip install -q -e '.[systemd,test]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e '.[systemd,test]' --config-settings editable_mode=compat \
+	  || $(BIN)/pip install -q -e '.[systemd,test]'
 	$(BIN)/python -c "import poolkeeper, systemd.journal, yaml, pydantic, croniter, sdnotify"
 	touch $@
 
