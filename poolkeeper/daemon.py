@@ -40,7 +40,7 @@ from poolkeeper.pool import (
 from poolkeeper.prestart import add_to_sys_path
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state import StateLocked, StateStore
-from poolkeeper.status import status_line
+from poolkeeper.status import count, status_line
 
 MAX_WAIT = 1.0  # the loop turns at least this often: status, watchdog, wall-clock jumps
 EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
@@ -157,9 +157,9 @@ class Daemon:
             runtime.start(now_wall, now_mono, self.state.last_fire(name))
             self.jobs[name] = runtime
         self.log.info(
-            "started: %d jobs, %d workers (%s), state %s",
-            len(self.jobs),
-            cfg.pool.workers,
+            "started: %s, %s (%s), state %s",
+            count(len(self.jobs), "job"),
+            count(cfg.pool.workers, "worker"),
             cfg.pool.start_method,
             self.state.path,
         )

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def count(n: int, noun: str) -> str:
+    """`1 job`, `2 jobs`, `1,204 runs`."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def status_line(daemon, now: float) -> str:
     """e.g. `6 jobs, 4/4 workers busy, 1 backing off (rollup, 8s); 1,204 runs ok, 3 failed`."""
     pool = daemon.pool
@@ -18,7 +23,7 @@ def status_line(daemon, now: float) -> str:
         waiting = ", ".join(job.name for job in daemon.before_ready_waiting())
         return f"starting: waiting for {waiting}" if waiting else "starting"
     jobs = len(daemon.jobs)
-    head = f"{jobs} job{'' if jobs == 1 else 's'}, {pool.busy_count()}/{pool.size()} workers busy"
+    head = f"{count(jobs, 'job')}, {pool.busy_count()}/{pool.size()} workers busy"
     backing = [
         (job.name, left)
         for job in daemon.jobs.values()
