@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from multiprocessing import forkserver
 
 import pytest
@@ -51,5 +52,9 @@ def test_with_another_thread_the_forkserver_is_a_new_interpreter(prestarted, mak
         stop.set()
         thread.join()
     pid = forkserver._forkserver._forkserver_pid
+    # Its command line is the parent's (or empty) until the exec is done: wait for it.
+    deadline = time.monotonic() + 10
+    while b"multiprocessing.forkserver" not in _cmdline(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert b"from multiprocessing.forkserver import main" in _cmdline(pid)
     _runs_a_job(make_pool)
