@@ -276,12 +276,16 @@ def test_a_second_daemon_on_the_same_state_db_exits_75(daemon_factory, tmp_path)
         """
     first = daemon_factory(spec)
     first.wait_log("INFO    ready")
-    second = DaemonProcess(tmp_path / "second", spec.replace("1h", "2h"), db=first.db)
-    try:
-        assert second.wait_exit() == 75
-        assert "another poolkeeper holds the state database" in second.log()
-    finally:
-        second.close()
+    # Twice: the second time its config is cached, and its pool starts before the state lock
+    # is taken (cli._run_cached); the workers it started must go with it.
+    for cached in (False, True):
+        second = DaemonProcess(tmp_path / "second", spec.replace("1h", "2h"), db=first.db)
+        try:
+            assert second.wait_exit() == 75
+            assert "another poolkeeper holds the state database" in second.log()
+            assert ("not validated again" in second.log()) == cached
+        finally:
+            second.close()
     first.signal(signal.SIGTERM)
     assert first.wait_exit() == 0
 
