@@ -18,7 +18,6 @@ import os
 import random
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, NamedTuple, Protocol
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # The longest the daemon should sleep before re-reading the wall clock.
 MAX_SLEEP = 60.0
@@ -61,6 +60,10 @@ def local_zone() -> tzinfo:
 
     `$TZ` first (as libc does), then /etc/localtime; UTC when neither names a zone.
     """
+    # zoneinfo here, not at the top: only cron jobs and `at:` times need a zone, and a daemon
+    # without them should not import it (and sysconfig) on its way to READY=1.
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     name = os.environ.get("TZ", "").lstrip(":")
     if name:
         try:
@@ -82,6 +85,8 @@ def zone(name: str | None) -> tzinfo:
     """A zone by IANA name (ValueError if unknown); None = the system's local zone."""
     if name is None:
         return local_zone()
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
