@@ -108,7 +108,7 @@ def entry_path(config_path: str, directory: str) -> str:
 def lookup(config_path: str, directory: str) -> tuple[dict[str, Any] | None, str]:
     """(the cached config, why it holds) on a hit, (None, why not) on a miss. The config is
     what settings.Config.from_dict() takes: the caller may read the pool's settings from it
-    before paying for the dataclasses."""
+    before building the records."""
     entry = entry_path(config_path, directory)
     try:
         with open(entry, "rb") as f:

@@ -1,10 +1,10 @@
 """multiprocessing's helper processes: the forkserver and the resource tracker.
 
 Both are process-wide singletons of multiprocessing. A pool that starts one stops it when it
-closes and no other open pool still needs it. The daemon may also boot the forkserver before
-any pool exists (see prestart.py), so that its interpreter start overlaps the main process's
-own; this module is kept light (no poolkeeper.pool, no dataclasses) for that reason: it is
-imported before the forkserver can start.
+closes and no other open pool still needs it. The daemon also starts the forkserver before
+any pool exists (prestart.py, cli.py), as a fork of its still single-threaded main process
+rather than a new interpreter (_fork_forkserver). This module does not import
+poolkeeper.pool: a validating start forks the forkserver before it has imported the pool.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""Overlap the forkserver's start with the config's validation.
+"""Start the forkserver early: before the config's validation, or first thing from the cache.
 
-Before READY=1 the daemon pays, in series, for importing the spec model (pydantic: ~200 ms)
-and for booting multiprocessing's forkserver (a new interpreter importing poolkeeper.worker
-and the preload modules: ~100 ms). The forkserver only needs `pool.start_method`,
-`pool.preload` and `pythonpath`, so those are read first with the bounded YAML loader and the
-forkserver boots while the full validation runs. Best effort: on any doubt about the file
-nothing is started here, the pool starts the forkserver as usual, and validation reports
-whatever is wrong.
+A start that validates the config pays for importing the spec model (pydantic: ~200 ms);
+the forkserver only needs `pool.start_method`, `pool.preload` and `pythonpath`, so those are
+read first with the bounded YAML loader and the forkserver imports the workers' modules while
+the full validation runs. Best effort: on any doubt about the file nothing is started here,
+the pool starts the forkserver as usual, and validation reports whatever is wrong. A start
+from the cache (cli._run_cached) has the validated values and calls start_forkserver() itself.
+The forkserver is a fork of this process (mphelpers.prestart_forkserver).
 """
 
 from __future__ import annotations
