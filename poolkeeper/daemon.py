@@ -166,7 +166,7 @@ class Daemon:
         # READY=1 once the workers report ready (see _advance_phase).
 
     def _open_state(self) -> None:
-        path = StateStore.resolve_path(self.config.state.path, os.path.dirname(self.config.path))
+        path = StateStore.path_for(self.config)
         self.state = StateStore(path, log=self.log)
         try:
             self.state.acquire_lock()

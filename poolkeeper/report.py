@@ -3,7 +3,6 @@ memory, so they answer whether or not a daemon is running."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -32,7 +31,7 @@ def _took(record: RunRecord) -> str:
 
 
 def open_readonly(config) -> StateStore:
-    path = StateStore.resolve_path(config.state.path, os.path.dirname(config.path))
+    path = StateStore.path_for(config)
     store = StateStore(path, readonly=True)
     store.open()
     return store

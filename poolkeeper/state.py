@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 SCHEMA_VERSION = 1
 
@@ -154,6 +154,11 @@ class StateStore:
                 return os.path.join(state_dir, "poolkeeper.db")
             return os.path.join(config_dir, ".poolkeeper", "state.db")
         return os.path.join(config_dir, os.path.expanduser(spec_path))  # absolute: kept
+
+    @staticmethod
+    def path_for(config: Any) -> str:
+        """Where a settings.Config keeps its run history (`state.path` resolved)."""
+        return StateStore.resolve_path(config.state.path, os.path.dirname(config.path))
 
     # --- open / lock / close -------------------------------------------------------------
 
