@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 MAX_BYTES = 1 << 20
 
@@ -64,7 +65,9 @@ def start_forkserver(method: str, preload: list[str], pythonpath: list[str]) -> 
     return True
 
 
-def add_to_sys_path(entries: list[str]) -> None:
+def add_to_sys_path(entries: Sequence[str]) -> None:
+    """Put `pythonpath` in front of sys.path, in order, as the main process, the forkserver and
+    every worker do."""
     for entry in reversed(entries):
         if entry not in sys.path and os.path.isdir(entry):
             sys.path.insert(0, entry)

@@ -26,6 +26,7 @@ from multiprocessing import reduction
 from typing import Any, NamedTuple
 
 from poolkeeper.context import RunContext
+from poolkeeper.prestart import add_to_sys_path
 
 # Exit code of a worker whose initialisation (worker_setup, preload) failed.
 INIT_FAILED_EXIT = 3
@@ -211,9 +212,7 @@ def _set_up(pidfd: PassFd, cfg: WorkerConfig, conn_fd: int) -> None:
     # main process asks for the stack of a hung run, and we go on running.
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
-    for entry in reversed(cfg.pythonpath):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
+    add_to_sys_path(cfg.pythonpath)
     if cfg.worker_setup is not None:
         cfg.worker_setup()
     for name in cfg.preload:
