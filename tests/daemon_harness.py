@@ -54,6 +54,10 @@ class DaemonProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def units(self) -> int:
+        """Units of work that daemon_jobs.loop_units has recorded in $OUT so far."""
+        return sum(len(p.read_text().splitlines()) for p in self.out.glob("*.units"))
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

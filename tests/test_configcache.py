@@ -255,15 +255,12 @@ def test_a_cached_start_runs_and_drains_under_every_start_method(daemon_factory,
             kwargs: {{out_dir: $OUT}}
         """
 
-    def units(out: Path) -> int:
-        return sum(len(p.read_text().splitlines()) for p in out.glob("*.units"))
-
     for expect_cached in (False, True):
         d = daemon_factory(spec)
         d.wait_log("ready")
         assert ("not validated again" in d.log()) == expect_cached
-        before = units(d.out)
-        d.wait_for(lambda d=d, n=before: units(d.out) > n, what="a unit of work of this start")
+        before = d.units()
+        d.wait_for(lambda d=d, n=before: d.units() > n, what="a unit of work of this start")
         d.signal(signal.SIGTERM)
         assert d.wait_exit() == 0
         assert "drain finished" in d.log()

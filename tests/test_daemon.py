@@ -16,10 +16,6 @@ from daemon_harness import DaemonProcess
 START_METHODS = ["fork", "forkserver", "spawn"]
 
 
-def _units(out) -> int:
-    return sum(len(p.read_text().splitlines()) for p in out.glob("*.units"))
-
-
 @pytest.mark.parametrize("start_method", START_METHODS)
 def test_sigterm_drains_loops_and_in_flight_runs(daemon_factory, start_method):
     d = daemon_factory(f"""
@@ -36,7 +32,7 @@ def test_sigterm_drains_loops_and_in_flight_runs(daemon_factory, start_method):
             kwargs: {{seconds: 1.5, out_dir: $OUT}}
         """)
     d.wait_log("ready")
-    d.wait_for(lambda: _units(d.out) >= 4 and list(d.out.glob("slow-*.started")), what="work")
+    d.wait_for(lambda: d.units() >= 4 and list(d.out.glob("slow-*.started")), what="work")
     sigterm_at = d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     runs = d.runs()
@@ -103,7 +99,7 @@ def test_ctrl_c_to_the_process_group_drains(daemon_factory):
             loop: {replicas: 1}
             kwargs: {out_dir: $OUT}
         """)
-    d.wait_for(lambda: _units(d.out) >= 2, what="loop units")
+    d.wait_for(lambda: d.units() >= 2, what="loop units")
     os.killpg(d.pid, signal.SIGINT)
     assert d.wait_exit() == 0
     [run] = d.runs()
