@@ -101,7 +101,8 @@ def _fork_forkserver(preload: list[str]) -> None:
     """multiprocessing's ForkServer.ensure_running(), except that the forkserver is a fork of
     this process instead of a new interpreter running `forkserver.main`.
 
-    This process is still young and single-threaded here (the daemon calls this first thing),
+    This process is still young and single-threaded here (prestart_forkserver checks the
+    thread count; the daemon calls it before it opens its state DB or starts any pool),
     so the fork is as clean a parent for workers as a new interpreter, and it is ready sooner:
     it skips the interpreter start and inherits the imports done so far (multiprocessing,
     logging, ...), which is most of a forkserver's ~100 ms of boot on a small machine. The

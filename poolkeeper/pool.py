@@ -233,9 +233,8 @@ class Pool:
         self.worker_setup = worker_setup
         self._clock = clock
         self.prefetch = max(0, prefetch)
-        mphelpers.note_new_pool(
-            start_method
-        )  # before the Event: under spawn/forkserver it starts the tracker
+        # Before the Event: under spawn/forkserver creating it starts the resource tracker.
+        mphelpers.note_new_pool(start_method)
         self.stop_event = self._ctx.Event()
         self._workers: list[_Worker] = []  # every process not yet reaped, in start order
         self._fdmap: dict[int, tuple[_Worker, int]] = {}
