@@ -102,7 +102,7 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
     return _run_daemon(config, target, notifier)
 
 
-def _run_cached(args: argparse.Namespace, path: str, cached: dict, why: str) -> int:
+def _run_cached(args: argparse.Namespace, path: str, config, why: str) -> int:
     """Start from a cached validation. READY=1 waits for the workers, so they are asked for
     as soon as possible: this process imports what the forkserver preloads for poolkeeper,
     forks it (ready at once, it only has the job modules left to import) and starts the
@@ -110,9 +110,7 @@ def _run_cached(args: argparse.Namespace, path: str, cached: dict, why: str) -> 
     from poolkeeper import logs, mphelpers
     from poolkeeper.pool import pool_for
     from poolkeeper.prestart import start_forkserver
-    from poolkeeper.settings import Config
 
-    config = Config.from_dict(cached)
     level = args.log_level.upper()
     if config.pool.start_method == "forkserver":
         mphelpers.import_own_preload()

@@ -105,10 +105,9 @@ def entry_path(config_path: str, directory: str) -> str:
     return os.path.join(directory, f"config-{name}.json")
 
 
-def lookup(config_path: str, directory: str) -> tuple[dict[str, Any] | None, str]:
-    """(the cached config, why it holds) on a hit, (None, why not) on a miss. The config is
-    what settings.Config.from_dict() takes: the caller may read the pool's settings from it
-    before building the records."""
+def lookup(config_path: str, directory: str) -> tuple[Config | None, str]:
+    """(the cached config, why it holds) on a hit, (None, why not) on a miss. A malformed
+    entry is a miss."""
     entry = entry_path(config_path, directory)
     try:
         with open(entry, "rb") as f:
@@ -125,8 +124,10 @@ def lookup(config_path: str, directory: str) -> tuple[dict[str, Any] | None, str
         why_not = _changed(saved, config_path)
         if why_not:
             return None, why_not
-        config = saved["config"]
-        _check_shape(config)
+        _check_shape(saved["config"])
+        from poolkeeper.settings import Config
+
+        config = Config.from_dict(saved["config"])
         return config, f"inputs unchanged since {entry} was written"
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         return None, f"malformed cache entry ({type(exc).__name__}: {exc})"
@@ -195,7 +196,8 @@ def _changed(saved: dict[str, Any], config_path: str) -> str | None:
 
 
 def _check_shape(config: dict[str, Any]) -> None:
-    """Raise TypeError unless the pool's settings, read before Config.from_dict(), are sane."""
+    """Raise TypeError unless the settings that start the forkserver have the types of a
+    validated config (Config.from_dict() checks no types)."""
     pool = config["pool"]
     if not (
         isinstance(pool["start_method"], str)

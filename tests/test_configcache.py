@@ -3,6 +3,7 @@ input (config, included files, job code, import path, environment) validates in 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,7 +71,7 @@ def validate_and_store(project: Path, cache: Path) -> Config:
     return config
 
 
-def lookup(project: Path, cache: Path) -> tuple[dict | None, str]:
+def lookup(project: Path, cache: Path) -> tuple[Config | None, str]:
     return configcache.lookup(str(project / "poolkeeper.yaml"), str(cache))
 
 
@@ -79,7 +80,7 @@ def test_a_stored_validation_comes_back_identical(project, tmp_path):
     config = validate_and_store(project, cache)
     cached, why = lookup(project, cache)
     assert cached is not None, why
-    again = Config.from_dict(cached)
+    again = cached
     assert again == config
     assert repr(again) == repr(config)  # types too: 1 stays an int, the datetime a datetime
     assert list(again.jobs) == ["consume", "nightly", "later", "extra"]
@@ -134,6 +135,13 @@ def test_a_damaged_entry_is_a_miss_and_is_rewritten(project, tmp_path):
         cached, why = lookup(project, cache)
         assert cached is None, damage
         assert why
+    # Every input unchanged, but a job the records cannot be built from: a miss too.
+    validate_and_store(project, cache)
+    saved = json.loads(entry.read_text())
+    saved["config"]["jobs"]["consume"].pop("target")
+    entry.write_text(json.dumps(saved))
+    cached, why = lookup(project, cache)
+    assert cached is None and why.startswith("malformed cache entry")
     validate_and_store(project, cache)
     assert lookup(project, cache)[0] is not None
 
