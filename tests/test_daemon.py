@@ -160,7 +160,8 @@ def test_sigkill_of_the_daemon_leaves_no_process(daemon_factory, config):
         """
     if config == "cached":
         first = daemon_factory(spec)
-        first.wait_log("ready")
+        # Wait for the stubborn run to begin: a stop before it would leave no pids file to remove.
+        first.wait_for((first.out / "stubborn.pids").exists, what="stubborn job to start")
         first.signal(signal.SIGINT)
         first.wait_log("draining")
         first.signal(signal.SIGINT)  # fast stop: the stubborn run is killed
