@@ -8,10 +8,45 @@ a parameter of that name.
 from __future__ import annotations
 
 import logging
+import math
+import select
 from collections.abc import Callable
-from typing import Any
 
-__all__ = ["RunContext"]
+__all__ = ["RunContext", "Stopping"]
+
+
+class Stopping:
+    """`ctx.stopping`: set when the daemon drains, or when a reload changes or removes the
+    run's job. Read it like a `threading.Event`: `is_set()`, `wait(timeout) -> bool`; only the
+    daemon sets it, and it is never cleared.
+
+    Underneath is the read end of a pipe of the worker's own, into which the main process
+    writes one byte; nobody reads it, so once readable it stays readable. A pipe per worker
+    (rather than one multiprocessing.Event for the pool) lets the daemon stop one run
+    without touching the others, and leaves no named semaphores behind a SIGKILL."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def is_set(self) -> bool:
+        return self._poll(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until set or `timeout` seconds have passed; return whether it is set."""
+        if timeout is None:
+            return self._poll(-1)
+        return self._poll(max(0, math.ceil(timeout * 1000)))
+
+    def _poll(self, ms: int) -> bool:
+        # A poll object per call: one shared by a job's threads would refuse concurrent use.
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(ms))
+
+    def __repr__(self) -> str:
+        return f"<Stopping {'set' if self.is_set() else 'unset'}>"
 
 
 class RunContext:
@@ -24,7 +59,8 @@ class RunContext:
         scheduled_at: when the run was due (epoch seconds).
         log: a logger for the job; records logged while the run is active (through this logger
             or any other) carry the journal fields JOB, RUN_ID, ATTEMPT and WORKER_PID.
-        stopping: the drain event (`is_set()`, `wait(timeout) -> bool`). A loop job checks it
+        stopping: set when the daemon drains, or a reload changes or removes this job
+            (`is_set()`, `wait(timeout) -> bool`; see `Stopping`). A loop job checks it
             between units of work and returns when it is set.
     """
 
@@ -38,7 +74,7 @@ class RunContext:
         attempt: int,
         scheduled_at: float,
         log: logging.Logger | logging.LoggerAdapter,
-        stopping: Any,
+        stopping: Stopping,
         heartbeat: Callable[[], None],
     ) -> None:
         self.job = job

@@ -5,7 +5,7 @@
     turn    wait (worker pipes and sentinels, the signal pipe, the next deadline)
             -> signals -> pool events (started, ended, lost) -> fire due schedules
             -> dispatch to free workers -> phase changes -> STATUS=, WATCHDOG=1, flush state
-    drain   STOPPING=1 -> the stop event is set (loops return) -> in-flight runs get
+    drain   STOPPING=1 -> every ctx.stopping is set (loops return) -> in-flight runs get
             `drain_timeout`, then their process groups are killed -> join -> exit 0
 
 Signals only wake the loop (poolkeeper.signals); the pool never blocks (poolkeeper.pool);
@@ -447,7 +447,7 @@ class Daemon:
         self.phase = "draining"
         self.drain_started = now
         self.drain_deadline = now + self.config.shutdown.drain_timeout
-        self.pool.drain()  # sets the stop event; queued, unstarted runs come back NotStarted
+        self.pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
         in_flight = self.pool.in_flight()
         self.drained_in_flight = len(in_flight)
         dropped = sum(len(job.pending) for job in self.jobs.values())

@@ -29,13 +29,12 @@ _started_by_us = {"forkserver": False, "resource_tracker": False}
 
 # What every worker needs from poolkeeper: the worker itself, the logging every worker sets
 # up (python-systemd's journal where installed; a module that fails to import is skipped), and
-# what unpickling a worker's Process object and its stop Event imports.
+# what unpickling a worker's Process object imports.
 OWN_PRELOAD = (
     "poolkeeper.worker",
     "poolkeeper.logs",
     "systemd.journal",
     "multiprocessing.popen_forkserver",
-    "multiprocessing.synchronize",
 )
 
 

@@ -13,12 +13,13 @@ Processes, pipes and messages::
     |     2. reap exited workers      <--+  |   "D"|"N", ...)  |   thread: poll(main pidfd) |
     |     3. enforce deadlines (SIGKILL  |  |                  |     -> killpg(own group)   |
     |        the worker's group)         |  |                  +----------------------------+
-    |     4. drain queued tasks if the   |  |                        ^  process group: the
-    |        stop event is set           |  |                        |  worker + its job's
-    |     5. respawn (rate-limited)      |  |                        |  grandchildren
+    |     4. respawn (rate-limited)      |  |                        ^  process group: the
+    |                                    |  |                        |  worker + its job's
+    |                                    |  |                        |  grandchildren
     |   one epoll fd over: pipes, worker +--pidfds (readable = the worker exited)
     +---------------------------------------+
-    stop_event: one multiprocessing.Event shared with every worker (ctx.stopping)
+    stop pipe: one per worker, its read end is the job's ctx.stopping; the main process writes
+    a byte into every one to drain, or into one to stop that worker's run (stop_runs())
 
 Messages, each a pickled tuple framed like multiprocessing.Connection (4-byte length):
 
@@ -177,10 +178,11 @@ class _Worker:
     __slots__ = (
         "proc", "pid", "conn", "fd", "pidfd", "state", "queue", "buf", "assigned", "done",
         "last_heartbeat", "kill_at", "kill_outcome", "kill_error", "born", "state_since",
-        "init_error", "exited", "sentinel_watched", "retire_reason", "broken",
+        "init_error", "exited", "sentinel_watched", "retire_reason", "broken", "stop_w",
+        "stop_set",
     )  # fmt: skip
 
-    def __init__(self, proc: Any, conn: Any, pidfd: int | None, now: float) -> None:
+    def __init__(self, proc: Any, conn: Any, pidfd: int | None, stop_w: int, now: float) -> None:
         self.proc = proc
         self.pid: int = proc.pid
         self.conn = conn
@@ -202,6 +204,8 @@ class _Worker:
         self.sentinel_watched = False
         self.retire_reason: str | None = None
         self.broken = False  # a send failed: it is dying, give it nothing more
+        self.stop_w = stop_w  # write end of its stop pipe (ctx.stopping)
+        self.stop_set = False
 
 
 class Pool:
@@ -233,9 +237,8 @@ class Pool:
         self.worker_setup = worker_setup
         self._clock = clock
         self.prefetch = max(0, prefetch)
-        # Before the Event: under spawn/forkserver creating it starts the resource tracker.
         mphelpers.note_new_pool(start_method)
-        self.stop_event = self._ctx.Event()
+        self._stopping = False  # drain() or close(): every worker's stop pipe is written
         self._workers: list[_Worker] = []  # every process not yet reaped, in start order
         self._fdmap: dict[int, tuple[_Worker, int]] = {}
         self._epoll: select.epoll | None = None
@@ -246,7 +249,6 @@ class Pool:
         self._init_failures = 0
         self._last_init_error = ""
         self._replaces: list[int] = []  # pids of dead workers whose replacement is owed
-        self._draining = False
         self._closing = False
         self._closed = False
         self._started = False
@@ -268,7 +270,7 @@ class Pool:
             self._spawn(now)
 
     def close(self, *, timeout: float | None = None) -> list[RunEnded]:
-        """Stop accepting tasks, set the stop event, hand back queued tasks, let running ones
+        """Stop accepting tasks, set every ctx.stopping, hand back queued tasks, let running ones
         finish; after `timeout` SIGKILL the rest ('killed'). Joins every worker. Returns the
         RunEnded of every run that ended during close; other events produced meanwhile
         (NotStarted of handed-back tasks, WorkerEvents) are left for one more poll()."""
@@ -276,7 +278,7 @@ class Pool:
             self._closed = True
             return []
         self._closing = True
-        self.stop_event.set()
+        self._stop_all()
         self._drain_queued()
         for w in self._workers:
             if w.state != DYING:
@@ -311,10 +313,6 @@ class Pool:
             os.close(self._main_pidfd)
             self._main_pidfd = None
         mphelpers.open_pools.discard(self)
-        # Every worker is joined: nobody needs the stop event's semaphores by name any more.
-        # Unlink them now, while the resource tracker still runs; done later (at garbage
-        # collection) it would restart a tracker we are about to stop.
-        _unlink_semaphores(self.stop_event)
         mphelpers.stop_if_unused()
 
     # -- the daemon's interface ---------------------------------------------------------------
@@ -377,14 +375,12 @@ class Pool:
 
     def poll(self) -> list[Event]:
         """Non-blocking. Reads every ready message, reaps exited workers, enforces deadlines,
-        hands back queued tasks once the stop event is set, starts replacements."""
+        starts replacements."""
         if self._epoll is not None and not self._closed:
             exited = self._read_messages()
             self._reap(exited)
             now = self._clock()
             self._enforce_deadlines(now)
-            if not self._draining and self._stop_is_set():
-                self._drain_queued()
             self._respawn(now)
         events, self._events = self._events, []
         return events
@@ -436,9 +432,29 @@ class Pool:
         return out
 
     def drain(self) -> None:
-        """Set the stop event and hand back every task not yet started (NotStarted)."""
-        self.stop_event.set()
+        """Set every run's ctx.stopping and hand back every task not yet started
+        (NotStarted); workers started from now on begin stopped."""
+        self._stop_all()
         self._drain_queued()
+
+    def stop_runs(self, tasks: Sequence[Task]) -> None:
+        """Set ctx.stopping for these runs only (a reload removed or changed their job). A
+        running one ends on its own terms (usually a loop returning: `succeeded`); its worker
+        then retires, since its stop cannot be taken back, and a fresh one replaces it. One
+        not started yet is cancelled (NotStarted)."""
+        ids = {t.run_id for t in tasks}
+        for w in list(self._workers):
+            if w.state == DYING or not w.queue:
+                continue
+            head = w.queue[0]
+            if head.started_clock is not None and head.task.run_id in ids:
+                self._signal_stop(w)
+                if w.state != RETIRING:
+                    self._retire(w, f"its run {head.task.run_id} ({head.task.job}) was stopped")
+            for slot in w.queue:
+                if slot.task.run_id in ids and slot.started_clock is None and not slot.cancelled:
+                    slot.cancelled = True
+                    self._send(w, ("C", slot.seq))
 
     def healthy(self) -> tuple[bool, str]:
         if self._closed:
@@ -628,6 +644,7 @@ class Pool:
             if fd is not None:
                 self._unwatch(fd)
         w.conn.close()
+        os.close(w.stop_w)
         if w.pidfd is not None:
             os.close(w.pidfd)
         w.proc.join(0)
@@ -731,13 +748,12 @@ class Pool:
     def _ended_unstarted(slot: _Slot, outcome: str, pid: int, error: str) -> RunEnded:
         return RunEnded(slot.task, outcome, None, time.time(), pid, None, None, error, None)
 
-    # -- poll, step 4: drain ------------------------------------------------------------------
+    # -- drain ----------------------------------------------------------------------------------
 
     def _drain_queued(self) -> None:
-        """The stop event is set: nothing that has not started may start. Cancel every task
+        """Draining: nothing that has not started may start. Cancel every task
         still queued; the worker answers "N" (handed back as NotStarted) unless it had already
         begun it, in which case it simply runs to completion."""
-        self._draining = True
         for w in self._workers:
             if w.state == DYING:
                 continue
@@ -746,7 +762,7 @@ class Pool:
                     slot.cancelled = True
                     self._send(w, ("C", slot.seq))
 
-    # -- poll, step 5: recycle and respawn ---------------------------------------------------
+    # -- poll, step 4: recycle and respawn ---------------------------------------------------
 
     def _retire(self, w: _Worker, why: str) -> None:
         """Replace a healthy worker (max runs, memory): it gets no more tasks, finishes the
@@ -778,10 +794,12 @@ class Pool:
 
     def _spawn(self, now: float) -> _Worker | None:
         parent, child = self._ctx.Pipe(duplex=True)
+        stop_r, stop_w = os.pipe()
         close_fds: tuple[int, ...] = ()
         if self.start_method == "fork":  # what the child would otherwise inherit from us
-            mine = [self._epoll.fileno(), parent.fileno()]
+            mine = [self._epoll.fileno(), parent.fileno(), stop_w]
             mine += [fd for fd in self._fdmap if fd != child.fileno()]
+            mine += [w.stop_w for w in self._workers]
             close_fds = tuple(mine)
         cfg = WorkerConfig(
             main_pid=os.getpid(),
@@ -793,7 +811,7 @@ class Pool:
         )
         proc = self._ctx.Process(
             target=worker_main,
-            args=(child, PassFd(self._main_pidfd), self.stop_event, cfg),
+            args=(child, PassFd(self._main_pidfd), PassFd(stop_r), cfg),
             name="poolkeeper-worker",
         )
         try:
@@ -801,6 +819,8 @@ class Pool:
         except Exception as exc:  # e.g. the forkserver itself died on a bad preload
             parent.close()
             child.close()
+            os.close(stop_r)
+            os.close(stop_w)
             self._init_failures += 1
             self._last_init_error = f"cannot start a worker: {one_line(exc)}"
             delay = min(
@@ -811,12 +831,15 @@ class Pool:
             self._events.append(WorkerEvent("init_failed", 0, self._last_init_error))
             return None
         child.close()
+        os.close(stop_r)  # the child has its own (inherited, or passed by start())
         try:
             pidfd: int | None = os.pidfd_open(proc.pid)
         except ProcessLookupError:  # already gone (forkserver reaped it)
             pidfd = None
-        w = _Worker(proc, parent, pidfd, now)
+        w = _Worker(proc, parent, pidfd, stop_w, now)
         self._workers.append(w)
+        if self._stopping:
+            self._signal_stop(w)
         self._watch(w.fd, w, _CONN)
         if pidfd is not None:
             self._watch(pidfd, w, _PIDFD)
@@ -895,13 +918,20 @@ class Pool:
         if self._fdmap.pop(fd, None) is not None:
             self._epoll.unregister(fd)
 
-    def _stop_is_set(self) -> bool:
-        """stop_event.is_set() without taking the Event's condition lock: poll() asks on every
-        turn, and the lock costs two semaphore round trips."""
-        try:
-            return self.stop_event._flag._semlock._get_value() > 0
-        except (AttributeError, NotImplementedError, OSError):
-            return self.stop_event.is_set()
+    def _stop_all(self) -> None:
+        self._stopping = True
+        for w in self._workers:
+            self._signal_stop(w)
+
+    @staticmethod
+    def _signal_stop(w: _Worker) -> None:
+        """Set the worker's ctx.stopping: one byte that nobody reads, so it stays set."""
+        if not w.stop_set:
+            w.stop_set = True
+            try:
+                os.write(w.stop_w, b"!")
+            except OSError:  # cannot happen with an empty pipe; the worker ends either way
+                pass
 
     def _emergency_stop(self) -> None:
         """At interpreter exit without close(): kill and join everything, without waiting for
@@ -929,19 +959,6 @@ def _close_at_exit(ref: weakref.ref[Pool]) -> None:
     pool = ref()
     if pool is not None:
         pool._emergency_stop()
-
-
-def _unlink_semaphores(event: Any) -> None:
-    from multiprocessing import synchronize, util
-
-    cond = event._cond
-    locks = (event._flag, cond._lock, cond._sleeping_count, cond._woken_count, cond._wait_semaphore)
-    names = {lock._semlock.name for lock in locks} - {None}
-    if not names:
-        return  # fork context: unlinked at creation
-    for fin in list(util._finalizer_registry.values()):
-        if fin._callback is synchronize.SemLock._cleanup and fin._args and fin._args[0] in names:
-            fin()
 
 
 def _signame(sig: int) -> str:

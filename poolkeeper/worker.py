@@ -25,7 +25,7 @@ from collections.abc import Callable
 from multiprocessing import reduction
 from typing import Any, NamedTuple
 
-from poolkeeper.context import RunContext
+from poolkeeper.context import RunContext, Stopping
 from poolkeeper.prestart import add_to_sys_path
 
 # Exit code of a worker whose initialisation (worker_setup, preload) failed.
@@ -170,7 +170,7 @@ def _install_record_factory() -> None:
     logging.setLogRecordFactory(factory)
 
 
-def _set_up(pidfd: PassFd, cfg: WorkerConfig, conn_fd: int) -> None:
+def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
     # Own process group first: the parent watcher and every timeout kill the whole group.
     os.setpgid(0, 0)
     # The main process alone decides when a worker stops (systemd's control-group SIGTERM and
@@ -184,8 +184,10 @@ def _set_up(pidfd: PassFd, cfg: WorkerConfig, conn_fd: int) -> None:
         signal.signal(sig, signal.SIG_DFL)
     for key in MAIN_ONLY_ENV:
         os.environ.pop(key, None)
+    for fd in own_fds:  # not for the job's subprocesses (passed fds arrive inheritable)
+        os.set_inheritable(fd, False)
     for fd in cfg.close_fds:
-        if fd not in (conn_fd, pidfd.fd):
+        if fd not in own_fds and fd != pidfd.fd:
             try:
                 os.close(fd)
             except OSError:
@@ -222,9 +224,9 @@ def _set_up(pidfd: PassFd, cfg: WorkerConfig, conn_fd: int) -> None:
 
 
 class _Worker:
-    def __init__(self, conn: Any, stop_event: Any, cfg: WorkerConfig) -> None:
+    def __init__(self, conn: Any, stopping: Stopping, cfg: WorkerConfig) -> None:
         self.conn = conn
-        self.stop_event = stop_event
+        self.stopping = stopping
         self.cfg = cfg
         self.pid = os.getpid()
         self.send_lock = threading.Lock()
@@ -356,7 +358,7 @@ class _Worker:
                     attempt=attempt,
                     scheduled_at=scheduled_at,
                     log=logging.getLogger(f"poolkeeper.job.{job}"),
-                    stopping=self.stop_event,
+                    stopping=self.stopping,
                     heartbeat=self.heartbeat,
                 )
                 kwargs = {"ctx": ctx, **kwargs}
@@ -390,10 +392,10 @@ def _restore_env(saved: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def worker_main(conn: Any, main_pidfd: PassFd, stop_event: Any, cfg: WorkerConfig) -> None:
+def worker_main(conn: Any, main_pidfd: PassFd, stop_fd: PassFd, cfg: WorkerConfig) -> None:
     """Entry point of every worker process (the `target` of its multiprocessing.Process)."""
     try:
-        _set_up(main_pidfd, cfg, conn.fileno())
+        _set_up(main_pidfd, cfg, (conn.fileno(), stop_fd.fd))
     except BaseException as exc:
         try:
             conn.send_bytes(pickle.dumps(("I", one_line(exc), format_tb(exc)), PICKLE_PROTOCOL))
@@ -401,6 +403,6 @@ def worker_main(conn: Any, main_pidfd: PassFd, stop_event: Any, cfg: WorkerConfi
             pass
         sys.stderr.flush()
         os._exit(INIT_FAILED_EXIT)
-    worker = _Worker(conn, stop_event, cfg)
+    worker = _Worker(conn, Stopping(stop_fd.fd), cfg)
     worker.send(("R", worker.pid))
     worker.serve()

@@ -130,11 +130,11 @@ def test_unpicklable_args_fail_at_once_and_touch_no_worker(make_pool):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_stop_event_is_ctx_stopping(make_pool, method):
+def test_drain_sets_ctx_stopping(make_pool, method):
     d = make_pool(method, workers=1)
     d.pool.submit(T("w", "wait_until_stopping", kwargs={"limit": 20.0}))
     d.until(lambda e: isinstance(e, RunStarted))
-    d.pool.stop_event.set()
+    d.pool.drain()
     ended = d.run([], timeout=10)
     ev = d.until(lambda e: isinstance(e, RunEnded))[-1]
     assert ended == {} and ev.outcome == "succeeded" and ev.result_repr == "True"
@@ -149,7 +149,7 @@ def test_loop_tasks_need_an_idle_worker_and_nothing_queues_behind_them(make_pool
     assert d.pool.free_slots() == 0 and d.pool.idle_slots() == 0
     with pytest.raises(PoolFull):
         d.pool.submit(T("x", "noop"))
-    d.pool.stop_event.set()
+    d.pool.drain()
     ev = d.until(lambda e: isinstance(e, RunEnded))[-1]
     assert ev.outcome == "succeeded" and ev.result_repr == "'stopped'"
 
@@ -161,7 +161,7 @@ def test_prefetch_and_drain_hand_back_queued_tasks(make_pool):
         d.pool.submit(T(f"s{i}", "sleep", 0.4))
     assert d.pool.free_slots() == 0 and len(d.pool.in_flight()) == 4
     d.until(lambda e: isinstance(e, RunStarted))
-    d.pool.stop_event.set()  # the daemon's drain: nothing queued may start now
+    d.pool.drain()  # the daemon's drain: nothing queued may start now
     ended, handed_back = {}, []
     while len(ended) + len(handed_back) < 4:
         for e in d.turn():
@@ -195,3 +195,45 @@ def test_close_joins_everything_and_kills_busy_workers_at_the_timeout(tmp_path):
     assert pool.size() == 0 and pool.close() == []  # idempotent
     kinds = [e.kind for e in pool.poll() if isinstance(e, WorkerEvent)]
     assert kinds.count("exited") == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stop_runs_stops_only_those_runs_and_replaces_their_worker(make_pool, method):
+    """A reload stops the runs of a changed job: their ctx.stopping is set, the other runs
+    carry on, and the stopped run's worker (whose stop cannot be taken back) is replaced."""
+    d = make_pool(method, workers=2)
+    d.wait_ready()
+    loops = [
+        Task(run_id=r, job=r, target="jobs_for_tests:loop_with_heartbeat", loop=True)
+        for r in ("a", "b")
+    ]
+    for task in loops:
+        d.pool.submit(task)
+    d.until(lambda e: isinstance(e, RunStarted) and e.task.run_id == "b")
+    pid_of = {e.task.run_id: e.worker_pid for e in d.events if isinstance(e, RunStarted)}
+    assert sorted(pid_of) == ["a", "b"] and pid_of["a"] != pid_of["b"]
+    d.pool.stop_runs([loops[0]])
+    ended = d.until(lambda e: isinstance(e, RunEnded))[-1]
+    assert (ended.task.run_id, ended.outcome, ended.result_repr) == ("a", "succeeded", "'stopped'")
+    recycled = [e for e in d.events if isinstance(e, WorkerEvent) and e.kind == "recycled"]
+    assert [e.pid for e in recycled] == [pid_of["a"]]
+    d.wait_ready(2)
+    assert pid_of["a"] not in d.ready_pids() and pid_of["b"] in d.ready_pids()
+    assert [t.run_id for t in d.pool.in_flight()] == ["b"]  # b never saw a stop
+    assert d.run([T("after", "my_pid")])["after"].outcome == "succeeded"  # a fresh worker
+    d.pool.drain()
+    assert d.until(lambda e: isinstance(e, RunEnded))[-1].task.run_id == "b"
+
+
+def test_stop_runs_cancels_a_run_that_has_not_started(make_pool):
+    d = make_pool("fork", workers=1)
+    d.wait_ready()
+    d.pool.submit(T("first", "sleep", 0.5))
+    d.pool.submit(T("queued", "noop"))  # prefetched behind it
+    d.until(lambda e: isinstance(e, RunStarted))
+    d.pool.stop_runs([T("queued", "noop")])
+    d.until(lambda e: isinstance(e, NotStarted))
+    ended = [e for e in d.events if isinstance(e, RunEnded)]
+    assert [e.task.run_id for e in d.events if isinstance(e, NotStarted)] == ["queued"]
+    assert [(e.task.run_id, e.outcome) for e in ended] == [("first", "succeeded")]
+    assert not [e for e in d.events if isinstance(e, WorkerEvent) and e.kind == "recycled"]

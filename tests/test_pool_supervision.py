@@ -104,7 +104,7 @@ def test_heartbeats_keep_a_loop_alive(make_pool):
     limit = time.monotonic() + 1.5
     while time.monotonic() < limit:
         assert not [e for e in d.turn(0.1) if isinstance(e, RunEnded)]
-    d.pool.stop_event.set()
+    d.pool.drain()
     ev = d.until(lambda e: isinstance(e, RunEnded))[-1]
     assert ev.outcome == "succeeded"
 
