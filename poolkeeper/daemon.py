@@ -7,6 +7,8 @@
             -> dispatch to free workers -> phase changes -> STATUS=, WATCHDOG=1, flush state
     drain   STOPPING=1 -> every ctx.stopping is set (loops return) -> in-flight runs get
             `drain_timeout`, then their process groups are killed -> join -> exit 0
+    reload  (SIGHUP) RELOADING=1 -> validate the file in full -> rejected: log why, keep
+            everything -> else apply the difference by job name (poolkeeper.reload) -> READY=1
 
 Signals only wake the loop (poolkeeper.signals); the pool never blocks (poolkeeper.pool);
 so a turn is short, and a loop that stops turning stops the watchdog pings.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import errno
 import faulthandler
 import logging
+import math
 import os
 import random
 import signal
@@ -24,7 +27,7 @@ import time
 from collections import Counter
 from multiprocessing.connection import wait as wait_for_ready
 
-from poolkeeper import exitcodes
+from poolkeeper import exitcodes, reload
 from poolkeeper.jobs import JobRuntime, PendingRun
 from poolkeeper.logs import event, get_logger
 from poolkeeper.notify import Notifier
@@ -38,6 +41,7 @@ from poolkeeper.pool import (
     pool_for,
 )
 from poolkeeper.prestart import add_to_sys_path
+from poolkeeper.settings import Config, Job
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state import StateLocked, StateStore
 from poolkeeper.status import count, status_line
@@ -110,6 +114,13 @@ class Daemon:
         self.last_turn = time.monotonic()
         self.workers_up: set[int] = set()  # pids of workers that reported ready
         self._unhealthy_since: float | None = None
+        # Reload: runs of removed or changed jobs finishing (run id -> their old job, kill
+        # time), new definitions waiting for those runs to end, a pool waiting to replace
+        # this one once it is drained, and why the last reload was rejected.
+        self.retiring: dict[str, tuple[JobRuntime, float]] = {}
+        self.held: dict[str, Job] = {}
+        self.next_pool: Config | None = None
+        self.reload_rejected: str | None = None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -208,6 +219,7 @@ class Daemon:
                 deadlines.append(now_mono + (job.next_fire - now_wall))
         if self.drain_deadline is not None:
             deadlines.append(self.drain_deadline)
+        deadlines += [kill_at for _, kill_at in self.retiring.values() if kill_at < math.inf]
         if self._watchdog:
             deadlines.append(self._next_ping)
         timeout = max(0.0, min(d for d in deadlines if d is not None) - now_mono)
@@ -218,14 +230,17 @@ class Daemon:
         for signum in self.signals.pop_all():
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                self.log.warning("SIGHUP: reload is not implemented yet; config unchanged")
+                self._reload(name)
             elif self.phase == "draining":
                 self._fast_stop(name)
             else:
                 self._begin_drain(name)
 
     def _collect(self) -> None:
-        for ev in self.pool.poll():
+        self._handle_events(self.pool.poll())
+
+    def _handle_events(self, events: list) -> None:
+        for ev in events:
             if isinstance(ev, RunEnded):
                 self._on_ended(ev)
             elif isinstance(ev, RunStarted):
@@ -274,7 +289,11 @@ class Daemon:
 
     def _advance_phase(self) -> None:
         now = time.monotonic()
-        if self.phase == "starting":
+        if self.phase == "running":
+            self._kill_overdue_retiring(now)
+            if self.next_pool is not None and not self.pool.in_flight():
+                self._replace_pool()
+        elif self.phase == "starting":
             self._check_start(now)
             if not self.before_ready_waiting() and len(self.workers_up) >= self.pool.target_size:
                 self._become_ready()
@@ -355,10 +374,13 @@ class Daemon:
             worker_pid=ev.worker_pid,
             error=ev.error,
         )
-        job = self.jobs.get(task.job)
+        retired = self.retiring.pop(task.run_id, None)
+        job = retired[0] if retired is not None else self.jobs.get(task.job)
         follow_up = ""
         if job is not None:
-            follow_up = job.ended(ev, time.time(), time.monotonic(), self.phase == "draining")
+            # A run of a reloaded-away definition is neither retried nor restarted.
+            stopping = self.phase == "draining" or retired is not None
+            follow_up = job.ended(ev, time.time(), time.monotonic(), stopping)
         took = f" in {ev.ended_at - ev.started_at:.3f}s" if ev.started_at else ""
         message = f"run {ev.outcome}{took}"
         if ev.error:
@@ -374,6 +396,8 @@ class Daemon:
             message,
             extra=event(f"run_{ev.outcome}", **_run_fields(task, ev.worker_pid)),
         )
+        if retired is not None:
+            self._start_held()
         if job is not None and job.spec.before_ready and ev.outcome != "succeeded":
             if self.phase == "starting" and not job.pending:
                 raise StartupFailed(
@@ -384,6 +408,12 @@ class Daemon:
                 )
 
     def _on_not_started(self, ev: NotStarted) -> None:
+        retired = self.retiring.pop(ev.task.run_id, None)
+        if retired is not None:  # its job was changed or removed by a reload: drop it
+            retired[0].dropped(ev.task)
+            self.log.info("run not started: %s", ev.reason, extra=_run_fields(ev.task, None))
+            self._start_held()
+            return
         job = self.jobs.get(ev.task.job)
         if self.phase == "draining" or job is None:
             self.log.info("run not started: %s", ev.reason, extra=_run_fields(ev.task, None))
@@ -445,6 +475,8 @@ class Daemon:
         now = time.monotonic()
         self.notifier.stopping()
         self.phase = "draining"
+        self.held.clear()  # definitions a reload left waiting never start now
+        self.next_pool = None
         self.drain_started = now
         self.drain_deadline = now + self.config.shutdown.drain_timeout
         self.pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
@@ -482,6 +514,136 @@ class Daemon:
             self.drain_outcomes.get("killed", 0),
             extra=event("drain_finished"),
         )
+
+    # -- reload -------------------------------------------------------------------------
+
+    def _reload(self, why: str) -> None:
+        if self.phase != "running":
+            self.log.warning("%s while %s: not reloading", why, self.phase)
+            return
+        self.notifier.reloading()
+        try:
+            self.log.info("%s: reloading %s", why, self.config.path)
+            new, problems = self._read_config_again()
+            if new is None:
+                self._reject(problems)
+            else:
+                plan = reload.plan(self.config, new)
+                self.reload_rejected = None
+                self._apply(new, plan)
+                self.log.info(
+                    "reload applied: %s",
+                    plan.summary() if plan.changes_anything else "nothing changed",
+                    extra=event("reload_applied"),
+                )
+        finally:
+            self.notifier.status(self.status_text(time.monotonic()), force=True)
+            self.notifier.ready()
+
+    def _read_config_again(self) -> tuple[Config | None, list[str]]:
+        """The file validated exactly as `poolkeeper check` does it (never from the cache),
+        or why it cannot be applied."""
+        from poolkeeper.spec import ConfigError, load_config
+
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            return None, [str(issue) for issue in exc.issues] or [str(exc)]
+        except Exception as exc:  # a bug in validation must not take the running jobs down
+            self.log.exception("reload: validating %s failed", self.config.path)
+            return None, [f"internal error while validating: {type(exc).__name__}: {exc}"]
+        refusal = reload.refusal(self.config, new)
+        return (None, [refusal]) if refusal else (new, [])
+
+    def _reject(self, problems: list[str]) -> None:
+        for problem in problems:
+            self.log.error("%s", problem)
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        self.reload_rejected = f"{problems[0]}{more}"
+        self.log.error(
+            "reload rejected: %d problems; still running the previous config",
+            len(problems),
+            extra=event("reload_rejected"),
+        )
+
+    def _apply(self, new: Config, plan: reload.Plan) -> None:
+        now = time.monotonic()
+        self.config = new
+        if plan.pool_changed:
+            self.pool.drain()  # every run sees ctx.stopping; queued ones come back NotStarted
+            for name in list(self.jobs):
+                self._retire_job(self.jobs.pop(name), now)
+            self.held = dict(new.jobs)  # all of them, in the new pool
+            self.next_pool = new
+            return
+        for name in (*plan.removed, *plan.changed):
+            self.held.pop(name, None)
+            if name in self.jobs:
+                self._retire_job(self.jobs.pop(name), now)
+        for name in (*plan.added, *plan.changed):
+            self.held[name] = new.jobs[name]
+        if self.next_pool is not None:
+            self.next_pool = new
+        self._start_held()
+
+    def _retire_job(self, job: JobRuntime, now: float) -> None:
+        """Its waiting runs are dropped; its runs in flight see ctx.stopping and get the
+        drain budget to end, then they are killed."""
+        job.pending.clear()
+        tasks = list(job.running.values())
+        if tasks:
+            self.pool.stop_runs(tasks)
+            kill_at = now + self.config.shutdown.drain_timeout
+            for task in tasks:
+                self.retiring[task.run_id] = (job, kill_at)
+
+    def _start_held(self) -> None:
+        """Start each new definition whose job has no old run left (in the new pool, once a
+        pool replacement has happened)."""
+        if self.next_pool is not None or self.phase != "running" or not self.held:
+            return
+        busy = {job.name for job, _ in self.retiring.values()}
+        now_wall, now_mono = time.time(), time.monotonic()
+        for name in [name for name in self.held if name not in busy]:
+            runtime = JobRuntime(self.held.pop(name), random.Random(self.rng.random()))
+            runtime.start(now_wall, now_mono, self.state.last_fire(name))
+            self.jobs[name] = runtime
+
+    def _kill_overdue_retiring(self, now: float) -> None:
+        overdue = []
+        for run_id, (job, kill_at) in self.retiring.items():
+            if kill_at <= now:
+                self.retiring[run_id] = (job, math.inf)  # once: its end is the pool's to report
+                if run_id in job.running:
+                    overdue.append(job.running[run_id])
+        if overdue:
+            self.log.warning(
+                "reload: %d runs of changed or removed jobs still running after %ss: "
+                "killing them (%s)",
+                len(overdue),
+                self.config.shutdown.drain_timeout,
+                ", ".join(sorted({task.job for task in overdue})),
+            )
+            for ev in self.pool.kill_runs("killed", overdue):
+                self._on_ended(ev)
+
+    def _replace_pool(self) -> None:
+        """A reload changed the pool and the old one is drained: close it, start the new one,
+        then the jobs."""
+        old, new = self.pool, self.next_pool
+        for ev in old.close():
+            self._on_ended(ev)
+        self._handle_events(old.poll())
+        add_to_sys_path(new.pythonpath)
+        self.pool = pool_for(new, self.log_target, logging.getLogger().level)
+        self.pool.start()
+        self.next_pool = None
+        self.log.info(
+            "reload: pool replaced: %s (%s)",
+            count(new.pool.workers, "worker"),
+            new.pool.start_method,
+        )
+        self._start_held()
 
     # -- health and status ---------------------------------------------------------------
 

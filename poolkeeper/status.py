@@ -22,8 +22,11 @@ def status_line(daemon, now: float) -> str:
     if daemon.phase == "starting":
         waiting = ", ".join(job.name for job in daemon.before_ready_waiting())
         return f"starting: waiting for {waiting}" if waiting else "starting"
-    jobs = len(daemon.jobs)
+    jobs = len(daemon.jobs) + len(daemon.held)
     head = f"{count(jobs, 'job')}, {pool.busy_count()}/{pool.size()} workers busy"
+    if daemon.next_pool is not None or daemon.retiring:
+        what = "replacing the pool" if daemon.next_pool is not None else "reloading"
+        head += f", {what} ({count(len(daemon.retiring), 'old run')} finishing)"
     backing = [
         (job.name, left)
         for job in daemon.jobs.values()
@@ -36,4 +39,6 @@ def status_line(daemon, now: float) -> str:
     paused = sum(1 for job in daemon.jobs.values() if job.paused)
     if paused:
         head += f", {paused} paused"
+    if daemon.reload_rejected:
+        tail += f"; reload rejected: {daemon.reload_rejected}"
     return f"{head}; {tail}"

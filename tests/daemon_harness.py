@@ -25,22 +25,24 @@ class DaemonProcess:
         db: Path | None = None,
         pythonpath: tuple[Path, ...] = (),
         run_args: tuple[str, ...] = (),
+        notify_socket: str | None = None,
     ) -> None:
         self.dir = tmp_path
         self.out = tmp_path / "out"
         self.out.mkdir(parents=True, exist_ok=True)
         self.config = tmp_path / "poolkeeper.yaml"
         self.db = db or tmp_path / "state.db"
-        body = textwrap.dedent(spec).replace("$OUT", str(self.out))
-        header = (
+        self.header = (
             f"version: 1\npythonpath: [{', '.join(map(str, (TESTS_DIR, *pythonpath)))}]\n"
             f"state:\n  path: {self.db}\n  keep: {keep}\n"
         )
-        self.config.write_text(header + body)
+        self.rewrite(spec)
         self.log_path = tmp_path / "daemon.log"
         self._log = open(self.log_path, "wb")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env.pop("NOTIFY_SOCKET", None)
+        if notify_socket is not None:
+            full_env["NOTIFY_SOCKET"] = notify_socket
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "poolkeeper", "run", str(self.config), "--log-target", "stderr"]
             + list(run_args),
@@ -49,6 +51,11 @@ class DaemonProcess:
             env=full_env,
             start_new_session=True,
         )
+
+    def rewrite(self, spec: str) -> None:
+        """Write the config file (what a reload reads): `spec` below the usual header."""
+        body = textwrap.dedent(spec).replace("$OUT", str(self.out))
+        self.config.write_text(self.header + body)
 
     @property
     def pid(self) -> int:

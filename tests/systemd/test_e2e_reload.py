@@ -1,0 +1,76 @@
+"""`systemctl reload` (the shipped ExecReload=, a SIGHUP): a bad file leaves the unit active on
+its old config with the reason in StatusText and the journal; a good one adds and removes jobs
+by name while an unchanged loop keeps its run."""
+
+from __future__ import annotations
+
+import e2e_support as e2e
+from sandbox import Sandbox
+
+from poolkeeper.logs import MESSAGE_IDS
+
+LOOP = "steady:\n  target: e2e_jobs:loop\n  loop: {replicas: 1}\n"
+TICK = "tick:\n  target: e2e_jobs:quick\n  every: 200ms\n"
+TOCK = "tock:\n  target: e2e_jobs:quick\n  every: 200ms\n"
+DB = "/var/lib/poolkeeper/reload/poolkeeper.db"
+
+
+def _steady_runs(sb: Sandbox) -> list[str]:
+    """Ids of the loop's runs that have no outcome yet."""
+    runs = e2e.state_runs(sb, DB)
+    return [r["run_id"] for r in runs if r["job"] == "steady" and r["outcome"] == "running"]
+
+
+def _status_with(sb: Sandbox, unit: str, text: str) -> str | None:
+    status = sb.show(unit, "StatusText")["StatusText"]
+    return status if text in status else None
+
+
+def test_systemctl_reload_applies_a_good_file_and_keeps_running_on_a_bad_one(
+    systemd_sandbox: Sandbox,
+):
+    sb = systemd_sandbox
+    unit = e2e.install_instance(sb, "reload", e2e.config(LOOP + TICK, workers=3))
+    with e2e.running(sb, unit):
+        sb.systemctl("start", unit)
+        main = sb.show(unit, "MainPID")["MainPID"]
+        e2e.wait_journal(sb, "quick run", "-u", unit, "JOB=tick")
+        steady = sb.wait_for(lambda: _steady_runs(sb), 10, "the loop's run in the state DB")
+
+        # A bad file: nothing changes, and systemd shows why.
+        bad = e2e.config(LOOP + TICK + "  oops: 1\n", workers=3)
+        line = bad.splitlines().index("    oops: 1") + 1
+        sb.write_file("/etc/poolkeeper/reload.yaml", bad)
+        sb.systemctl("reload", unit)
+        e2e.wait_journal(
+            sb, "reload rejected", "-u", unit, f"MESSAGE_ID={MESSAGE_IDS['reload_rejected']}"
+        )
+        assert e2e.wait_journal(
+            sb, f"/etc/poolkeeper/reload.yaml:{line}:5: unknown key 'oops'", "-u", unit
+        )
+        status = sb.wait_for(
+            lambda: _status_with(sb, unit, "reload rejected"), 10, "the rejection in StatusText"
+        )
+        assert "unknown key 'oops'" in status
+        assert sb.show(unit, "ActiveState", "MainPID") == {"ActiveState": "active", "MainPID": main}
+
+        # A good file: tick goes, tock comes, steady is not touched.
+        sb.write_file("/etc/poolkeeper/reload.yaml", e2e.config(LOOP + TOCK, workers=3))
+        sb.systemctl("reload", unit)
+        e2e.wait_journal(
+            sb,
+            "reload applied: 1 job added (tock); 1 job removed (tick); 1 job unchanged",
+            "-u",
+            unit,
+            f"MESSAGE_ID={MESSAGE_IDS['reload_applied']}",
+        )
+        e2e.wait_journal(sb, "quick run", "-u", unit, "JOB=tock")
+        sb.wait_for(
+            lambda: "reload rejected" not in sb.show(unit, "StatusText")["StatusText"],
+            10,
+            "StatusText without the old rejection",
+        )
+        assert _steady_runs(sb) == steady
+        assert sb.show(unit, "ActiveState", "MainPID") == {"ActiveState": "active", "MainPID": main}
+        sb.systemctl("stop", unit)
+        assert sb.show(unit, "Result")["Result"] == "success"

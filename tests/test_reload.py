@@ -1,0 +1,242 @@
+"""Reload (SIGHUP): a bad file changes nothing; a good one is applied by job name.
+
+The plan is checked on records; the rest with a real daemon, its workers and its state DB.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import pytest
+
+from poolkeeper import reload
+from poolkeeper.settings import Config
+
+LOOP = """
+  {name}:
+    target: daemon_jobs:loop_units
+    loop: {{replicas: 1}}
+    kwargs: {{out_dir: $OUT}}{extra}
+"""
+
+
+def loops(
+    *names: str, extra: dict[str, str] | None = None, pool: str = "2", method: str = "fork"
+) -> str:
+    extra = extra or {}
+    body = "".join(LOOP.format(name=n, extra=extra.get(n, "")) for n in names)
+    return f"pool: {{workers: {pool}, start_method: {method}}}\nshutdown: {{drain_timeout: 5s}}\njobs:{body}"
+
+
+def running_ids(d) -> dict[str, list[str]]:
+    """Run ids by job, in start order, of runs with no outcome yet."""
+    out: dict[str, list[str]] = {}
+    if "ready" not in d.log():  # before that the state DB may not be there
+        return out
+    for run in d.runs():
+        if run["outcome"] == "running":
+            out.setdefault(run["job"], []).append(run["run_id"])
+    return out
+
+
+def reload_and_wait(d, marker: str) -> None:
+    seen = d.log().count(marker)
+    d.signal(signal.SIGHUP)
+    d.wait_for(lambda: d.log().count(marker) > seen, what=f"{marker!r} after SIGHUP")
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def _config(jobs: dict, workers: int = 2, state_path: str = "auto") -> Config:
+    job = {
+        "target": "m:f", "loop": None, "every": 60.0, "cron": None, "at": None,
+        "timezone": None, "before_ready": False, "jitter": 0.0, "timeout": None,
+        "heartbeat_timeout": None,
+        "retry": {"attempts": 1, "initial": 1.0, "factor": 2.0, "max": 10.0, "jitter": "none"},
+        "restart": "always",
+        "backoff": {"initial": 1.0, "max": 10.0, "factor": 2.0, "jitter": "none"},
+        "overlap": "skip", "max_concurrent": 1, "catchup": "none", "args": [], "kwargs": {},
+        "env": {},
+    }  # fmt: skip
+    return Config.from_dict(
+        {
+            "path": "/x.yaml",
+            "pythonpath": [],
+            "pool": {
+                "workers": workers,
+                "start_method": "fork",
+                "preload": [],
+                "max_runs_per_worker": 0,
+                "max_memory_per_worker": 0,
+            },  # fmt: skip
+            "shutdown": {"drain_timeout": 5.0},
+            "state": {"path": state_path, "keep": 86400.0},
+            "jobs": {name: {**job, "name": name, **over} for name, over in jobs.items()},
+        }
+    )
+
+
+def test_the_plan_compares_jobs_by_name_on_every_setting():
+    old = _config({"same": {}, "edited": {}, "gone": {}})
+    new = _config({"same": {}, "edited": {"kwargs": {"a": 1}}, "new": {}})
+    plan = reload.plan(old, new)
+    assert plan == reload.Plan(["new"], ["gone"], ["edited"], ["same"], [])
+    assert plan.summary() == (
+        "1 job added (new); 1 job removed (gone); 1 job changed (edited); 1 job unchanged"
+    )
+    assert reload.plan(old, old).changes_anything is False
+
+
+def test_a_pool_change_changes_every_job():
+    old = _config({"a": {}, "b": {}})
+    plan = reload.plan(old, _config({"a": {}, "b": {}}, workers=3))
+    assert plan == reload.Plan([], [], ["a", "b"], [], ["pool.workers"])
+
+
+def test_a_new_state_path_is_refused():
+    refusal = reload.refusal(_config({}), _config({}, state_path="/elsewhere.db"))
+    assert refusal is not None and "restart" in refusal
+    assert reload.refusal(_config({}), _config({"a": {}})) is None
+
+
+# -- a real daemon ----------------------------------------------------------------------------
+
+
+def test_a_bad_file_changes_nothing_and_says_where(daemon_factory):
+    d = daemon_factory(loops("consume"))
+    d.wait_for(lambda: running_ids(d).get("consume"), what="the loop's run")
+    before = running_ids(d)
+    d.rewrite(loops("consume", extra={"consume": "\n    every: 5"}))
+    reload_and_wait(d, "reload rejected")
+    log = d.log()
+    # Every problem, each with its position, as `poolkeeper check` would print them.
+    assert f"{d.config}:9:3: job 'consume' sets 'loop' and 'every'" in log
+    assert f"{d.config}:13:12: every: a duration needs a unit, e.g. '5s'" in log
+    assert "reload rejected: 2 problems; still running the previous config" in log
+    units = d.units()
+    d.wait_for(lambda: d.units() > units, what="the loop to go on working")
+    assert running_ids(d) == before  # the same run: nothing was restarted
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert [(r["job"], r["outcome"]) for r in d.runs()] == [("consume", "succeeded")]
+
+
+def test_a_good_file_is_applied_by_job_name(daemon_factory):
+    d = daemon_factory(loops("keep", "edit", "drop", pool="4"))
+    d.wait_for(lambda: len(running_ids(d)) == 3, what="three loops running")
+    before = running_ids(d)
+    d.rewrite(
+        loops("keep", "edit", "fresh", extra={"edit": "\n    heartbeat_timeout: 1m"}, pool="4")
+    )
+    reload_and_wait(d, "reload applied")
+    assert (
+        "reload applied: 1 job added (fresh); 1 job removed (drop); 1 job changed (edit); "
+        "1 job unchanged"
+    ) in d.log()
+    d.wait_for(
+        lambda: (
+            sorted(running_ids(d)) == ["edit", "fresh", "keep"]
+            and running_ids(d)["edit"] != before["edit"]
+        ),
+        what="the new definitions running",
+    )
+    after = running_ids(d)
+    assert after["keep"] == before["keep"]  # untouched
+    ended = {r["run_id"]: r["outcome"] for r in d.runs() if r["outcome"] != "running"}
+    assert ended == {before["drop"][0]: "succeeded", before["edit"][0]: "succeeded"}
+    # The stopped loops returned on their stop event, as in a drain.
+    assert (d.out / f"{before['drop'][0]}.returned").exists()
+    assert not (d.out / f"{before['keep'][0]}.returned").exists()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert {r["outcome"] for r in d.runs()} == {"succeeded"}
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_pool_change_replaces_the_pool(daemon_factory, method):
+    """(Under forkserver the old pool's forkserver goes with it: the suite checks that no
+    process is left.)"""
+    d = daemon_factory(loops("consume", method=method))
+    d.wait_for(lambda: running_ids(d).get("consume"), what="the loop's run")
+    first = running_ids(d)["consume"][0]
+    d.rewrite(loops("consume", pool="3", method=method))
+    reload_and_wait(d, "reload applied")
+    d.wait_log(f"pool replaced: 3 workers ({method})")
+    d.wait_for(lambda: running_ids(d).get("consume", [first]) != [first], what="a new run")
+    old_pid = {r["run_id"]: r["worker_pid"] for r in d.runs()}
+    (second,) = running_ids(d)["consume"]
+    assert old_pid[second] != old_pid[first]
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert [r["outcome"] for r in d.runs()] == ["succeeded", "succeeded"]
+
+
+def test_a_removed_job_that_ignores_the_stop_is_killed_after_the_drain_budget(daemon_factory):
+    head = """
+        pool: {workers: 2, start_method: fork}
+        shutdown: {drain_timeout: 500ms}
+        jobs:
+          other:
+            target: daemon_jobs:ok
+            every: 1h
+        """
+    stubborn = """
+          stubborn:
+            target: daemon_jobs:stubborn
+            at: startup
+            kwargs: {out_dir: $OUT}
+        """
+    d = daemon_factory(head + stubborn)
+    d.wait_for((d.out / "stubborn.pids").exists, what="the stubborn run")
+    d.wait_for(lambda: running_ids(d).get("stubborn"), what="its start in the state DB")
+    d.rewrite(head)
+    reload_and_wait(d, "reload applied: 1 job removed (stubborn); 1 job unchanged")
+    d.wait_for(
+        lambda: [r["outcome"] for r in d.runs() if r["job"] == "stubborn"] == ["killed"],
+        what="the stubborn run killed",
+    )
+    assert "1 runs of changed or removed jobs still running after 0.5s: killing them" in d.log()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_a_changed_state_path_is_refused(daemon_factory, tmp_path):
+    d = daemon_factory(loops("consume"))
+    d.wait_for(lambda: running_ids(d).get("consume"), what="the loop's run")
+    d.header = d.header.replace(str(d.db), str(tmp_path / "other.db"))
+    d.rewrite(loops("consume"))
+    reload_and_wait(d, "reload rejected")
+    assert "a running daemon keeps its state database; restart it" in d.log()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert not (tmp_path / "other.db").exists()
+
+
+def test_systemd_hears_reloading_the_verdict_and_ready_again(daemon_factory, tmp_path):
+    """RELOADING=1 (with MONOTONIC_USEC), then STATUS= with the verdict, then READY=1: the
+    order systemd needs to leave the reloading state with the unit's new status."""
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(address)
+        systemd.settimeout(20)
+
+        def until(prefix: bytes) -> list[bytes]:
+            seen = []
+            while not seen or not seen[-1].startswith(prefix):
+                seen.append(systemd.recv(65536))
+            return seen
+
+        d = daemon_factory(loops("consume"), notify_socket=address)
+        until(b"READY=1")
+        d.rewrite(loops("consume", extra={"consume": "\n    bogus: 1"}))
+        d.signal(signal.SIGHUP)
+        reloading = until(b"RELOADING=1")[-1]
+        assert reloading.split(b"\n")[1].startswith(b"MONOTONIC_USEC=")
+        after = until(b"READY=1")
+        assert after[-2].startswith(b"STATUS=1 job, ") and (
+            f"reload rejected: {d.config}:13:5: unknown key 'bogus'".encode() in after[-2]
+        )
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit() == 0
