@@ -537,7 +537,10 @@ class Daemon:
                     extra=event("reload_applied"),
                 )
         finally:
-            self.notifier.status(self.status_text(time.monotonic()), force=True)
+            # Validation imported the job modules (seconds, for some): that was this turn's
+            # work, not a stuck loop, so it must not cost a watchdog ping.
+            self.last_turn = time.monotonic()
+            self.notifier.status(self.status_text(self.last_turn), force=True)
             self.notifier.ready()
 
     def _read_config_again(self) -> tuple[Config | None, list[str]]:

@@ -240,3 +240,22 @@ def test_systemd_hears_reloading_the_verdict_and_ready_again(daemon_factory, tmp
         )
         d.signal(signal.SIGTERM)
         assert d.wait_exit() == 0
+
+
+def test_a_sighup_during_the_drain_is_ignored(daemon_factory):
+    d = daemon_factory("""
+        pool: {workers: 1, start_method: fork}
+        jobs:
+          stubborn:
+            target: daemon_jobs:stubborn
+            at: startup
+            kwargs: {out_dir: $OUT}
+        """)
+    d.wait_for((d.out / "stubborn.pids").exists, what="the stubborn run")
+    d.signal(signal.SIGTERM)
+    d.wait_log("draining 1 runs")
+    d.signal(signal.SIGHUP)
+    d.wait_log("SIGHUP while draining: not reloading")
+    d.signal(signal.SIGINT)  # fast stop: the stubborn run is killed
+    assert d.wait_exit() == 0
+    assert [r["outcome"] for r in d.runs()] == ["killed"]
