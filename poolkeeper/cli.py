@@ -195,6 +195,34 @@ def _cmd_status(args: argparse.Namespace, config) -> int:
     return exitcodes.OK
 
 
+def _cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running daemon to reload; with --wait, report its verdict (the unit's
+    ExecReload=, which makes `systemctl reload` fail on a rejected file)."""
+    from poolkeeper import control
+
+    try:
+        path = args.socket or control.socket_of_config(args.config or default_config_path())
+        if path is None:
+            raise control.ControlError(
+                "this config keeps no state file (state.path ':memory:'), so its daemon has "
+                "no control socket; send it SIGHUP to reload"
+            )
+        reply = control.request(path, {"command": "reload"}, wait=args.wait)
+    except control.ControlError as exc:
+        print(f"poolkeeper: {exc}", file=sys.stderr)
+        return exitcodes.UNAVAILABLE
+    if reply is None:
+        print(f"poolkeeper: reload requested ({path})")
+        return exitcodes.OK
+    for problem in reply.get("problems") or ():
+        print(problem, file=sys.stderr)
+    ok = reply.get("ok") is True
+    print(str(reply.get("message", "")), file=sys.stdout if ok else sys.stderr)
+    if ok:
+        return exitcodes.OK
+    return exitcodes.CONFIG if reply.get("problems") else exitcodes.UNAVAILABLE
+
+
 @_with_config
 def _cmd_next(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import print_next
@@ -271,6 +299,25 @@ def _add_other_commands(sub) -> None:
     p.add_argument("-n", type=int, default=5, help="how many (default 5)")
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
     p.set_defaults(func=_cmd_next)
+
+    p = sub.add_parser(
+        "reload",
+        help="make the running daemon re-read its config (a bad file changes nothing)",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the outcome: print it (the errors of a rejected file) and exit 0, or "
+        "78 if the file was rejected (the unit's ExecReload=)",
+    )
+    p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the daemon's control socket (default: $RUNTIME_DIRECTORY/control.sock, else "
+        "next to the config's state database)",
+    )
+    p.set_defaults(func=_cmd_reload)
 
     p = sub.add_parser(
         "unit", help="print a systemd unit for this installation (its real ExecStart path)"

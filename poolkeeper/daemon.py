@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from multiprocessing.connection import wait as wait_for_ready
 
-from poolkeeper import exitcodes, reload
+from poolkeeper import control, exitcodes, reload
 from poolkeeper.jobs import JobRuntime, PendingRun
 from poolkeeper.logs import event, get_logger
 from poolkeeper.notify import Notifier
@@ -96,6 +96,7 @@ class Daemon:
             os.environ.pop(name, None)
         self.rng = rng or random.Random()
         self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        self.control: control.ControlServer | None = None
         self.state: StateStore | None = None
         self.pool: Pool | None = pool
         self.jobs: dict[str, JobRuntime] = {}
@@ -143,6 +144,7 @@ class Daemon:
     def _turn(self) -> None:
         self._wait()
         self._handle_signals()
+        self._serve_control()
         self._collect()
         self._fire_schedules()
         self._dispatch()
@@ -154,6 +156,7 @@ class Daemon:
         faulthandler.enable()
         self.signals.install()
         self._open_state()
+        self._open_control()
         cfg = self.config
         # The forkserver inherits this process's sys.path: without the spec's pythonpath
         # its preload of the job modules would fail (silently) and every worker would
@@ -175,6 +178,22 @@ class Daemon:
             self.state.path,
         )
         # READY=1 once the workers report ready (see _advance_phase).
+
+    def _open_control(self) -> None:
+        """The socket `poolkeeper reload --wait` talks to (poolkeeper.control). Opened after
+        the state lock is held: a stale socket of this config can then only be a dead
+        daemon's. Without it the daemon still runs, and SIGHUP still reloads."""
+        path = control.socket_path(self.state.path)
+        if path is None:
+            return
+        try:
+            self.control = control.ControlServer(path)
+        except OSError as exc:
+            self.log.warning(
+                "no control socket (%s): `poolkeeper reload --wait` cannot reach this daemon; "
+                "SIGHUP still reloads",
+                exc,
+            )
 
     def _open_state(self) -> None:
         path = StateStore.path_for(self.config)
@@ -206,6 +225,8 @@ class Daemon:
             self._log_drain_summary()
         if self.state is not None:
             self.state.close()
+        if self.control is not None:
+            self.control.close()
         self.signals.close()
 
     # -- one turn -----------------------------------------------------------------------
@@ -224,7 +245,10 @@ class Daemon:
             deadlines.append(self._next_ping)
         timeout = max(0.0, min(d for d in deadlines if d is not None) - now_mono)
         if timeout:
-            wait_for_ready([*self.pool.waitables(), self.signals], timeout)
+            waitables = [*self.pool.waitables(), self.signals]
+            if self.control is not None:
+                waitables.append(self.control)
+            wait_for_ready(waitables, timeout)
 
     def _handle_signals(self) -> None:
         for signum in self.signals.pop_all():
@@ -517,25 +541,36 @@ class Daemon:
 
     # -- reload -------------------------------------------------------------------------
 
-    def _reload(self, why: str) -> None:
+    def _serve_control(self) -> None:
+        if self.control is not None:
+            self.control.serve(self._on_request)
+
+    def _on_request(self, request: dict) -> dict:
+        command = request.get("command")
+        if command == "reload":
+            return self._reload("reload request")
+        return {"ok": False, "message": f"unknown command {command!r} (known: reload)"}
+
+    def _reload(self, why: str) -> dict:
+        """Returns the outcome for `poolkeeper reload --wait`: ok, message, problems."""
         if self.phase != "running":
             self.log.warning("%s while %s: not reloading", why, self.phase)
-            return
+            return {"ok": False, "message": f"the daemon is {self.phase}: not reloading"}
         self.notifier.reloading()
         try:
             self.log.info("%s: reloading %s", why, self.config.path)
             new, problems = self._read_config_again()
             if new is None:
                 self._reject(problems)
-            else:
-                plan = reload.plan(self.config, new)
-                self.reload_rejected = None
-                self._apply(new, plan)
-                self.log.info(
-                    "reload applied: %s",
-                    plan.summary() if plan.changes_anything else "nothing changed",
-                    extra=event("reload_applied"),
-                )
+                return {"ok": False, "message": self._rejected_line(problems), "problems": problems}
+            plan = reload.plan(self.config, new)
+            self.reload_rejected = None
+            self._apply(new, plan)
+            message = "reload applied: " + (
+                plan.summary() if plan.changes_anything else "nothing changed"
+            )
+            self.log.info("%s", message, extra=event("reload_applied"))
+            return {"ok": True, "message": message, "problems": []}
         finally:
             # Validation imported the job modules (seconds, for some): that was this turn's
             # work, not a stuck loop, so it must not cost a watchdog ping.
@@ -563,10 +598,12 @@ class Daemon:
             self.log.error("%s", problem)
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         self.reload_rejected = f"{problems[0]}{more}"
-        self.log.error(
-            "reload rejected: %d problems; still running the previous config",
-            len(problems),
-            extra=event("reload_rejected"),
+        self.log.error("%s", self._rejected_line(problems), extra=event("reload_rejected"))
+
+    @staticmethod
+    def _rejected_line(problems: list[str]) -> str:
+        return (
+            f"reload rejected: {count(len(problems), 'problem')}; still running the previous config"
         )
 
     def _apply(self, new: Config, plan: reload.Plan) -> None:

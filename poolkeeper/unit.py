@@ -46,9 +46,10 @@ NotifyAccess=main
 # ExecStartPre=check: on 252 its failure is retried by Restart=on-failure (see docs/systemd.md).
 ExecStart=@POOLKEEPER@ run {config}
 # The daemon validates the file in full, then applies it by job name or, if it is invalid,
-# logs every error and keeps the running config (docs/lifecycle.md, "Reload"). On 252
-# `systemctl reload` returns once the signal is sent; the journal says how it ended.
-ExecReload=/bin/kill -HUP $MAINPID
+# logs every error and keeps the running config (docs/lifecycle.md, "Reload"). `reload --wait`
+# asks over the control socket in RuntimeDirectory= and waits for that verdict, so
+# `systemctl reload` fails on a rejected file (a SIGHUP would return before the verdict).
+ExecReload=@POOLKEEPER@ reload --wait
 Environment=PYTHONUNBUFFERED=1
 # READY=1 comes after the pool is up and every before_ready job succeeded; a long one sends
 # EXTEND_TIMEOUT_USEC, so this only bounds a start that makes no progress.

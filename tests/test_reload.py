@@ -5,12 +5,19 @@ The plan is checked on records; the rest with a real daemon, its workers and its
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from poolkeeper import reload
+from poolkeeper import control, reload
 from poolkeeper.settings import Config
 
 LOOP = """
@@ -259,3 +266,122 @@ def test_a_sighup_during_the_drain_is_ignored(daemon_factory):
     d.signal(signal.SIGINT)  # fast stop: the stubborn run is killed
     assert d.wait_exit() == 0
     assert [r["outcome"] for r in d.runs()] == ["killed"]
+
+
+# -- poolkeeper reload --wait, over the control socket -----------------------------------------
+
+
+def poolkeeper(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "poolkeeper", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def reload_as(uid: int, path: str) -> str:
+    """Ask for a reload from a process of another user (a fork that drops to `uid`): the
+    reply's message, or the error."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on, only os._exit
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                answer = str(control.request(path, {"command": "reload"})["message"])
+            except control.ControlError as exc:
+                answer = str(exc)
+            os.write(write_end, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        answer = f.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+def test_reload_wait_reports_the_verdict_and_fails_on_a_rejected_file(daemon_factory):
+    d = daemon_factory(loops("consume"))
+    d.wait_for(lambda: running_ids(d).get("consume"), what="the loop's run")
+    assert stat.S_IMODE(os.stat(f"{d.db}.sock").st_mode) == 0o600
+
+    d.rewrite(loops("consume", extra={"consume": "\n    bogus: 1"}))
+    bad = poolkeeper("reload", "--wait", "-c", str(d.config))
+    assert bad.returncode == 78, bad
+    assert f"{d.config}:13:5: unknown key 'bogus'" in bad.stderr
+    assert "reload rejected: 1 problem; still running the previous config" in bad.stderr
+
+    d.rewrite(loops("consume", "more"))
+    good = poolkeeper("reload", "--wait", "-c", str(d.config))
+    assert (good.returncode, good.stdout) == (
+        0,
+        "reload applied: 1 job added (more); 1 job unchanged\n",
+    )
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert not os.path.exists(f"{d.db}.sock")  # removed at exit
+
+
+def test_reload_without_wait_returns_once_asked(daemon_factory):
+    d = daemon_factory(loops("consume"))
+    d.wait_log("ready")
+    d.rewrite(loops("consume", "more"))
+    asked = poolkeeper("reload", "--socket", f"{d.db}.sock")
+    assert (asked.returncode, asked.stdout) == (0, f"poolkeeper: reload requested ({d.db}.sock)\n")
+    d.wait_log("reload applied: 1 job added (more)")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_reload_with_no_daemon_says_so(tmp_path):
+    missing = poolkeeper("reload", "--wait", "--socket", str(tmp_path / "none.sock"))
+    assert missing.returncode == 69
+    assert "no poolkeeper daemon is listening on" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_the_control_socket_only_answers_its_own_user(daemon_factory):
+    """Two locks: the socket's mode (0600), and the peer's uid checked on every connection."""
+    open_dir = tempfile.mkdtemp(prefix="pk-control-", dir="/tmp")  # reachable by `nobody`
+    try:
+        os.chmod(open_dir, 0o755)
+        d = daemon_factory(loops("consume"), db=Path(open_dir) / "state.db")
+        d.wait_log("ready")
+        sock = f"{d.db}.sock"
+        assert "Permission denied" in reload_as(65534, sock)  # the mode stops it
+        os.chmod(sock, 0o666)  # with the mode out of the way, the uid check answers
+        assert reload_as(65534, sock) == "uid 65534 may not control this daemon"
+        assert "reloading" not in d.log()
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit() == 0
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)
+
+
+def test_unknown_commands_and_garbage_get_an_answer_not_a_hang(daemon_factory):
+    d = daemon_factory(loops("consume"))
+    d.wait_log("ready")
+    reply = control.request(f"{d.db}.sock", {"command": "explode"})
+    assert reply == {"ok": False, "message": "unknown command 'explode' (known: reload)"}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.connect(f"{d.db}.sock")
+        raw.sendall(b"not json\n")
+        assert b"bad request" in raw.recv(4096)
+    reply = control.request(f"{d.db}.sock", {"command": "reload"})  # the loop still serves
+    assert reply["ok"] and reply["message"] == "reload applied: nothing changed"
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_a_stale_socket_of_a_killed_daemon_is_replaced(daemon_factory):
+    d = daemon_factory(loops("consume"))
+    d.wait_log("ready")
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    assert os.path.exists(f"{d.db}.sock")
+    again = daemon_factory(loops("consume"))
+    again.wait_log("ready")
+    assert "no control socket" not in again.log()
+    assert poolkeeper("reload", "--wait", "-c", str(again.config)).returncode == 0
+    again.signal(signal.SIGTERM)
+    assert again.wait_exit() == 0
