@@ -210,6 +210,7 @@ def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
     threading.Thread(
         target=_die_with_main, args=(pidfd.fd,), name="poolkeeper-die-with-main", daemon=True
     ).start()
+    _own_journal_stream()
     # SIGABRT (systemd's watchdog), SIGSEGV...: a Python traceback on stderr; SIGUSR1: the
     # main process asks for the stack of a hung run, and we go on running.
     faulthandler.enable()
@@ -221,6 +222,37 @@ def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
         importlib.import_module(name)
     _RunFields.pid = os.getpid()
     _install_record_factory()
+
+
+def _own_journal_stream() -> None:
+    """Under journald, give this worker a journal stream of its own on stdout and stderr.
+
+    Inherited, one stream would serve the daemon and every worker, and journald cuts a stream
+    into lines: a line one process has begun and another's line written meanwhile become one
+    entry. faulthandler writes a line in pieces, so when the watchdog's SIGABRT reaches the
+    whole unit every process's stack dump was mixed into the others'; a job that prints a
+    line in two writes is cut the same way. Needs python-systemd (sd_journal_stream_fd);
+    without it the worker keeps the inherited stream."""
+    from poolkeeper.logs import stderr_is_journal
+
+    if not stderr_is_journal():
+        return
+    try:
+        from systemd import journal
+
+        stream = journal.stream("poolkeeper", level_prefix=True)
+    except (ImportError, OSError):
+        return
+    for std in (sys.stdout, sys.stderr):
+        try:
+            std.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    with stream:
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+    st = os.fstat(2)
+    os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"  # for the jobs' subprocesses
 
 
 class _Worker:

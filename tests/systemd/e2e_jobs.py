@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 
 log = logging.getLogger("e2e_jobs")
@@ -20,6 +21,30 @@ def sleep_for(seconds: float) -> str:
 
 def quick(ctx) -> None:
     ctx.log.info("quick run %s", ctx.run_id)
+
+
+def half_line(ctx, flag_dir: str) -> None:
+    """Writes a line in two pieces, and another job writes a whole line in between."""
+    sys.stdout.write("first half of a line, ")
+    sys.stdout.flush()
+    open(os.path.join(flag_dir, "half-written"), "w").close()
+    _wait_for_file(os.path.join(flag_dir, "whole-written"))
+    sys.stdout.write("second half\n")
+    sys.stdout.flush()
+
+
+def whole_line(ctx, flag_dir: str) -> None:
+    _wait_for_file(os.path.join(flag_dir, "half-written"))
+    print("a whole line from another job", flush=True)
+    open(os.path.join(flag_dir, "whole-written"), "w").close()
+
+
+def _wait_for_file(path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
 
 
 def hold(ctx, seconds: float) -> None:

@@ -64,3 +64,34 @@ def test_job_records_carry_the_job_fields_and_message_ids(systemd_sandbox: Sandb
         assert [e["RUN_ID"] for e in started] == [run_id]
         # The other job's lines carry its own name.
         e2e.wait_journal(sb, "quick run", "-u", unit, "JOB=chatty")
+
+
+def test_two_jobs_writing_at_once_do_not_cut_each_others_lines(systemd_sandbox: Sandbox):
+    """Each worker writes to a journal stream of its own: a line one job has half written is
+    not joined with the line another job writes meanwhile (nor a stack dump with another's
+    when the watchdog aborts the whole unit)."""
+    sb = systemd_sandbox
+    flags = e2e.shared_dir(sb, "/srv/pk-lines")
+    unit = e2e.install_instance(
+        sb,
+        "lines",
+        e2e.config(
+            f"""
+            half:
+              target: e2e_jobs:half_line
+              at: startup
+              kwargs: {{flag_dir: {flags}}}
+            whole:
+              target: e2e_jobs:whole_line
+              at: startup
+              kwargs: {{flag_dir: {flags}}}
+            """
+        ),
+        f"ReadWritePaths={flags}\n",
+    )
+    with e2e.running(sb, unit):
+        sb.systemctl("start", unit)
+        e2e.wait_journal(sb, "second half", "-u", unit)
+        lines = e2e.journal_messages(sb, "-u", unit, "_TRANSPORT=stdout")
+        assert "first half of a line, second half" in lines
+        assert "a whole line from another job" in lines
