@@ -198,6 +198,16 @@ def _cmd_status(args: argparse.Namespace, config) -> int:
 def _cmd_reload(args: argparse.Namespace) -> int:
     """Ask the running daemon to reload; with --wait, report its verdict (the unit's
     ExecReload=, which makes `systemctl reload` fail on a rejected file)."""
+    return _ask_daemon(args, {"command": "reload"}, wait=args.wait)
+
+
+def _cmd_by_hand(args: argparse.Namespace) -> int:
+    """pause, resume, run-now: one job, in the running daemon."""
+    return _ask_daemon(args, {"command": args.command, "job": args.job})
+
+
+def _ask_daemon(args: argparse.Namespace, payload: dict, *, wait: bool = True) -> int:
+    """Send one request over the control socket (poolkeeper.control) and report the reply."""
     from poolkeeper import control
 
     try:
@@ -207,12 +217,12 @@ def _cmd_reload(args: argparse.Namespace) -> int:
                 "this config keeps no state file (state.path ':memory:'), so its daemon has "
                 "no control socket; send it SIGHUP to reload"
             )
-        reply = control.request(path, {"command": "reload"}, wait=args.wait)
+        reply = control.request(path, payload, wait=wait)
     except control.ControlError as exc:
         print(f"poolkeeper: {exc}", file=sys.stderr)
         return exitcodes.UNAVAILABLE
     if reply is None:
-        print(f"poolkeeper: reload requested ({path})")
+        print(f"poolkeeper: {payload['command']} requested ({path})")
         return exitcodes.OK
     for problem in reply.get("problems") or ():
         print(problem, file=sys.stderr)
@@ -220,7 +230,8 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     print(str(reply.get("message", "")), file=sys.stdout if ok else sys.stderr)
     if ok:
         return exitcodes.OK
-    return exitcodes.CONFIG if reply.get("problems") else exitcodes.UNAVAILABLE
+    code = reply.get("exit")
+    return code if isinstance(code, int) and code > 0 else exitcodes.UNAVAILABLE
 
 
 @_with_config
@@ -310,14 +321,18 @@ def _add_other_commands(sub) -> None:
         help="wait for the outcome: print it (the errors of a rejected file) and exit 0, or "
         "78 if the file was rejected (the unit's ExecReload=)",
     )
-    p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
-    p.add_argument(
-        "--socket",
-        metavar="PATH",
-        help="the daemon's control socket (default: $RUNTIME_DIRECTORY/control.sock, else "
-        "next to the config's state database)",
-    )
+    _add_socket_options(p, config_help)
     p.set_defaults(func=_cmd_reload)
+
+    for name, what in (
+        ("pause", "no new runs of JOB until `resume` (loop replicas are stopped)"),
+        ("resume", "undo `pause`"),
+        ("run-now", "start a run of JOB now, outside its schedule"),
+    ):
+        p = sub.add_parser(name, help=f"{what} (in the running daemon)")
+        p.add_argument("job", metavar="JOB")
+        _add_socket_options(p, config_help)
+        p.set_defaults(func=_cmd_by_hand)
 
     p = sub.add_parser(
         "unit", help="print a systemd unit for this installation (its real ExecStart path)"
@@ -335,6 +350,16 @@ def _add_other_commands(sub) -> None:
 
     p = sub.add_parser("schema", help="print the JSON Schema of the job spec")
     p.set_defaults(func=_cmd_schema)
+
+
+def _add_socket_options(p: argparse.ArgumentParser, config_help: str) -> None:
+    p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the daemon's control socket (default: $RUNTIME_DIRECTORY/control.sock, else "
+        "next to the config's state database)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

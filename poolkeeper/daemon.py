@@ -546,23 +546,64 @@ class Daemon:
             self.control.serve(self._on_request)
 
     def _on_request(self, request: dict) -> dict:
+        """A control socket request. A reply says `ok`, a `message` for the user and, when
+        not ok, the `exit` code `poolkeeper` exits with (sysexits)."""
         command = request.get("command")
         if command == "reload":
             return self._reload("reload request")
-        return {"ok": False, "message": f"unknown command {command!r} (known: reload)"}
+        by_hand = {"pause": self._pause, "resume": self._resume, "run-now": self._run_now}
+        if command not in by_hand:
+            known = ", ".join(["reload", *by_hand])
+            return _refused(f"unknown command {command!r} (known: {known})", exitcodes.USAGE)
+        if self.phase != "running":
+            return _refused(f"the daemon is {self.phase}: not now", exitcodes.UNAVAILABLE)
+        name = request.get("job")
+        job = self.jobs.get(name) if isinstance(name, str) else None
+        if job is None:
+            if name in self.held:
+                why = f"job '{name}' is being restarted by a reload; try again when it runs"
+                return _refused(why, exitcodes.TEMPFAIL)
+            known = ", ".join(self.jobs) or "none"
+            return _refused(f"no job named {name!r} (jobs: {known})", exitcodes.USAGE)
+        return by_hand[command](job)
+
+    def _pause(self, job: JobRuntime) -> dict:
+        if job.paused:
+            return {"ok": True, "message": f"{job.name}: already paused"}
+        loops = job.pause()
+        self._stop_in_flight(job, loops, time.monotonic())
+        self.log.info("%s: paused by hand (%d loop replicas stopping)", job.name, len(loops))
+        stopping = f"; {count(len(loops), 'loop replica')} stopping" if loops else ""
+        return {"ok": True, "message": f"{job.name}: paused, no new runs{stopping}"}
+
+    def _resume(self, job: JobRuntime) -> dict:
+        if not job.paused:
+            return {"ok": True, "message": f"{job.name}: not paused"}
+        stopping = {run_id for run_id in job.running if run_id in self.retiring}
+        job.resume(time.time(), time.monotonic(), stopping)
+        self.log.info("%s: resumed by hand", job.name)
+        return {"ok": True, "message": f"{job.name}: resumed"}
+
+    def _run_now(self, job: JobRuntime) -> dict:
+        refused = job.run_now(time.time(), time.monotonic())
+        if refused is not None:
+            return _refused(refused, exitcodes.TEMPFAIL)
+        self.log.info("%s: a run requested by hand", job.name)
+        return {"ok": True, "message": f"{job.name}: a run is starting"}
 
     def _reload(self, why: str) -> dict:
         """Returns the outcome for `poolkeeper reload --wait`: ok, message, problems."""
         if self.phase != "running":
             self.log.warning("%s while %s: not reloading", why, self.phase)
-            return {"ok": False, "message": f"the daemon is {self.phase}: not reloading"}
+            return _refused(f"the daemon is {self.phase}: not reloading", exitcodes.UNAVAILABLE)
         self.notifier.reloading()
         try:
             self.log.info("%s: reloading %s", why, self.config.path)
             new, problems = self._read_config_again()
             if new is None:
                 self._reject(problems)
-                return {"ok": False, "message": self._rejected_line(problems), "problems": problems}
+                reply = _refused(self._rejected_line(problems), exitcodes.CONFIG)
+                return {**reply, "problems": problems}
             plan = reload.plan(self.config, new)
             self.reload_rejected = None
             self._apply(new, plan)
@@ -630,7 +671,11 @@ class Daemon:
         """Its waiting runs are dropped; its runs in flight see ctx.stopping and get the
         drain budget to end, then they are killed."""
         job.pending.clear()
-        tasks = list(job.running.values())
+        self._stop_in_flight(job, list(job.running.values()), now)
+
+    def _stop_in_flight(self, job: JobRuntime, tasks: list, now: float) -> None:
+        """These runs see ctx.stopping and get the drain budget to end (then are killed);
+        they are neither retried nor restarted."""
         if tasks:
             self.pool.stop_runs(tasks)
             kill_at = now + self.config.shutdown.drain_timeout
@@ -658,7 +703,7 @@ class Daemon:
                     overdue.append(job.running[run_id])
         if overdue:
             self.log.warning(
-                "reload: %d runs of changed or removed jobs still running after %ss: "
+                "%d stopped runs (of jobs reloaded or paused) still running after %ss: "
                 "killing them (%s)",
                 len(overdue),
                 self.config.shutdown.drain_timeout,
@@ -697,6 +742,10 @@ class Daemon:
 
     def status_text(self, now: float) -> str:
         return status_line(self, now)
+
+
+def _refused(message: str, exit_code: int) -> dict:
+    return {"ok": False, "message": message, "exit": exit_code}
 
 
 def _run_fields(task, worker_pid: int | None) -> dict:

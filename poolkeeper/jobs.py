@@ -162,6 +162,8 @@ class JobRuntime:
         replica = self.replica_of.pop(task.run_id, None)
         if draining or ev.outcome == "killed":
             return ""
+        if self.paused:
+            return "paused: not retried or restarted"
         if self.is_loop:
             return self._after_loop_run(ev, replica, now_wall, now_mono)
         return self._after_run(ev, now_mono)
@@ -189,6 +191,41 @@ class JobRuntime:
         self.backing_off_until = due if delay else None
         self.pending.append(PendingRun(self.name, ev.task.attempt + 1, now_wall, due, replica))
         return f"restart in {delay:.1f}s" if delay else "restarted"
+
+    # -- by hand (poolkeeper pause / resume / run-now) --------------------------------------
+
+    def pause(self) -> list[Task]:
+        """No new runs from now on: waiting runs and retries are dropped, fires are skipped.
+        Returns the loop replicas in flight, which the caller stops (a loop only ends when
+        told); scheduled runs in flight finish."""
+        self.paused = True
+        self.pending.clear()
+        self.backing_off_until = None
+        return [task for task in self.running.values() if task.loop]
+
+    def resume(self, now_wall: float, now_mono: float, stopping: set[str]) -> None:
+        """Fires count again; a loop gets back every replica that is not running (or is
+        still finishing its stop: `stopping`, run ids), without the backoff it had earned."""
+        self.paused = False
+        if not self.is_loop:
+            return
+        busy = {self.replica_of.get(run_id) for run_id in self.running if run_id not in stopping}
+        waiting = {run.replica for run in self.pending}
+        for replica, tracker in self.replica_failures.items():
+            if replica not in busy and replica not in waiting:
+                tracker.reset()
+                self.pending.append(PendingRun(self.name, 1, now_wall, now_mono, replica))
+
+    def run_now(self, now_wall: float, now_mono: float) -> str | None:
+        """Queue one run now (paused or not); returns why not, or None."""
+        if self.is_loop:
+            return f"'{self.name}' is a loop job: its replicas run all the time"
+        if not self._admit(PendingRun(self.name, 1, now_wall, now_mono)):
+            return (
+                f"'{self.name}' already has a run in flight or waiting "
+                f"(overlap: {self.spec.overlap})"
+            )
+        return None
 
     def backing_off(self, now_mono: float) -> float | None:
         """Seconds until a backing-off job may run again, or None."""

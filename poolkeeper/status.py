@@ -24,9 +24,10 @@ def status_line(daemon, now: float) -> str:
         return f"starting: waiting for {waiting}" if waiting else "starting"
     jobs = len(daemon.jobs) + len(daemon.held)
     head = f"{count(jobs, 'job')}, {pool.busy_count()}/{pool.size()} workers busy"
-    if daemon.next_pool is not None or daemon.retiring:
-        what = "replacing the pool" if daemon.next_pool is not None else "reloading"
-        head += f", {what} ({count(len(daemon.retiring), 'old run')} finishing)"
+    if daemon.next_pool is not None:
+        head += f", replacing the pool ({count(len(daemon.retiring), 'stopped run')} finishing)"
+    elif daemon.retiring:
+        head += f", {count(len(daemon.retiring), 'stopped run')} finishing"
     backing = [
         (job.name, left)
         for job in daemon.jobs.values()

@@ -204,7 +204,10 @@ def test_a_removed_job_that_ignores_the_stop_is_killed_after_the_drain_budget(da
         lambda: [r["outcome"] for r in d.runs() if r["job"] == "stubborn"] == ["killed"],
         what="the stubborn run killed",
     )
-    assert "1 runs of changed or removed jobs still running after 0.5s: killing them" in d.log()
+    assert (
+        "1 stopped runs (of jobs reloaded or paused) still running after 0.5s: killing them"
+        in d.log()
+    )
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
 
@@ -362,7 +365,11 @@ def test_unknown_commands_and_garbage_get_an_answer_not_a_hang(daemon_factory):
     d = daemon_factory(loops("consume"))
     d.wait_log("ready")
     reply = control.request(f"{d.db}.sock", {"command": "explode"})
-    assert reply == {"ok": False, "message": "unknown command 'explode' (known: reload)"}
+    assert reply == {
+        "ok": False,
+        "message": "unknown command 'explode' (known: reload, pause, resume, run-now)",
+        "exit": 64,
+    }
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
         raw.connect(f"{d.db}.sock")
         raw.sendall(b"not json\n")

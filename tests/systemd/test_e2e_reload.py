@@ -81,5 +81,11 @@ def test_systemctl_reload_applies_a_good_file_and_keeps_running_on_a_bad_one(
         )
         assert _steady_runs(sb) == steady
         assert sb.show(unit, "ActiveState", "MainPID") == {"ActiveState": "active", "MainPID": main}
+
+        # From root's shell, as the README says: the unit's runtime directory, then by hand.
+        by_hand = ("env", "RUNTIME_DIRECTORY=/run/poolkeeper/reload", *e2e.COMMAND)
+        assert sb.run(*by_hand, "pause", "tock").stdout == "tock: paused, no new runs\n"
+        sb.wait_for(lambda: _status_with(sb, unit, "1 paused"), 10, "the paused job in StatusText")
+        assert sb.run(*by_hand, "resume", "tock").stdout == "tock: resumed\n"
         sb.systemctl("stop", unit)
         assert sb.show(unit, "Result")["Result"] == "success"
