@@ -187,12 +187,25 @@ def _cmd_history(args: argparse.Namespace, config) -> int:
 def _cmd_status(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import open_readonly, print_status
 
+    live = _ask_quietly(args.socket, config, {"command": "status"})
     store = open_readonly(config)
     try:
-        print_status(config, store, sys.stdout)
+        print_status(config, store, sys.stdout, live=live)
     finally:
         store.close()
     return exitcodes.OK
+
+
+def _ask_quietly(socket_path: str | None, config, payload: dict) -> dict | None:
+    """The running daemon's answer, or None if there is no daemon to ask."""
+    from poolkeeper import control
+
+    try:
+        path = socket_path or control.socket_of_config(config.path)
+        reply = None if path is None else control.request(path, payload, timeout=5.0)
+    except control.ControlError:
+        return None
+    return reply if reply is not None and reply.get("ok") is True else None
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
@@ -295,8 +308,12 @@ def _add_other_commands(sub) -> None:
     p.set_defaults(func=_cmd_check)
 
     config_help = "the YAML job spec (default: the daemon's, see `run --help`)"
-    p = sub.add_parser("status", help="jobs, next fire, last outcome (from the state DB)")
-    p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
+    p = sub.add_parser(
+        "status",
+        help="jobs, next fire, what each is doing, last outcome (from the running daemon "
+        "when it answers, else from the file and the state DB)",
+    )
+    _add_socket_options(p, config_help)
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("history", help="recent runs, newest first (from the state DB)")

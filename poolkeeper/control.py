@@ -138,9 +138,13 @@ class ControlServer:
             pass
 
 
-def request(path: str, payload: dict[str, Any], *, wait: bool = True) -> dict[str, Any] | None:
-    """The client's end: send one request; return the daemon's reply (None without `wait`)."""
+def request(
+    path: str, payload: dict[str, Any], *, wait: bool = True, timeout: float | None = None
+) -> dict[str, Any] | None:
+    """The client's end: send one request; return the daemon's reply (None without `wait`).
+    `timeout`: for the whole exchange (None: as long as the daemon takes, e.g. a reload)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
         try:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):

@@ -41,6 +41,7 @@ from poolkeeper.pool import (
     pool_for,
 )
 from poolkeeper.prestart import add_to_sys_path
+from poolkeeper.report import schedule_text
 from poolkeeper.settings import Config, Job
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state import StateLocked, StateStore
@@ -551,9 +552,11 @@ class Daemon:
         command = request.get("command")
         if command == "reload":
             return self._reload("reload request")
+        if command == "status":
+            return self._live_status()
         by_hand = {"pause": self._pause, "resume": self._resume, "run-now": self._run_now}
         if command not in by_hand:
-            known = ", ".join(["reload", *by_hand])
+            known = ", ".join(["reload", "status", *by_hand])
             return _refused(f"unknown command {command!r} (known: {known})", exitcodes.USAGE)
         if self.phase != "running":
             return _refused(f"the daemon is {self.phase}: not now", exitcodes.UNAVAILABLE)
@@ -566,6 +569,26 @@ class Daemon:
             known = ", ".join(self.jobs) or "none"
             return _refused(f"no job named {name!r} (jobs: {known})", exitcodes.USAGE)
         return by_hand[command](job)
+
+    def _live_status(self) -> dict:
+        """`poolkeeper status` from the running daemon: its jobs as it runs them."""
+        now = time.monotonic()
+        jobs = {}
+        for name, job in self.jobs.items():
+            jobs[name] = {
+                "kind": job.spec.kind,
+                "schedule": schedule_text(job.spec),
+                "next": None if job.paused else job.next_fire,
+                "now": _doing(job, now),
+            }
+        for name, spec in self.held.items():
+            jobs[name] = {
+                "kind": spec.kind,
+                "schedule": schedule_text(spec),
+                "next": None,
+                "now": "restarting (reload)",
+            }
+        return {"ok": True, "message": self.status_text(now), "jobs": jobs}
 
     def _pause(self, job: JobRuntime) -> dict:
         if job.paused:
@@ -742,6 +765,17 @@ class Daemon:
 
     def status_text(self, now: float) -> str:
         return status_line(self, now)
+
+
+def _doing(job: JobRuntime, now: float) -> str:
+    """What a job is doing now, for `poolkeeper status`: `2 running, backing off 8s`."""
+    parts = ["paused"] if job.paused else []
+    if job.running:
+        parts.append(f"{len(job.running)} running")
+    left = job.backing_off(now)
+    if left is not None:
+        parts.append(f"backing off {left:.0f}s")
+    return ", ".join(parts) or "idle"
 
 
 def _refused(message: str, exit_code: int) -> dict:

@@ -57,23 +57,35 @@ def print_history(records: Iterable[RunRecord], out: TextIO) -> None:
     _table(rows, out)
 
 
-def print_status(config, store: StateStore, out: TextIO, now: float | None = None) -> None:
+def print_status(
+    config, store: StateStore, out: TextIO, now: float | None = None, live: dict | None = None
+) -> None:
+    """The jobs, their next fire and last outcome. `live`: the running daemon's own answer
+    (its jobs as it runs them, what each is doing now); without it, the file's jobs."""
     now = time.time() if now is None else now
     last = store.last_outcomes()
-    rows = [("JOB", "KIND", "SCHEDULE", "NEXT", "LAST RUN", "OUTCOME")]
-    for name, job in config.jobs.items():
-        trigger = make_trigger(job)
-        nxt = "-"
-        if trigger is not None:
-            fires = upcoming(trigger, 1, now)
-            nxt = _when(fires[0]) if fires else "-"
+    rows = [("JOB", "KIND", "SCHEDULE", "NEXT", "NOW", "LAST RUN", "OUTCOME")]
+    if live is not None:
+        out.write(f"daemon: {live.get('message', '')}\n")
+        jobs = [
+            (name, j["kind"], j["schedule"], _when(j["next"]), j["now"])
+            for name, j in live.get("jobs", {}).items()
+        ]
+    else:
+        out.write("daemon: not reachable; the jobs of the file, outcomes from the state DB\n")
+        jobs = [
+            (name, job.kind, schedule_text(job), _next_fire(job, now), "-")
+            for name, job in config.jobs.items()
+        ]
+    for name, kind, schedule, nxt, doing in jobs:
         record = last.get(name)
         rows.append(
             (
                 name,
-                job.kind,
-                _schedule_text(job),
+                kind,
+                schedule,
                 nxt,
+                doing,
                 _when(record.started) if record else "never",
                 (record.outcome + (f" ({record.error})" if record.error else ""))
                 if record
@@ -81,6 +93,14 @@ def print_status(config, store: StateStore, out: TextIO, now: float | None = Non
             )
         )
     _table(rows, out)
+
+
+def _next_fire(job, now: float) -> str:
+    trigger = make_trigger(job)
+    if trigger is None:
+        return "-"
+    fires = upcoming(trigger, 1, now)
+    return _when(fires[0]) if fires else "-"
 
 
 def print_next(job, n: int, out: TextIO, now: float | None = None) -> int:
@@ -99,7 +119,7 @@ def print_next(job, n: int, out: TextIO, now: float | None = None) -> int:
     return len(fires)
 
 
-def _schedule_text(job) -> str:
+def schedule_text(job) -> str:
     if job.kind == "loop":
         return f"{job.loop.replicas} replica(s)"
     if job.kind == "every":

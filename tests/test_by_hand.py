@@ -120,3 +120,26 @@ def test_what_cannot_be_done_by_hand_says_why(daemon_factory):
     assert "no job named 'nope' (jobs: tick, clock, consume, yearly, slow)" in unknown.stderr
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
+
+
+def test_status_asks_the_running_daemon_what_each_job_is_doing(daemon_factory):
+    d = start(daemon_factory)
+    assert ask(d, "pause", "tick").returncode == 0
+    status = ask(d, "status", "-c", str(d.config))
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith("daemon: 5 jobs, ") and "1 paused" in lines[0]
+    assert lines[1].split() == ["JOB", "KIND", "SCHEDULE", "NEXT", "NOW", "LAST", "RUN", "OUTCOME"]
+    row = {line.split()[0]: line for line in lines[2:]}
+    assert "paused" in row["tick"]
+    assert "1 running" in row["consume"] and "1 replica(s)" in row["consume"]
+    assert " idle " in row["yearly"] and "never" in row["yearly"]
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    # No daemon: the file's jobs and the state DB's outcomes.
+    offline = ask(d, "status", "-c", str(d.config))
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout.startswith("daemon: not reachable; the jobs of the file")
+    assert "succeeded" in next(
+        line for line in offline.stdout.splitlines() if line.startswith("tick")
+    )
