@@ -167,6 +167,11 @@ def request(
         return reply
 
 
+def refused(message: str, exit_code: int) -> dict[str, Any]:
+    """A reply that says no: the message for the user and the sysexits code to exit with."""
+    return {"ok": False, "message": message, "exit": exit_code}
+
+
 def _read_line(sock: socket.socket, limit: int = MAX_REQUEST) -> bytes:
     data = bytearray()
     while b"\n" not in data:

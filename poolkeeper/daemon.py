@@ -27,7 +27,8 @@ import time
 from collections import Counter
 from multiprocessing.connection import wait as wait_for_ready
 
-from poolkeeper import control, exitcodes, reload
+from poolkeeper import control, exitcodes
+from poolkeeper.byhand import ByHand
 from poolkeeper.jobs import JobRuntime, PendingRun
 from poolkeeper.logs import event, get_logger
 from poolkeeper.notify import Notifier
@@ -41,7 +42,7 @@ from poolkeeper.pool import (
     pool_for,
 )
 from poolkeeper.prestart import add_to_sys_path
-from poolkeeper.report import schedule_text
+from poolkeeper.reload import Reloading
 from poolkeeper.settings import Config, Job
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state import StateLocked, StateStore
@@ -74,7 +75,10 @@ class StartupFailed(Exception):
         self.errno = errno  # sent as ERRNO= (systemctl status shows it as "Error:")
 
 
-class Daemon:
+class Daemon(Reloading, ByHand):
+    """The main loop (this module), reload (poolkeeper.reload.Reloading) and the control
+    socket's requests (poolkeeper.byhand.ByHand): one object, one thread."""
+
     def __init__(
         self,
         config,
@@ -540,219 +544,6 @@ class Daemon:
             extra=event("drain_finished"),
         )
 
-    # -- reload -------------------------------------------------------------------------
-
-    def _serve_control(self) -> None:
-        if self.control is not None:
-            self.control.serve(self._on_request)
-
-    def _on_request(self, request: dict) -> dict:
-        """A control socket request. A reply says `ok`, a `message` for the user and, when
-        not ok, the `exit` code `poolkeeper` exits with (sysexits)."""
-        command = request.get("command")
-        if command == "reload":
-            return self._reload("reload request")
-        if command == "status":
-            return self._live_status()
-        by_hand = {"pause": self._pause, "resume": self._resume, "run-now": self._run_now}
-        if command not in by_hand:
-            known = ", ".join(["reload", "status", *by_hand])
-            return _refused(f"unknown command {command!r} (known: {known})", exitcodes.USAGE)
-        if self.phase != "running":
-            return _refused(f"the daemon is {self.phase}: not now", exitcodes.UNAVAILABLE)
-        name = request.get("job")
-        job = self.jobs.get(name) if isinstance(name, str) else None
-        if job is None:
-            if name in self.held:
-                why = f"job '{name}' is being restarted by a reload; try again when it runs"
-                return _refused(why, exitcodes.TEMPFAIL)
-            known = ", ".join(self.jobs) or "none"
-            return _refused(f"no job named {name!r} (jobs: {known})", exitcodes.USAGE)
-        return by_hand[command](job)
-
-    def _live_status(self) -> dict:
-        """`poolkeeper status` from the running daemon: its jobs as it runs them."""
-        now = time.monotonic()
-        jobs = {}
-        for name, job in self.jobs.items():
-            jobs[name] = {
-                "kind": job.spec.kind,
-                "schedule": schedule_text(job.spec),
-                "next": None if job.paused else job.next_fire,
-                "now": _doing(job, now),
-            }
-        for name, spec in self.held.items():
-            jobs[name] = {
-                "kind": spec.kind,
-                "schedule": schedule_text(spec),
-                "next": None,
-                "now": "restarting (reload)",
-            }
-        return {"ok": True, "message": self.status_text(now), "jobs": jobs}
-
-    def _pause(self, job: JobRuntime) -> dict:
-        if job.paused:
-            return {"ok": True, "message": f"{job.name}: already paused"}
-        loops = job.pause()
-        self._stop_in_flight(job, loops, time.monotonic())
-        self.log.info("%s: paused by hand (%d loop replicas stopping)", job.name, len(loops))
-        stopping = f"; {count(len(loops), 'loop replica')} stopping" if loops else ""
-        return {"ok": True, "message": f"{job.name}: paused, no new runs{stopping}"}
-
-    def _resume(self, job: JobRuntime) -> dict:
-        if not job.paused:
-            return {"ok": True, "message": f"{job.name}: not paused"}
-        stopping = {run_id for run_id in job.running if run_id in self.retiring}
-        job.resume(time.time(), time.monotonic(), stopping)
-        self.log.info("%s: resumed by hand", job.name)
-        return {"ok": True, "message": f"{job.name}: resumed"}
-
-    def _run_now(self, job: JobRuntime) -> dict:
-        refused = job.run_now(time.time(), time.monotonic())
-        if refused is not None:
-            return _refused(refused, exitcodes.TEMPFAIL)
-        self.log.info("%s: a run requested by hand", job.name)
-        return {"ok": True, "message": f"{job.name}: a run is starting"}
-
-    def _reload(self, why: str) -> dict:
-        """Returns the outcome for `poolkeeper reload --wait`: ok, message, problems."""
-        if self.phase != "running":
-            self.log.warning("%s while %s: not reloading", why, self.phase)
-            return _refused(f"the daemon is {self.phase}: not reloading", exitcodes.UNAVAILABLE)
-        self.notifier.reloading()
-        try:
-            self.log.info("%s: reloading %s", why, self.config.path)
-            new, problems = self._read_config_again()
-            if new is None:
-                self._reject(problems)
-                reply = _refused(self._rejected_line(problems), exitcodes.CONFIG)
-                return {**reply, "problems": problems}
-            plan = reload.plan(self.config, new)
-            self.reload_rejected = None
-            self._apply(new, plan)
-            message = "reload applied: " + (
-                plan.summary() if plan.changes_anything else "nothing changed"
-            )
-            self.log.info("%s", message, extra=event("reload_applied"))
-            return {"ok": True, "message": message, "problems": []}
-        finally:
-            # Validation imported the job modules (seconds, for some): that was this turn's
-            # work, not a stuck loop, so it must not cost a watchdog ping.
-            self.last_turn = time.monotonic()
-            self.notifier.status(self.status_text(self.last_turn), force=True)
-            self.notifier.ready()
-
-    def _read_config_again(self) -> tuple[Config | None, list[str]]:
-        """The file validated exactly as `poolkeeper check` does it (never from the cache),
-        or why it cannot be applied."""
-        from poolkeeper.spec import ConfigError, load_config
-
-        try:
-            new = load_config(self.config.path)
-        except ConfigError as exc:
-            return None, [str(issue) for issue in exc.issues] or [str(exc)]
-        except Exception as exc:  # a bug in validation must not take the running jobs down
-            self.log.exception("reload: validating %s failed", self.config.path)
-            return None, [f"internal error while validating: {type(exc).__name__}: {exc}"]
-        refusal = reload.refusal(self.config, new)
-        return (None, [refusal]) if refusal else (new, [])
-
-    def _reject(self, problems: list[str]) -> None:
-        for problem in problems:
-            self.log.error("%s", problem)
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        self.reload_rejected = f"{problems[0]}{more}"
-        self.log.error("%s", self._rejected_line(problems), extra=event("reload_rejected"))
-
-    @staticmethod
-    def _rejected_line(problems: list[str]) -> str:
-        return (
-            f"reload rejected: {count(len(problems), 'problem')}; still running the previous config"
-        )
-
-    def _apply(self, new: Config, plan: reload.Plan) -> None:
-        now = time.monotonic()
-        self.config = new
-        if plan.pool_changed:
-            self.pool.drain()  # every run sees ctx.stopping; queued ones come back NotStarted
-            for name in list(self.jobs):
-                self._retire_job(self.jobs.pop(name), now)
-            self.held = dict(new.jobs)  # all of them, in the new pool
-            self.next_pool = new
-            return
-        for name in (*plan.removed, *plan.changed):
-            self.held.pop(name, None)
-            if name in self.jobs:
-                self._retire_job(self.jobs.pop(name), now)
-        for name in (*plan.added, *plan.changed):
-            self.held[name] = new.jobs[name]
-        if self.next_pool is not None:
-            self.next_pool = new
-        self._start_held()
-
-    def _retire_job(self, job: JobRuntime, now: float) -> None:
-        """Its waiting runs are dropped; its runs in flight see ctx.stopping and get the
-        drain budget to end, then they are killed."""
-        job.pending.clear()
-        self._stop_in_flight(job, list(job.running.values()), now)
-
-    def _stop_in_flight(self, job: JobRuntime, tasks: list, now: float) -> None:
-        """These runs see ctx.stopping and get the drain budget to end (then are killed);
-        they are neither retried nor restarted."""
-        if tasks:
-            self.pool.stop_runs(tasks)
-            kill_at = now + self.config.shutdown.drain_timeout
-            for task in tasks:
-                self.retiring[task.run_id] = (job, kill_at)
-
-    def _start_held(self) -> None:
-        """Start each new definition whose job has no old run left (in the new pool, once a
-        pool replacement has happened)."""
-        if self.next_pool is not None or self.phase != "running" or not self.held:
-            return
-        busy = {job.name for job, _ in self.retiring.values()}
-        now_wall, now_mono = time.time(), time.monotonic()
-        for name in [name for name in self.held if name not in busy]:
-            runtime = JobRuntime(self.held.pop(name), random.Random(self.rng.random()))
-            runtime.start(now_wall, now_mono, self.state.last_fire(name))
-            self.jobs[name] = runtime
-
-    def _kill_overdue_retiring(self, now: float) -> None:
-        overdue = []
-        for run_id, (job, kill_at) in self.retiring.items():
-            if kill_at <= now:
-                self.retiring[run_id] = (job, math.inf)  # once: its end is the pool's to report
-                if run_id in job.running:
-                    overdue.append(job.running[run_id])
-        if overdue:
-            self.log.warning(
-                "%d stopped runs (of jobs reloaded or paused) still running after %ss: "
-                "killing them (%s)",
-                len(overdue),
-                self.config.shutdown.drain_timeout,
-                ", ".join(sorted({task.job for task in overdue})),
-            )
-            for ev in self.pool.kill_runs("killed", overdue):
-                self._on_ended(ev)
-
-    def _replace_pool(self) -> None:
-        """A reload changed the pool and the old one is drained: close it, start the new one,
-        then the jobs."""
-        old, new = self.pool, self.next_pool
-        for ev in old.close():
-            self._on_ended(ev)
-        self._handle_events(old.poll())
-        add_to_sys_path(new.pythonpath)
-        self.pool = pool_for(new, self.log_target, logging.getLogger().level)
-        self.pool.start()
-        self.next_pool = None
-        self.log.info(
-            "reload: pool replaced: %s (%s)",
-            count(new.pool.workers, "worker"),
-            new.pool.start_method,
-        )
-        self._start_held()
-
     # -- health and status ---------------------------------------------------------------
 
     def health(self, now: float) -> tuple[bool, str]:
@@ -765,21 +556,6 @@ class Daemon:
 
     def status_text(self, now: float) -> str:
         return status_line(self, now)
-
-
-def _doing(job: JobRuntime, now: float) -> str:
-    """What a job is doing now, for `poolkeeper status`: `2 running, backing off 8s`."""
-    parts = ["paused"] if job.paused else []
-    if job.running:
-        parts.append(f"{len(job.running)} running")
-    left = job.backing_off(now)
-    if left is not None:
-        parts.append(f"backing off {left:.0f}s")
-    return ", ".join(parts) or "idle"
-
-
-def _refused(message: str, exit_code: int) -> dict:
-    return {"ok": False, "message": message, "exit": exit_code}
 
 
 def _run_fields(task, worker_pid: int | None) -> dict:

@@ -1,0 +1,103 @@
+"""Requests over the control socket (poolkeeper.control), answered by the daemon's main loop:
+`reload` (poolkeeper.reload), `status`, and the commands for one job by hand: `pause`, `resume`,
+`run-now` (docs/lifecycle.md, "By hand").
+
+A mixin of `Daemon`: these read and change the daemon's jobs, and they run inside its loop, so
+they never race with it. Every reply says `ok` and a `message` for the user; one that says no
+also gives the sysexits code `poolkeeper` exits with (`control.refused`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from poolkeeper import exitcodes
+from poolkeeper.control import refused
+from poolkeeper.jobs import JobRuntime
+from poolkeeper.report import schedule_text
+from poolkeeper.status import count
+
+
+class ByHand:
+    def _serve_control(self) -> None:
+        if self.control is not None:
+            self.control.serve(self._on_request)
+
+    def _on_request(self, request: dict) -> dict:
+        """A control socket request. A reply says `ok`, a `message` for the user and, when
+        not ok, the `exit` code `poolkeeper` exits with (sysexits)."""
+        command = request.get("command")
+        if command == "reload":
+            return self._reload("reload request")
+        if command == "status":
+            return self._live_status()
+        by_hand = {"pause": self._pause, "resume": self._resume, "run-now": self._run_now}
+        if command not in by_hand:
+            known = ", ".join(["reload", "status", *by_hand])
+            return refused(f"unknown command {command!r} (known: {known})", exitcodes.USAGE)
+        if self.phase != "running":
+            return refused(f"the daemon is {self.phase}: not now", exitcodes.UNAVAILABLE)
+        name = request.get("job")
+        job = self.jobs.get(name) if isinstance(name, str) else None
+        if job is None:
+            if name in self.held:
+                why = f"job '{name}' is being restarted by a reload; try again when it runs"
+                return refused(why, exitcodes.TEMPFAIL)
+            known = ", ".join(self.jobs) or "none"
+            return refused(f"no job named {name!r} (jobs: {known})", exitcodes.USAGE)
+        return by_hand[command](job)
+
+    def _live_status(self) -> dict:
+        """`poolkeeper status` from the running daemon: its jobs as it runs them."""
+        now = time.monotonic()
+        jobs = {}
+        for name, job in self.jobs.items():
+            jobs[name] = {
+                "kind": job.spec.kind,
+                "schedule": schedule_text(job.spec),
+                "next": None if job.paused else job.next_fire,
+                "now": _doing(job, now),
+            }
+        for name, spec in self.held.items():
+            jobs[name] = {
+                "kind": spec.kind,
+                "schedule": schedule_text(spec),
+                "next": None,
+                "now": "restarting (reload)",
+            }
+        return {"ok": True, "message": self.status_text(now), "jobs": jobs}
+
+    def _pause(self, job: JobRuntime) -> dict:
+        if job.paused:
+            return {"ok": True, "message": f"{job.name}: already paused"}
+        loops = job.pause()
+        self._stop_in_flight(job, loops, time.monotonic())
+        self.log.info("%s: paused by hand (%d loop replicas stopping)", job.name, len(loops))
+        stopping = f"; {count(len(loops), 'loop replica')} stopping" if loops else ""
+        return {"ok": True, "message": f"{job.name}: paused, no new runs{stopping}"}
+
+    def _resume(self, job: JobRuntime) -> dict:
+        if not job.paused:
+            return {"ok": True, "message": f"{job.name}: not paused"}
+        stopping = {run_id for run_id in job.running if run_id in self.retiring}
+        job.resume(time.time(), time.monotonic(), stopping)
+        self.log.info("%s: resumed by hand", job.name)
+        return {"ok": True, "message": f"{job.name}: resumed"}
+
+    def _run_now(self, job: JobRuntime) -> dict:
+        why_not = job.run_now(time.time(), time.monotonic())
+        if why_not is not None:
+            return refused(why_not, exitcodes.TEMPFAIL)
+        self.log.info("%s: a run requested by hand", job.name)
+        return {"ok": True, "message": f"{job.name}: a run is starting"}
+
+
+def _doing(job: JobRuntime, now: float) -> str:
+    """What a job is doing now, for `poolkeeper status`: `2 running, backing off 8s`."""
+    parts = ["paused"] if job.paused else []
+    if job.running:
+        parts.append(f"{len(job.running)} running")
+    left = job.backing_off(now)
+    if left is not None:
+        parts.append(f"backing off {left:.0f}s")
+    return ", ".join(parts) or "idle"
