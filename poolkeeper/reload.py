@@ -1,6 +1,7 @@
-"""Reload: read the file again, and say what would change if the daemon applied it.
+"""Reload: read the file again, say what would change (`plan`), and apply it (`Reloading`,
+the daemon's side, run inside its main loop).
 
-The daemon (daemon.py, `_reload`) validates the new file completely before touching anything:
+The daemon validates the new file completely before touching anything:
 a file that `poolkeeper check` would reject changes nothing. A valid one is compared with the
 running config by job name (`plan`):
 
