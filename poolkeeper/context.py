@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import select
+import time
 from collections.abc import Callable
 
 __all__ = ["RunContext", "Stopping"]
+
+_MAX_POLL_MS = 2**31 - 1  # poll(2)'s timeout is a C int
 
 
 class Stopping:
@@ -35,9 +38,16 @@ class Stopping:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until set or `timeout` seconds have passed; return whether it is set."""
-        if timeout is None:
+        if timeout is None or timeout == math.inf:
             return self._poll(-1)
-        return self._poll(max(0, math.ceil(timeout * 1000)))
+        # poll() takes an int of milliseconds: a longer wait (a day, a year) goes in slices.
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if self._poll(max(0, min(ms, _MAX_POLL_MS))):
+                return True
+            if ms <= _MAX_POLL_MS:
+                return False
 
     def _poll(self, ms: int) -> bool:
         # A poll object per call: one shared by a job's threads would refuse concurrent use.

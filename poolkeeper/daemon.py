@@ -120,9 +120,10 @@ class Daemon(Reloading, ByHand):
         self.last_turn = time.monotonic()
         self.workers_up: set[int] = set()  # pids of workers that reported ready
         self._unhealthy_since: float | None = None
-        # Reload: runs of removed or changed jobs finishing (run id -> their old job, kill
-        # time), new definitions waiting for those runs to end, a pool waiting to replace
-        # this one once it is drained, and why the last reload was rejected.
+        # Reload and pause (poolkeeper.reload.Reloading): runs told to stop because their job
+        # was removed, changed or paused (run id -> that job's runtime, kill time), new
+        # definitions waiting for the old runs to end, a pool waiting to replace this one
+        # once it is drained, and why the last reload was rejected.
         self.retiring: dict[str, tuple[JobRuntime, float]] = {}
         self.held: dict[str, Job] = {}
         self.next_pool: Config | None = None
@@ -407,7 +408,7 @@ class Daemon(Reloading, ByHand):
         job = retired[0] if retired is not None else self.jobs.get(task.job)
         follow_up = ""
         if job is not None:
-            # A run of a reloaded-away definition is neither retried nor restarted.
+            # A run told to stop (reload, pause) is neither retried nor restarted.
             stopping = self.phase == "draining" or retired is not None
             follow_up = job.ended(ev, time.time(), time.monotonic(), stopping)
         took = f" in {ev.ended_at - ev.started_at:.3f}s" if ev.started_at else ""
@@ -438,7 +439,7 @@ class Daemon(Reloading, ByHand):
 
     def _on_not_started(self, ev: NotStarted) -> None:
         retired = self.retiring.pop(ev.task.run_id, None)
-        if retired is not None:  # its job was changed or removed by a reload: drop it
+        if retired is not None:  # its job was removed, changed or paused: drop it
             retired[0].dropped(ev.task)
             self.log.info("run not started: %s", ev.reason, extra=_run_fields(ev.task, None))
             self._start_held()

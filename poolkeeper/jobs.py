@@ -163,7 +163,9 @@ class JobRuntime:
         if draining or ev.outcome == "killed":
             return ""
         if self.paused:
-            return "paused: not retried or restarted"
+            if self.is_loop:
+                return "paused: not restarted"
+            return "paused: not retried" if ev.outcome != "succeeded" else ""
         if self.is_loop:
             return self._after_loop_run(ev, replica, now_wall, now_mono)
         return self._after_run(ev, now_mono)

@@ -15,6 +15,8 @@ def test_stopping_is_set_by_one_byte_and_stays_set():
         assert not stopping.is_set() and stopping.wait(0.01) is False
         os.write(w, b"!")
         assert stopping.is_set() and stopping.wait(0) is True and stopping.wait() is True
+        # Any timeout threading.Event.wait() takes: longer than poll(2)'s int of milliseconds.
+        assert stopping.wait(86400 * 365 * 100) is True and stopping.wait(float("inf")) is True
         assert stopping.is_set()  # nobody reads the byte: it stays set
     finally:
         os.close(r)
