@@ -320,12 +320,14 @@ def _add_other_commands(sub) -> None:
     p.add_argument("job", metavar="JOB", nargs="?", help="only this job's runs")
     p.add_argument("-n", type=int, default=50, help="how many runs (default 50)")
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
+    _add_unit_option(p)
     p.set_defaults(func=_cmd_history)
 
     p = sub.add_parser("next", help="upcoming fire times of a job")
     p.add_argument("job", metavar="JOB")
     p.add_argument("-n", type=int, default=5, help="how many (default 5)")
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
+    _add_unit_option(p)
     p.set_defaults(func=_cmd_next)
 
     p = sub.add_parser(
@@ -369,14 +371,44 @@ def _add_other_commands(sub) -> None:
     p.set_defaults(func=_cmd_schema)
 
 
+def _add_unit_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--unit",
+        "-u",
+        metavar="UNIT",
+        help="the daemon of this system unit (e.g. poolkeeper, poolkeeper@demo): its config, "
+        "state database and control socket, as systemd knows them",
+    )
+
+
 def _add_socket_options(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
+    _add_unit_option(p)
     p.add_argument(
         "--socket",
         metavar="PATH",
         help="the daemon's control socket (default: $RUNTIME_DIRECTORY/control.sock, else "
         "next to the config's state database)",
     )
+
+
+def _adopt_unit(args: argparse.Namespace) -> str | None:
+    """--unit: act as the unit's own processes would (its state and runtime directories, and
+    the config its ExecStart= runs, unless -c names another). Returns why not, or None."""
+    from poolkeeper.unit import locate
+
+    try:
+        found = locate(args.unit)
+    except LookupError as exc:
+        return str(exc)
+    if found.state_directory:
+        os.environ["STATE_DIRECTORY"] = found.state_directory
+    if found.runtime_directory:
+        os.environ["RUNTIME_DIRECTORY"] = found.runtime_directory
+    if args.config is None and "run" in found.argv:
+        run_args = found.argv[found.argv.index("run") + 1 :]
+        args.config = build_parser(only_run=True).parse_known_args(["run", *run_args])[0].config
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return exitcodes.USAGE
+    if getattr(args, "unit", None):
+        problem = _adopt_unit(args)
+        if problem is not None:
+            print(f"poolkeeper: {problem}", file=sys.stderr)
+            return exitcodes.UNAVAILABLE
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -12,8 +12,10 @@ Why each setting is there is said next to it; docs/systemd.md has the longer sto
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 PLACEHOLDER = "@POOLKEEPER@"
 SHIPPED_EXECUTABLE = "/usr/local/bin/poolkeeper"
@@ -230,6 +232,50 @@ def shipped_files() -> dict[str, str]:
         "sysusers.d/poolkeeper.conf": SYSUSERS,
         "tmpfiles.d/poolkeeper.conf": TMPFILES,
     }
+
+
+class UnitPaths(NamedTuple):
+    """Where a running unit keeps what poolkeeper's commands read (see `locate`)."""
+
+    argv: list[str]  # its ExecStart=, specifiers expanded
+    state_directory: str | None
+    runtime_directory: str | None
+
+
+def locate(unit: str) -> UnitPaths:
+    """A system unit's ExecStart and its state and runtime directories, from systemd's own
+    view of it (`systemctl show`): what `poolkeeper status --unit NAME` and the other
+    commands use from a shell, where systemd sets none of $STATE_DIRECTORY and
+    $RUNTIME_DIRECTORY. Raises LookupError with the reason."""
+    if "." not in unit:
+        unit += ".service"
+    try:
+        shown = subprocess.run(
+            ["systemctl", "show", "--property=LoadState,StateDirectory,RuntimeDirectory,ExecStart",
+             "--", unit],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LookupError(f"cannot ask systemd about {unit}: {exc}") from None
+    props = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+    if shown.returncode != 0 or props.get("LoadState") != "loaded":
+        why = " ".join(shown.stderr.split()) or f"LoadState={props.get('LoadState', 'unknown')}"
+        raise LookupError(f"no unit {unit} ({why})")
+    state = props.get("StateDirectory", "").split()
+    runtime = props.get("RuntimeDirectory", "").split()
+    return UnitPaths(
+        argv=_argv_of(props.get("ExecStart", "")),
+        state_directory=f"/var/lib/{state[0]}" if state else None,
+        runtime_directory=f"/run/{runtime[0]}" if runtime else None,
+    )
+
+
+def _argv_of(exec_start: str) -> list[str]:
+    """`{ path=... ; argv[]=/usr/local/bin/poolkeeper run /etc/x.yaml ; ... }` -> the argv."""
+    for part in exec_start.split(" ; "):
+        if "argv[]=" in part:
+            return part.split("argv[]=", 1)[1].split()
+    return []
 
 
 def write_shipped(directory: Path) -> None:

@@ -82,10 +82,18 @@ def test_systemctl_reload_applies_a_good_file_and_keeps_running_on_a_bad_one(
         assert _steady_runs(sb) == steady
         assert sb.show(unit, "ActiveState", "MainPID") == {"ActiveState": "active", "MainPID": main}
 
-        # From root's shell, as the README says: the unit's runtime directory, then by hand.
-        by_hand = ("env", "RUNTIME_DIRECTORY=/run/poolkeeper/reload", *e2e.COMMAND)
-        assert sb.run(*by_hand, "pause", "tock").stdout == "tock: paused, no new runs\n"
+        # From root's shell, as the README says: --unit finds the unit's config, state
+        # database and control socket (systemd sets their variables for the unit only).
+        pk = e2e.COMMAND
+        assert sb.run(*pk, "pause", "tock", "--unit", unit).stdout == "tock: paused, no new runs\n"
         sb.wait_for(lambda: _status_with(sb, unit, "1 paused"), 10, "the paused job in StatusText")
-        assert sb.run(*by_hand, "resume", "tock").stdout == "tock: resumed\n"
+        live = sb.run(*pk, "status", "--unit", unit).stdout.splitlines()
+        assert live[0].startswith("daemon: 2 jobs, ") and "1 paused" in live[0], live
+        assert any(line.startswith("tock ") and "paused" in line for line in live), live
+        history = sb.run(*pk, "history", "tock", "--unit", unit).stdout
+        assert "succeeded" in history  # from /var/lib/poolkeeper/reload/poolkeeper.db
+        assert sb.run(*pk, "resume", "tock", "-u", unit).stdout == "tock: resumed\n"
+        missing = sb.run(*pk, "status", "--unit", "nope", check=False)
+        assert missing.returncode == 69 and "no unit nope.service" in missing.stderr
         sb.systemctl("stop", unit)
         assert sb.show(unit, "Result")["Result"] == "success"
