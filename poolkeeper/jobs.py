@@ -142,24 +142,25 @@ class JobRuntime:
 
     def dropped(self, task: Task) -> None:
         """A submitted run that will never start (handed back during a drain)."""
-        self.running.pop(task.run_id, None)
-        self.replica_of.pop(task.run_id, None)
+        self._forget(task)
 
     def handed_back(self, task: Task, now_mono: float) -> None:
         """A submitted run that its worker never started: it waits again, first in line."""
-        replica = self.replica_of.pop(task.run_id, None)
-        self.running.pop(task.run_id, None)
+        replica = self._forget(task)
         self.pending.appendleft(
             PendingRun(self.name, task.attempt, task.scheduled_at, now_mono, replica)
         )
+
+    def _forget(self, task: Task) -> int | None:
+        """Its run is no longer in flight; returns the loop replica it was."""
+        self.running.pop(task.run_id, None)
+        return self.replica_of.pop(task.run_id, None)
 
     # -- outcomes -----------------------------------------------------------------------
 
     def ended(self, ev: RunEnded, now_wall: float, now_mono: float, draining: bool) -> str:
         """Book a finished run; returns what happens next, for the log."""
-        task = ev.task
-        self.running.pop(task.run_id, None)
-        replica = self.replica_of.pop(task.run_id, None)
+        replica = self._forget(ev.task)
         if draining or ev.outcome == "killed":
             return ""
         if self.paused:

@@ -451,10 +451,7 @@ class Pool:
                 self._signal_stop(w)
                 if w.state != RETIRING:
                     self._retire(w, f"its run {head.task.run_id} ({head.task.job}) was stopped")
-            for slot in w.queue:
-                if slot.task.run_id in ids and slot.started_clock is None and not slot.cancelled:
-                    slot.cancelled = True
-                    self._send(w, ("C", slot.seq))
+            self._cancel_queued(w, ids)
 
     def healthy(self) -> tuple[bool, str]:
         if self._closed:
@@ -755,10 +752,15 @@ class Pool:
         still queued; the worker answers "N" (handed back as NotStarted) unless it had already
         begun it, in which case it simply runs to completion."""
         for w in self._workers:
-            if w.state == DYING:
-                continue
-            for slot in w.queue:
-                if slot.started_clock is None and not slot.cancelled:
+            if w.state != DYING:
+                self._cancel_queued(w)
+
+    def _cancel_queued(self, w: _Worker, ids: set[str] | None = None) -> None:
+        """Ask `w` not to start the tasks it holds but has not begun (only those of `ids`, if
+        given); it answers "N" (NotStarted) for each, unless it had already begun it."""
+        for slot in w.queue:
+            if slot.started_clock is None and not slot.cancelled:
+                if ids is None or slot.task.run_id in ids:
                     slot.cancelled = True
                     self._send(w, ("C", slot.seq))
 
@@ -769,10 +771,7 @@ class Pool:
         run it is in, hands back what is queued, and exits; its replacement starts now."""
         w.retire_reason = why
         self._set_state(w, RETIRING)
-        for slot in w.queue:  # queued behind the last run: hand back (a fresh worker takes it)
-            if slot.started_clock is None and not slot.cancelled:
-                slot.cancelled = True
-                self._send(w, ("C", slot.seq))
+        self._cancel_queued(w)  # queued behind the last run: hand back (a fresh worker takes it)
         self._send(w, None)
         self._events.append(WorkerEvent("recycled", w.pid, why))
 
