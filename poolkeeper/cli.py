@@ -89,11 +89,12 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
 
             stop_prestarted()
         _print_config_errors(exc)
-        first = str(exc.issues[0]) if exc.issues else str(exc)
-        more = f" (+{len(exc.issues) - 1} more)" if len(exc.issues) > 1 else ""
+        from poolkeeper.status import first_of
+
+        summary = first_of([str(issue) for issue in exc.issues]) if exc.issues else str(exc)
         # ERRNO= makes `systemctl status` show "Error: 22 (Invalid argument)" (or 2, ENOENT).
         errno_value = errno.ENOENT if exc.exit_code == exitcodes.NOINPUT else errno.EINVAL
-        notifier.fatal(f"config error: {first}{more}", errno=errno_value)
+        notifier.fatal(f"config error: {summary}", errno=errno_value)
         return exc.exit_code
     if cache is not None:
         problem = configcache.store(config, inputs, cache)
@@ -199,9 +200,11 @@ def _cmd_status(args: argparse.Namespace, config) -> int:
 def _ask_quietly(socket_path: str | None, config, payload: dict) -> dict | None:
     """The running daemon's answer, or None if there is no daemon to ask."""
     from poolkeeper import control
+    from poolkeeper.state import StateStore
 
+    # The config is loaded already: no need to read its state.path again (socket_of_config).
+    path = socket_path or control.socket_path(StateStore.path_for(config))
     try:
-        path = socket_path or control.socket_of_config(config.path)
         reply = None if path is None else control.request(path, payload, timeout=5.0)
     except control.ControlError:
         return None

@@ -33,7 +33,7 @@ from poolkeeper.logs import event
 from poolkeeper.pool import pool_for
 from poolkeeper.prestart import add_to_sys_path
 from poolkeeper.settings import Config
-from poolkeeper.status import count
+from poolkeeper.status import count, first_of
 
 # Settings a worker process is made with: changing one means new workers.
 POOL_SETTINGS = (
@@ -155,8 +155,7 @@ class Reloading:
     def _reject(self, problems: list[str]) -> None:
         for problem in problems:
             self.log.error("%s", problem)
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        self.reload_rejected = f"{problems[0]}{more}"
+        self.reload_rejected = first_of(problems)
         self.log.error("%s", self._rejected_line(problems), extra=event("reload_rejected"))
 
     @staticmethod

@@ -8,6 +8,12 @@ def count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
+def first_of(problems: list[str]) -> str:
+    """`the first problem (+2 more)`: a list of problems as one line of STATUS=."""
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{problems[0]}{more}"
+
+
 def status_line(daemon, now: float) -> str:
     """e.g. `6 jobs, 4/4 workers busy, 1 backing off (rollup, 8s); 1,204 runs ok, 3 failed`."""
     pool = daemon.pool
