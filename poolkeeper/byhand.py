@@ -15,6 +15,7 @@ from poolkeeper import exitcodes
 from poolkeeper.control import refused
 from poolkeeper.jobs import JobRuntime
 from poolkeeper.report import schedule_text
+from poolkeeper.settings import Job
 from poolkeeper.status import count
 
 
@@ -50,21 +51,12 @@ class ByHand:
     def _live_status(self) -> dict:
         """`poolkeeper status` from the running daemon: its jobs as it runs them."""
         now = time.monotonic()
-        jobs = {}
-        for name, job in self.jobs.items():
-            jobs[name] = {
-                "kind": job.spec.kind,
-                "schedule": schedule_text(job.spec),
-                "next": None if job.paused else job.next_fire,
-                "now": _doing(job, now),
-            }
+        jobs = {
+            name: _view(job.spec, None if job.paused else job.next_fire, _doing(job, now))
+            for name, job in self.jobs.items()
+        }
         for name, spec in self.held.items():
-            jobs[name] = {
-                "kind": spec.kind,
-                "schedule": schedule_text(spec),
-                "next": None,
-                "now": "restarting (reload)",
-            }
+            jobs[name] = _view(spec, None, "restarting (reload)")
         return {"ok": True, "message": self.status_text(now), "jobs": jobs}
 
     def _pause(self, job: JobRuntime) -> dict:
@@ -90,6 +82,11 @@ class ByHand:
             return refused(why_not, exitcodes.TEMPFAIL)
         self.log.info("%s: a run requested by hand", job.name)
         return {"ok": True, "message": f"{job.name}: a run is starting"}
+
+
+def _view(spec: Job, next_fire: float | None, doing: str) -> dict:
+    """One job as `poolkeeper status` shows it."""
+    return {"kind": spec.kind, "schedule": schedule_text(spec), "next": next_fire, "now": doing}
 
 
 def _doing(job: JobRuntime, now: float) -> str:

@@ -27,6 +27,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from poolkeeper.exitcodes import UNAVAILABLE
+
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 4096  # one JSON line; anything longer is refused
 READ_TIMEOUT = 1.0  # a connected client must send its request this fast: the main loop waits
@@ -105,30 +107,27 @@ class ControlServer:
         while True:
             try:
                 conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # e.g. EMFILE: try again on the next turn
+            except OSError:  # none waiting (EAGAIN), or e.g. EMFILE: try again on the next turn
                 return
             with conn:
                 self._answer(conn, handle)
 
     def _answer(self, conn: socket.socket, handle: Callable[[dict], dict]) -> None:
-        conn.setblocking(True)
+        # Blocking, with a timeout for every read and write: a client that sends slowly, or
+        # stops reading, cannot hold the main loop for longer than that.
         conn.settimeout(READ_TIMEOUT)
         uid = _peer_uid(conn)
         if uid not in (0, os.getuid()):
-            _reply(conn, {"ok": False, "message": f"uid {uid} may not control this daemon"})
+            _reply(conn, refused(f"uid {uid} may not control this daemon", UNAVAILABLE))
             return
         try:
             request = json.loads(_read_line(conn))
             if not isinstance(request, dict):
                 raise ValueError("a request is a JSON object")
         except (OSError, ValueError) as exc:
-            _reply(conn, {"ok": False, "message": f"bad request: {exc}"})
+            _reply(conn, refused(f"bad request: {exc}", UNAVAILABLE))
             return
-        reply = handle(request)
-        conn.settimeout(READ_TIMEOUT)  # a client that stopped reading cannot hold the loop
-        _reply(conn, reply)
+        _reply(conn, handle(request))
 
     def close(self) -> None:
         self._sock.close()
