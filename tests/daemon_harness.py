@@ -92,6 +92,15 @@ class DaemonProcess:
         self.proc.send_signal(signum)
         return sent
 
+    def fast_stop(self, first: int, second: int, draining: str = "draining") -> int:
+        """Drain, then a second signal during the drain: a fast stop, which kills the runs
+        still in flight. Returns the exit code. Waits for the log line `draining` in between:
+        two signals sent at once would merge into one."""
+        self.signal(first)
+        self.wait_log(draining)
+        self.signal(second)
+        return self.wait_exit()
+
     def wait_exit(self, timeout: float = 30.0) -> int:
         try:
             return self.proc.wait(timeout)

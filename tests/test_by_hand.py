@@ -104,10 +104,7 @@ def test_run_now_runs_a_job_outside_its_schedule_once(daemon_factory):
     busy = ask(d, "run-now", "slow")  # overlap: skip, and one is in flight
     assert busy.returncode == 75
     assert "'slow' already has a run in flight or waiting (overlap: skip)" in busy.stderr
-    d.signal(signal.SIGTERM)
-    d.wait_log("draining")  # (two signals sent at once would merge into one)
-    d.signal(signal.SIGTERM)  # fast stop: the 30 s run is killed
-    assert d.wait_exit() == 0
+    assert d.fast_stop(signal.SIGTERM, signal.SIGTERM) == 0  # the 30 s run is killed
 
 
 def test_what_cannot_be_done_by_hand_says_why(daemon_factory):

@@ -162,10 +162,7 @@ def test_sigkill_of_the_daemon_leaves_no_process(daemon_factory, config):
         first = daemon_factory(spec)
         # Wait for the stubborn run to begin: a stop before it would leave no pids file to remove.
         first.wait_for((first.out / "stubborn.pids").exists, what="stubborn job to start")
-        first.signal(signal.SIGINT)
-        first.wait_log("draining")
-        first.signal(signal.SIGINT)  # fast stop: the stubborn run is killed
-        assert first.wait_exit() == 0
+        assert first.fast_stop(signal.SIGINT, signal.SIGINT) == 0  # the stubborn run is killed
         (first.out / "stubborn.pids").unlink()
     d = daemon_factory(spec)
     d.wait_for((d.out / "stubborn.pids").exists, what="stubborn job to start")
@@ -306,10 +303,8 @@ def test_a_run_in_flight_when_the_daemon_was_killed_is_recorded_lost(daemon_fact
     again = daemon_factory(spec)
     again.wait_log("1 runs of a previous daemon had no outcome: recorded as lost")
     again.wait_for((d.out / "stubborn.pids").exists, what="the new run to start")
-    again.signal(signal.SIGINT)
-    again.wait_log("draining 1 runs")  # (two signals sent at once would merge into one)
-    again.signal(signal.SIGINT)  # fast stop: the new stubborn run is killed
-    assert again.wait_exit() == 0
+    # The new stubborn run is killed.
+    assert again.fast_stop(signal.SIGINT, signal.SIGINT, draining="draining 1 runs") == 0
     outcomes = [(r["outcome"], r["error"]) for r in again.runs()]
     assert outcomes[0] == ("lost", "daemon exited while the run was in flight")
     assert outcomes[1][0] == "killed"
