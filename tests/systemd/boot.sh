@@ -18,6 +18,12 @@ set -euo pipefail
 NAME=${SANDBOX_NAME:-poolkeeper-sandbox}
 TARGET=poolkeeper-sandbox.target
 
+# Every mount here is in a private namespace, but libmount would still record it in the host's
+# /run/mount/utab (creating /run/mount on a machine that never had it) before our own /run
+# tmpfs hides that directory: -n (--no-mtab) keeps it from writing there at all.
+mount() { command mount -n "$@"; }
+umount() { command umount -n "$@"; }
+
 outer() {
     : "${SANDBOX_CGROUP:?SANDBOX_CGROUP must name a cgroup2 directory}"
     # The cgroup namespace root is the cgroup of the process calling unshare(2): join ours first
