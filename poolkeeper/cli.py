@@ -225,9 +225,18 @@ def _cmd_by_hand(args: argparse.Namespace) -> int:
 def _ask_daemon(args: argparse.Namespace, payload: dict, *, wait: bool = True) -> int:
     """Send one request over the control socket (poolkeeper.control) and report the reply."""
     from poolkeeper import control
+    from poolkeeper.yamlload import LoadError
 
+    config = args.config or default_config_path()
     try:
-        path = args.socket or control.socket_of_config(args.config or default_config_path())
+        path = args.socket or control.socket_of_config(config)
+    except OSError as exc:  # as the commands that load the config say it
+        print(f"{config}: cannot read the file: {exc.strerror or exc}", file=sys.stderr)
+        return exitcodes.NOINPUT
+    except LoadError as exc:
+        print(exc.issue, file=sys.stderr)
+        return exitcodes.CONFIG
+    try:
         if path is None:
             raise control.ControlError(
                 "this config keeps no state file (state.path ':memory:'), so its daemon has "

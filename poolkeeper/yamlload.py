@@ -18,7 +18,9 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-MAX_BYTES = 1024 * 1024
+from poolkeeper.readfile import MAX_CONFIG_BYTES, TooLarge, read_regular
+
+MAX_BYTES = MAX_CONFIG_BYTES
 MAX_DEPTH = 50
 MAX_NODES = 100_000
 
@@ -122,6 +124,20 @@ class LoadError(Exception):
 KeyLabel = Callable[[Path], "str | None"]
 
 
+def read_config(path: str) -> bytes:
+    """The bytes of a config file or fragment, through the one bounded reader
+    (poolkeeper.readfile). Raises OSError when it cannot be read (exit 66: 'no input') and
+    LoadError when it is too large to be a config (exit 78)."""
+    try:
+        return read_regular(path, MAX_BYTES)
+    except TooLarge:
+        raise LoadError(Issue(path, 1, 1, _too_large())) from None
+
+
+def _too_large() -> str:
+    return f"the file is larger than {MAX_BYTES // 1024} KiB; refusing to parse it"
+
+
 def load_yaml(
     raw: bytes, file: str, key_label: KeyLabel = lambda path: "key"
 ) -> tuple[Document, list[Issue]]:
@@ -156,11 +172,7 @@ def load_yaml(
 
 def _decode(raw: bytes, file: str) -> str:
     if len(raw) > MAX_BYTES:
-        raise LoadError(
-            Issue(
-                file, 1, 1, f"the file is larger than {MAX_BYTES // 1024} KiB; refusing to parse it"
-            )
-        )
+        raise LoadError(Issue(file, 1, 1, _too_large()))
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -1,0 +1,159 @@
+"""Input a user (or an attacker sharing the terminal) can hand the CLI: devices, FIFOs and huge
+files as the config, job text full of terminal escapes, absurd counts, a broken state DB.
+Each answer is one clear line and a sysexits code, promptly: never a hang, a traceback or a
+MemoryError. Real processes throughout (`python -m poolkeeper ...`)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# A command that hangs is a failure, not a hung suite: every run has this deadline.
+DEADLINE = 60.0
+# /dev/zero read to the end would take the machine's memory before MemoryError: a regression
+# must fail fast instead (a start with pydantic loaded needs far less than this).
+ADDRESS_SPACE = 2 << 30
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
+def pk(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "poolkeeper", *args],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_limit_memory,
+            start_new_session=True,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`poolkeeper {' '.join(args)}` still running after {DEADLINE}s")
+
+
+GOOD_SPEC = """\
+version: 1
+state: {path: state.db}
+jobs:
+  tick:
+    target: os:getcwd
+    every: 5m
+"""
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.yaml"
+    os.mkfifo(path)
+    return path
+
+
+# -- finding 10: one bounded reader, regular files only --------------------------------------
+
+CONFIG_COMMANDS = [
+    ("check", "{}"),
+    ("run", "{}", "--no-config-cache"),
+    ("run", "{}"),
+    ("history", "-c", "{}"),
+    ("status", "-c", "{}"),
+    ("next", "tick", "-c", "{}"),
+    ("reload", "-c", "{}"),
+    ("reload", "--wait", "-c", "{}"),
+    ("pause", "tick", "-c", "{}"),
+]
+
+
+@pytest.mark.parametrize("argv", CONFIG_COMMANDS, ids=lambda argv: " ".join(argv[:-1] or argv))
+def test_a_fifo_as_the_config_is_refused_at_once(fifo: Path, argv: tuple[str, ...]) -> None:
+    proc = pk(*(arg.format(fifo) for arg in argv))
+    assert proc.returncode == 66, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"{fifo}: cannot read the file: not a regular file (it is a FIFO)"
+    )
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "run", "history -c", "reload --wait -c"])
+def test_a_device_as_the_config_is_refused_without_reading_it(command: str) -> None:
+    proc = pk(*command.split(), "/dev/zero")
+    assert proc.returncode == 66, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "/dev/zero: cannot read the file: not a regular file (it is a character device)"
+    )
+
+
+@pytest.mark.parametrize("command", ["check", "run", "history -c", "reload --wait -c"])
+def test_a_huge_config_is_refused_before_it_is_read(tmp_path: Path, command: str) -> None:
+    big = tmp_path / "big.yaml"
+    with open(big, "w") as f:
+        f.write(GOOD_SPEC)
+        f.truncate(50 << 20)  # 50 MB: sparse, instant to make; NULs after the spec
+    proc = pk(*command.split(), str(big))
+    assert proc.returncode == 78, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"{big}:1:1: the file is larger than 1024 KiB; refusing to parse it"
+    )
+
+
+def test_an_included_fifo_is_one_problem_of_the_check(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    os.mkfifo(tmp_path / "conf.d" / "jobs.yaml")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(GOOD_SPEC.replace("jobs:\n", "include: conf.d\njobs:\n"))
+    proc = pk("check", str(spec))
+    assert proc.returncode == 78, proc.stderr
+    assert proc.stderr == (
+        f"{spec}:3:10: include: cannot read '{tmp_path}/conf.d/jobs.yaml': "
+        "not a regular file (it is a FIFO)\n"
+    )
+
+
+def test_a_cached_validation_of_a_file_now_a_fifo_does_not_block_the_start(
+    tmp_path: Path,
+) -> None:
+    """The cache compares the digest of every config file it validated: that read too."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(GOOD_SPEC)
+    env = {"CACHE_DIRECTORY": str(tmp_path / "cache")}
+    # Stored by a process with the environment of the start below, as a first start would.
+    store = (
+        "import os, sys; from poolkeeper import configcache; from poolkeeper.spec import "
+        "load_config; i = configcache.Inputs(); "
+        "sys.exit(configcache.store(load_config(sys.argv[1], inputs=i), i, "
+        "configcache.cache_dir()))"
+    )
+    stored = subprocess.run(
+        [sys.executable, "-c", store, str(spec)], env={**os.environ, **env}, timeout=DEADLINE
+    )
+    assert stored.returncode == 0
+    spec.unlink()
+    os.mkfifo(spec)
+    proc = pk("run", str(spec), env=env)
+    assert proc.returncode == 66, proc.stderr
+    assert f"config {spec}: validating ({spec} cannot be read)" in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"{spec}: cannot read the file: not a regular file (it is a FIFO)"
+    )
+
+
+def test_a_growing_or_lying_file_is_cut_at_the_limit(tmp_path: Path) -> None:
+    """/proc files say size 0 and a file may grow after the check: the read itself is bounded."""
+    from poolkeeper.readfile import TooLarge, read_regular
+
+    assert read_regular("/proc/self/status", 1 << 20).startswith(b"Name:")
+    with pytest.raises(TooLarge):
+        read_regular("/proc/self/maps", 10)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(GOOD_SPEC))
+    assert read_regular(str(spec), len(GOOD_SPEC)) == GOOD_SPEC.encode()
+    with pytest.raises(TooLarge):
+        read_regular(str(spec), len(GOOD_SPEC) - 1)
