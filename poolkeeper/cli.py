@@ -169,31 +169,71 @@ def _with_config(func):
     return wrapper
 
 
+# `-n` beyond these is capped (and said): more would only fill the terminal and the memory.
+MAX_HISTORY = 100_000
+MAX_NEXT = 1000
+
+
+def _count(text: str) -> int:
+    """argparse type of -n: a whole number, at least 1 (argparse makes an error exit 64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        shown = text if len(text) <= 30 else text[:27] + "..."
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {shown!r}")
+    return value
+
+
+def _capped(n: int, most: int) -> int:
+    if n > most:
+        print(f"poolkeeper: -n {n} is more than {most}; showing at most {most}", file=sys.stderr)
+    return min(n, most)
+
+
+def _state_unreadable(exc) -> int:
+    """One line for a state DB that `history`/`status` cannot read, and EX_IOERR: not an
+    empty table, which would pass for 'no runs'."""
+    print(f"poolkeeper: {exc}", file=sys.stderr)
+    return exitcodes.IOERR
+
+
 @_with_config
 def _cmd_history(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import open_readonly, print_history
+    from poolkeeper.state import StateUnreadable
 
     if args.job and args.job not in config.jobs:
         print(f"poolkeeper: no job named '{args.job}' in {config.path}", file=sys.stderr)
         return exitcodes.USAGE
-    store = open_readonly(config)
+    limit = _capped(args.n, MAX_HISTORY)
     try:
-        print_history(store.history(args.job, limit=args.n), sys.stdout)
-    finally:
-        store.close()
+        store = open_readonly(config)
+        try:
+            records = store.history(args.job, limit=limit)
+        finally:
+            store.close()
+    except StateUnreadable as exc:
+        return _state_unreadable(exc)
+    print_history(records, sys.stdout)
     return exitcodes.OK
 
 
 @_with_config
 def _cmd_status(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import open_readonly, print_status
+    from poolkeeper.state import StateUnreadable
 
     live = _ask_quietly(args.socket, config, {"command": "status"})
-    store = open_readonly(config)
     try:
-        print_status(config, store, sys.stdout, live=live)
-    finally:
-        store.close()
+        store = open_readonly(config)
+        try:  # reads the DB before it prints anything
+            print_status(config, store, sys.stdout, live=live)
+        finally:
+            store.close()
+    except StateUnreadable as exc:
+        return _state_unreadable(exc)
     return exitcodes.OK
 
 
@@ -268,7 +308,7 @@ def _cmd_next(args: argparse.Namespace, config) -> int:
         known = ", ".join(config.jobs) or "none"
         print(f"poolkeeper: no job named '{args.job}' (jobs: {known})", file=sys.stderr)
         return exitcodes.USAGE
-    print_next(job, args.n, sys.stdout)
+    print_next(job, _capped(args.n, MAX_NEXT), sys.stdout)
     return exitcodes.OK
 
 
@@ -330,14 +370,16 @@ def _add_other_commands(sub) -> None:
 
     p = sub.add_parser("history", help="recent runs, newest first (from the state DB)")
     p.add_argument("job", metavar="JOB", nargs="?", help="only this job's runs")
-    p.add_argument("-n", type=int, default=50, help="how many runs (default 50)")
+    p.add_argument(
+        "-n", type=_count, default=50, help=f"how many runs (default 50, at most {MAX_HISTORY})"
+    )
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
     _add_unit_option(p)
     p.set_defaults(func=_cmd_history)
 
     p = sub.add_parser("next", help="upcoming fire times of a job")
     p.add_argument("job", metavar="JOB")
-    p.add_argument("-n", type=int, default=5, help="how many (default 5)")
+    p.add_argument("-n", type=_count, default=5, help=f"how many (default 5, at most {MAX_NEXT})")
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
     _add_unit_option(p)
     p.set_defaults(func=_cmd_next)

@@ -85,6 +85,16 @@ class StateLocked(RuntimeError):
         super().__init__(f"state DB {path} is in use by {who} (one daemon per state DB)")
 
 
+class StateUnreadable(RuntimeError):
+    """A reader (`readonly=True`: `history`, `status`) cannot read the state DB. Readers don't
+    fall back to memory like the daemon: an empty answer would pass for 'no runs'."""
+
+    def __init__(self, path: str | None, reason: BaseException | str):
+        self.path = path
+        self.reason = str(reason)
+        super().__init__(f"cannot read the state DB {path}: {self.reason}")
+
+
 class RunRecord(NamedTuple):
     job: str
     run_id: str
@@ -163,8 +173,10 @@ class StateStore:
     # --- open / lock / close -------------------------------------------------------------
 
     def open(self) -> None:
-        """Open (creating directories and schema). Never raises for a bad file or location:
-        a corrupt file is moved aside, an unusable location gives an in-memory DB."""
+        """Open (creating directories and schema). The daemon's store never raises for a bad
+        file or location: a corrupt file is moved aside, an unusable location gives an
+        in-memory DB. A reader's store (`readonly`) reads a missing DB as an empty history and
+        raises StateUnreadable for any other problem."""
         with self._mutex:
             if self.path is None:
                 self._use_memory(None)
@@ -172,16 +184,16 @@ class StateStore:
             try:
                 self._conn = self._connect_file()
                 self.persistent = True
-            except sqlite3.DatabaseError as exc:
-                if _is_corruption(exc) and not self.readonly:
-                    self._open_after_corruption(exc)
-                else:
-                    self._use_memory(exc)
             except FileNotFoundError as exc:
                 # Read-only (`poolkeeper history`) before any daemon ran: an empty history.
                 self._use_memory(None if self.readonly else exc)
-            except OSError as exc:
-                self._use_memory(exc)
+            except (sqlite3.DatabaseError, OSError) as exc:
+                if self.readonly:
+                    raise StateUnreadable(self.path, exc) from None
+                if isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc):
+                    self._open_after_corruption(exc)
+                else:
+                    self._use_memory(exc)
 
     def _connect_file(self) -> sqlite3.Connection:
         assert self.path is not None
@@ -191,7 +203,12 @@ class StateStore:
             conn = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=2.0
             )
-            _check_version(conn)
+            try:
+                if _check_version(conn) < 1:  # created, no schema yet: nothing ran
+                    raise FileNotFoundError(f"no schema in {self.path} yet")
+            except BaseException:
+                conn.close()
+                raise
             return conn
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         # timeout: a `poolkeeper history` reader never blocks us in WAL, but a checkpoint may.
@@ -499,6 +516,8 @@ class StateStore:
         try:
             return self._conn.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
+            if self.readonly:  # corruption past the header shows up here, not at open()
+                raise StateUnreadable(self.path, exc) from None
             self.log.error("state DB %s: read failed (%s)", self.path or ":memory:", exc)
             return []
 

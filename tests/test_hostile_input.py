@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from poolkeeper.state import StateStore
+
 # A command that hangs is a failure, not a hung suite: every run has this deadline.
 DEADLINE = 60.0
 # /dev/zero read to the end would take the machine's memory before MemoryError: a regression
@@ -157,3 +159,88 @@ def test_a_growing_or_lying_file_is_cut_at_the_limit(tmp_path: Path) -> None:
     assert read_regular(str(spec), len(GOOD_SPEC)) == GOOD_SPEC.encode()
     with pytest.raises(TooLarge):
         read_regular(str(spec), len(GOOD_SPEC) - 1)
+
+
+# -- finding 13: counts, and a state DB the readers cannot read -----------------------------
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(GOOD_SPEC)
+    return path
+
+
+def _record_runs(db: Path, count: int) -> None:
+    store = StateStore(db)
+    store.open()
+    for i in range(count):
+        store.run_ended(
+            run_id=f"run{i}",
+            job="tick",
+            attempt=1,
+            scheduled_at=1000.0 + i,
+            started_at=1000.0 + i,
+            ended_at=1001.0 + i,
+            outcome="failed",
+            error=f"error {i}",
+        )
+    store.close()
+
+
+@pytest.mark.parametrize("n", ["-5", "0", "-1", "x", "1.5", "9" * 5000])
+@pytest.mark.parametrize("command", ["history", "next tick"])
+def test_a_count_that_is_not_positive_is_a_usage_error(spec: Path, command: str, n: str) -> None:
+    _record_runs(spec.parent / "state.db", 3)
+    proc = pk(*command.split(), "-n", n, "-c", str(spec))
+    assert proc.returncode == 64, proc.stdout
+    error = proc.stderr.splitlines()[-1]
+    assert error.startswith(f"poolkeeper {command.split()[0]}: error: argument -n: expected a ")
+    assert len(error) < 200 and proc.stdout == ""
+
+
+def test_a_huge_history_count_is_capped_and_said(spec: Path) -> None:
+    _record_runs(spec.parent / "state.db", 3)
+    proc = pk("history", "-n", "99999999999999999999", "-c", str(spec))
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1 + 3
+    assert proc.stderr == (
+        "poolkeeper: -n 99999999999999999999 is more than 100000; showing at most 100000\n"
+    )
+
+
+def test_a_huge_next_count_is_capped_and_said(spec: Path) -> None:
+    proc = pk("next", "tick", "-n", "100000000", "-c", str(spec))
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1000
+    assert proc.stderr == "poolkeeper: -n 100000000 is more than 1000; showing at most 1000\n"
+
+
+def _corrupt_header(db: Path) -> None:
+    db.write_bytes(b"this is not an sqlite database, just garbage " * 100)
+
+
+def _corrupt_pages(db: Path) -> None:
+    """A valid header over garbage: only a query that reads the pages finds out."""
+    _record_runs(db, 500)
+    data = bytearray(db.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[page:] = b"\xa5" * (len(data) - page)
+    db.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("breakage", [_corrupt_header, _corrupt_pages])
+@pytest.mark.parametrize("command", ["history", "status"])
+def test_an_unreadable_state_db_is_an_error_not_an_empty_answer(
+    spec: Path, command: str, breakage
+) -> None:
+    db = spec.parent / "state.db"
+    breakage(db)
+    proc = pk(command, "-c", str(spec))
+    assert proc.returncode == 74, proc.stdout
+    assert proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"poolkeeper: cannot read the state DB {db}: ")
+    assert "not a database" in line or "malformed" in line
+    assert "in memory" not in proc.stderr
+    assert list(spec.parent.glob("state.db.corrupt-*")) == []  # a reader moves nothing aside
