@@ -9,6 +9,7 @@ import os
 import sys
 
 from poolkeeper import __version__, exitcodes
+from poolkeeper.printable import printable
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -195,7 +196,7 @@ def _capped(n: int, most: int) -> int:
 def _state_unreadable(exc) -> int:
     """One line for a state DB that `history`/`status` cannot read, and EX_IOERR: not an
     empty table, which would pass for 'no runs'."""
-    print(f"poolkeeper: {exc}", file=sys.stderr)
+    print(f"poolkeeper: {printable(exc)}", file=sys.stderr)
     return exitcodes.IOERR
 
 
@@ -205,7 +206,10 @@ def _cmd_history(args: argparse.Namespace, config) -> int:
     from poolkeeper.state import StateUnreadable
 
     if args.job and args.job not in config.jobs:
-        print(f"poolkeeper: no job named '{args.job}' in {config.path}", file=sys.stderr)
+        print(
+            f"poolkeeper: no job named '{printable(args.job)}' in {printable(config.path)}",
+            file=sys.stderr,
+        )
         return exitcodes.USAGE
     limit = _capped(args.n, MAX_HISTORY)
     try:
@@ -271,7 +275,8 @@ def _ask_daemon(args: argparse.Namespace, payload: dict, *, wait: bool = True) -
     try:
         path = args.socket or control.socket_of_config(config)
     except OSError as exc:  # as the commands that load the config say it
-        print(f"{config}: cannot read the file: {exc.strerror or exc}", file=sys.stderr)
+        reason = printable(exc.strerror or exc)
+        print(f"{printable(config)}: cannot read the file: {reason}", file=sys.stderr)
         return exitcodes.NOINPUT
     except LoadError as exc:
         print(exc.issue, file=sys.stderr)
@@ -284,15 +289,16 @@ def _ask_daemon(args: argparse.Namespace, payload: dict, *, wait: bool = True) -
             )
         reply = control.request(path, payload, wait=wait)
     except control.ControlError as exc:
-        print(f"poolkeeper: {exc}", file=sys.stderr)
+        print(f"poolkeeper: {printable(exc)}", file=sys.stderr)
         return exitcodes.UNAVAILABLE
     if reply is None:
-        print(f"poolkeeper: {payload['command']} requested ({path})")
+        print(f"poolkeeper: {payload['command']} requested ({printable(path)})")
         return exitcodes.OK
     for problem in reply.get("problems") or ():
-        print(problem, file=sys.stderr)
+        print(printable(problem), file=sys.stderr)
     ok = reply.get("ok") is True
-    print(str(reply.get("message", "")), file=sys.stdout if ok else sys.stderr)
+    message = printable(reply.get("message", ""), newlines=True)  # it may echo a job name
+    print(message, file=sys.stdout if ok else sys.stderr)
     if ok:
         return exitcodes.OK
     code = reply.get("exit")
@@ -306,7 +312,7 @@ def _cmd_next(args: argparse.Namespace, config) -> int:
     job = config.jobs.get(args.job)
     if job is None:
         known = ", ".join(config.jobs) or "none"
-        print(f"poolkeeper: no job named '{args.job}' (jobs: {known})", file=sys.stderr)
+        print(f"poolkeeper: no job named '{printable(args.job)}' (jobs: {known})", file=sys.stderr)
         return exitcodes.USAGE
     print_next(job, _capped(args.n, MAX_NEXT), sys.stdout)
     return exitcodes.OK
@@ -478,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "unit", None):
         problem = _adopt_unit(args)
         if problem is not None:
-            print(f"poolkeeper: {problem}", file=sys.stderr)
+            print(f"poolkeeper: {printable(problem)}", file=sys.stderr)
             return exitcodes.UNAVAILABLE
     try:
         return args.func(args)
@@ -489,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: one line for the user, the details in the log
         logging.getLogger("poolkeeper").debug("internal error", exc_info=True)
         print(
-            f"poolkeeper: internal error: {type(exc).__name__}: {exc} "
+            f"poolkeeper: internal error: {type(exc).__name__}: {printable(exc)} "
             "(please report it; rerun with --log-level debug for the traceback)",
             file=sys.stderr,
         )

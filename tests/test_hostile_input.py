@@ -244,3 +244,73 @@ def test_an_unreadable_state_db_is_an_error_not_an_empty_answer(
     assert "not a database" in line or "malformed" in line
     assert "in memory" not in proc.stderr
     assert list(spec.parent.glob("state.db.corrupt-*")) == []  # a reader moves nothing aside
+
+
+# -- finding 12: job and user text reaches the terminal escaped -------------------------------
+
+# Clears the screen, sets the window title, a C1 CSI, a right-to-left override.
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07\x9b6n\u202egnp.exe"
+SHOWN = "\\x1b[2J\\x1b]0;pwned\\x07\\x9b6n\\u202egnp.exe"
+RAW = ("\x1b", "\x07", "\x9b", "\u202e")
+
+HOSTILE_JOBS = f"""
+def shout(ctx):
+    ctx.log.warning("the job logs " + {HOSTILE!r})
+    raise RuntimeError({HOSTILE!r})
+"""
+
+
+def _no_raw_controls(text: str) -> None:
+    for char in RAW:
+        assert char not in text, f"raw {char!r} in output:\n{text!r}"
+
+
+def test_a_jobs_error_text_is_printed_escaped(daemon_factory, tmp_path: Path) -> None:
+    """The daemon's foreground log, `history` and `status`: the error as the job raised it,
+    but shown with its control characters escaped."""
+    jobs = tmp_path / "code"
+    jobs.mkdir()
+    (jobs / "hostile_jobs.py").write_text(HOSTILE_JOBS)
+    d = daemon_factory(
+        "jobs:\n  shout:\n    target: hostile_jobs:shout\n    every: 1h\n", pythonpath=(jobs,)
+    )
+    d.wait_log("run failed")
+    d.signal()
+    assert d.wait_exit() == 0
+    log = d.log()
+    _no_raw_controls(log)
+    assert f"RuntimeError: {SHOWN}" in log  # the traceback's last line, newlines kept
+    assert f"the job logs {SHOWN}" in log
+    assert [r["error"] for r in d.runs()] == [f"RuntimeError: {HOSTILE}"]  # stored as raised
+
+    history = pk("history", "-c", str(d.config))
+    assert history.returncode == 0, history.stderr
+    _no_raw_controls(history.stdout)
+    assert f"RuntimeError: {SHOWN}" in history.stdout.splitlines()[1]
+    status = pk("status", "-c", str(d.config))
+    assert status.returncode == 0, status.stderr
+    _no_raw_controls(status.stdout)
+    assert f"failed (RuntimeError: {SHOWN})" in status.stdout
+
+
+@pytest.mark.parametrize("command", ["history", "next"])
+def test_an_unknown_job_argument_is_echoed_escaped(spec: Path, command: str) -> None:
+    proc = pk(command, HOSTILE, "-c", str(spec))
+    assert proc.returncode == 64, proc.stderr
+    _no_raw_controls(proc.stderr)
+    assert f"no job named '{SHOWN}'" in proc.stderr
+
+
+def test_check_escapes_keys_and_the_file_name(tmp_path: Path) -> None:
+    spec = tmp_path / "spec\x1b]0;x\x07.yaml"
+    spec.write_text(GOOD_SPEC + '  "\\e[2Jbad\\u202e": {target: os:getcwd, every: 5m}\n')
+    proc = pk("check", str(spec))
+    assert proc.returncode == 78, proc.stderr
+    _no_raw_controls(proc.stderr)
+    shown = str(tmp_path / "spec\\x1b]0;x\\x07.yaml")
+    assert proc.stderr.startswith(f"{shown}:7:3: job name '\\x1b[2Jbad\\u202e': ")
+    missing = pk("check", str(tmp_path / "\x1b[2J.yaml"))
+    assert missing.returncode == 66
+    assert missing.stderr == f"{tmp_path}/\\x1b[2J.yaml: cannot read the file: " + (
+        "No such file or directory\n"
+    )
