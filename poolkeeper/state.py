@@ -78,10 +78,12 @@ _SQL_LAST_RUN = """INSERT INTO jobs (job, last_run_id) VALUES (?, ?)
 class StateLocked(RuntimeError):
     """Another daemon holds the state DB's lock."""
 
-    def __init__(self, path: str, holder: str):
+    def __init__(self, path: str, holder: str, *, verified: bool = True):
         self.path = path
         self.holder = holder
         who = f"pid {holder}" if holder else "another process"
+        if holder and not verified:  # a lock file we could only read: maybe not its writer's
+            who = f"another process (the lock file names pid {holder}, maybe an earlier one)"
         super().__init__(f"state DB {path} is in use by {who} (one daemon per state DB)")
 
 
@@ -221,6 +223,7 @@ class StateStore:
                 )
             conn.execute("PRAGMA synchronous=NORMAL")
             _migrate(conn)
+            _probe_write(conn)
         except BaseException:
             conn.close()
             raise
@@ -263,14 +266,15 @@ class StateStore:
 
     def acquire_lock(self) -> None:
         """Take `<path>.lock` (flock, released by the kernel if we die). Raises StateLocked
-        when another daemon holds it. Where no lock file can be created at all, the daemon runs
-        unlocked (logged): that location cannot hold a persistent DB either."""
+        when another daemon holds it. flock needs no write access: a lock file this process
+        may only read (another user's, a read-only state directory) is locked all the same.
+        Only where no lock file exists and none can be created does the daemon run unlocked
+        (logged): that location cannot hold a persistent DB either."""
         if self.path is None or self._lock_fd is not None:
             return
         lock_path = self.path + ".lock"
         try:
-            os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd, writable = _open_lock_file(lock_path)
         except OSError as exc:
             self.log.warning(
                 "cannot create lock file %s (%s): running without the single-instance lock",
@@ -281,11 +285,18 @@ class StateStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             os.close(fd)
-            raise StateLocked(self.path, holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise StateLocked(self.path, holder, verified=writable) from None
+        if writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        else:
+            self.log.info(
+                "lock file %s is read-only for this process: locked all the same, but the pid "
+                "in it is not this daemon's",
+                lock_path,
+            )
         self._lock_fd = fd
 
     def close(self) -> None:
@@ -553,6 +564,20 @@ def _runs_of_same_kind(entries):
         yield group_sql, group
 
 
+def _open_lock_file(path: str) -> tuple[int, bool]:
+    """(descriptor, writable): read-write, created if need be; else read-only if the file
+    exists. O_NONBLOCK: a FIFO put in its place must not block the start."""
+    flags = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644), True
+    except OSError as exc:
+        try:
+            return os.open(path, os.O_RDONLY | flags), False
+        except OSError:
+            raise exc from None
+
+
 def _is_corruption(exc: BaseException) -> bool:
     """DatabaseError proper ('file is not a database', 'malformed'), as opposed to its
     subclass OperationalError (locked, disk full, read-only, I/O), which is not the file's fault."""
@@ -569,6 +594,17 @@ def _check_version(conn: sqlite3.Connection) -> int:
             f"schema version {version} is newer than this poolkeeper's ({SCHEMA_VERSION})"
         )
     return version
+
+
+def _probe_write(conn: sqlite3.Connection) -> None:
+    """SQLite opens a file it may not write read-only without a word (another user's file, a
+    read-only mount) and in WAL mode even BEGIN IMMEDIATE succeeds; every later write would
+    fail. One real write (the schema version, unchanged) tells at open(), where the caller
+    can still fall back to memory."""
+    try:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except sqlite3.OperationalError as exc:
+        raise sqlite3.OperationalError(f"not writable by uid {os.getuid()}: {exc}") from None
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
