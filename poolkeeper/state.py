@@ -202,16 +202,15 @@ class StateStore:
         if self.readonly:
             if not os.path.exists(self.path):
                 raise FileNotFoundError(f"no state DB at {self.path}")
-            conn = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=2.0
-            )
             try:
-                if _check_version(conn) < 1:  # created, no schema yet: nothing ran
-                    raise FileNotFoundError(f"no schema in {self.path} yet")
-            except BaseException:
-                conn.close()
-                raise
-            return conn
+                return self._connect_readonly("mode=ro")
+            except sqlite3.OperationalError:
+                # Reading a WAL database creates its -shm file, which a user who may not write
+                # the directory (a stopped root daemon's) cannot. With no -wal file the DB file
+                # holds every committed write: read it as immutable.
+                if os.path.exists(self.path + "-wal"):
+                    raise
+                return self._connect_readonly("mode=ro&immutable=1")
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         # timeout: a `poolkeeper history` reader never blocks us in WAL, but a checkpoint may.
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=2.0)
@@ -224,6 +223,21 @@ class StateStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             _migrate(conn)
             _probe_write(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_readonly(self, query: str) -> sqlite3.Connection:
+        from urllib.parse import quote  # a reader's import: the daemon never opens read-only
+
+        assert self.path is not None
+        conn = sqlite3.connect(
+            f"file:{quote(self.path)}?{query}", uri=True, check_same_thread=False, timeout=2.0
+        )
+        try:
+            if _check_version(conn) < 1:  # created, no schema yet: nothing ran
+                raise FileNotFoundError(f"no schema in {self.path} yet")
         except BaseException:
             conn.close()
             raise

@@ -515,3 +515,45 @@ def test_state_files_it_cannot_write_still_lock_and_fall_back_to_memory(setup: s
         for daemon in daemons:
             daemon.kill()
         shutil.rmtree(directory)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="reads as another user: needs root")
+def test_another_user_reads_the_history_of_a_stopped_daemon() -> None:
+    """Reading a WAL database creates its -shm file: a user who may not write the directory
+    still reads a stopped daemon's history (not an error, nor an empty table)."""
+    directory = Path(tempfile.mkdtemp(prefix="pk-state-", dir="/tmp"))  # reachable by nobody
+    try:
+        os.chmod(directory, 0o755)
+        earlier = StateStore(directory / "state.db")
+        earlier.acquire_lock()
+        earlier.open()
+        end(earlier, "earlier-run", error="it broke")
+        earlier.close()
+        spec = directory / "spec.yaml"
+        spec.write_text(
+            "version: 1\nstate: {path: state.db}\n"
+            "jobs:\n  rollup:\n    target: os:getcwd\n    every: 1h\n"
+        )
+        proc = subprocess.run(
+            [*AS_NOBODY, sys.executable, "-m", "poolkeeper", "history", "-c", str(spec)],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "earlier-run" in proc.stdout and "it broke" in proc.stdout
+        assert not list(directory.glob("state.db-*"))
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_a_reader_opens_a_path_with_uri_characters(tmp_path) -> None:
+    path = tmp_path / "odd?name#with%20chars.db"
+    s = StateStore(path)
+    s.open()
+    end(s, "r1")
+    s.close()
+    ro = StateStore(path, readonly=True)
+    ro.open()
+    assert [r.run_id for r in ro.history()] == ["r1"]
+    ro.close()
