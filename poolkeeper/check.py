@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from poolkeeper import exitcodes
+from poolkeeper.printable import printable
 from poolkeeper.yamlload import Issue, Pos
 
 if TYPE_CHECKING:
@@ -349,10 +350,11 @@ def check_file(path: str, out: TextIO, err: TextIO) -> int:
             print(issue, file=err)
         return exc.exit_code
     except Exception as exc:  # a bug of ours; the fuzz tests keep this unreachable
-        print(f"{path}: internal error: {_exception_line(exc)}; please report this bug", file=err)
+        problem = printable(f"{path}: internal error: {_exception_line(exc)}")
+        print(f"{problem}; please report this bug", file=err)
         return exitcodes.SOFTWARE
     count = len(config.jobs)
-    print(f"{path}: ok, {count} job{'' if count == 1 else 's'}", file=out)
+    print(f"{printable(path)}: ok, {count} job{'' if count == 1 else 's'}", file=out)
     return exitcodes.OK
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 
 from poolkeeper import __version__, exitcodes
+from poolkeeper.printable import printable
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -169,31 +170,74 @@ def _with_config(func):
     return wrapper
 
 
+# `-n` beyond these is capped (and said): more would only fill the terminal and the memory.
+MAX_HISTORY = 100_000
+MAX_NEXT = 1000
+
+
+def _count(text: str) -> int:
+    """argparse type of -n: a whole number, at least 1 (argparse makes an error exit 64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        shown = text if len(text) <= 30 else text[:27] + "..."
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {shown!r}")
+    return value
+
+
+def _capped(n: int, most: int) -> int:
+    if n > most:
+        print(f"poolkeeper: -n {n} is more than {most}; showing at most {most}", file=sys.stderr)
+    return min(n, most)
+
+
+def _state_unreadable(exc) -> int:
+    """One line for a state DB that `history`/`status` cannot read, and EX_IOERR: not an
+    empty table, which would pass for 'no runs'."""
+    print(f"poolkeeper: {printable(exc)}", file=sys.stderr)
+    return exitcodes.IOERR
+
+
 @_with_config
 def _cmd_history(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import open_readonly, print_history
+    from poolkeeper.state import StateUnreadable
 
     if args.job and args.job not in config.jobs:
-        print(f"poolkeeper: no job named '{args.job}' in {config.path}", file=sys.stderr)
+        print(
+            f"poolkeeper: no job named '{printable(args.job)}' in {printable(config.path)}",
+            file=sys.stderr,
+        )
         return exitcodes.USAGE
-    store = open_readonly(config)
+    limit = _capped(args.n, MAX_HISTORY)
     try:
-        print_history(store.history(args.job, limit=args.n), sys.stdout)
-    finally:
-        store.close()
+        store = open_readonly(config)
+        try:
+            records = store.history(args.job, limit=limit)
+        finally:
+            store.close()
+    except StateUnreadable as exc:
+        return _state_unreadable(exc)
+    print_history(records, sys.stdout)
     return exitcodes.OK
 
 
 @_with_config
 def _cmd_status(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import open_readonly, print_status
+    from poolkeeper.state import StateUnreadable
 
     live = _ask_quietly(args.socket, config, {"command": "status"})
-    store = open_readonly(config)
     try:
-        print_status(config, store, sys.stdout, live=live)
-    finally:
-        store.close()
+        store = open_readonly(config)
+        try:  # reads the DB before it prints anything
+            print_status(config, store, sys.stdout, live=live)
+        finally:
+            store.close()
+    except StateUnreadable as exc:
+        return _state_unreadable(exc)
     return exitcodes.OK
 
 
@@ -225,9 +269,19 @@ def _cmd_by_hand(args: argparse.Namespace) -> int:
 def _ask_daemon(args: argparse.Namespace, payload: dict, *, wait: bool = True) -> int:
     """Send one request over the control socket (poolkeeper.control) and report the reply."""
     from poolkeeper import control
+    from poolkeeper.yamlload import LoadError
 
+    config = args.config or default_config_path()
     try:
-        path = args.socket or control.socket_of_config(args.config or default_config_path())
+        path = args.socket or control.socket_of_config(config)
+    except OSError as exc:  # as the commands that load the config say it
+        reason = printable(exc.strerror or exc)
+        print(f"{printable(config)}: cannot read the file: {reason}", file=sys.stderr)
+        return exitcodes.NOINPUT
+    except LoadError as exc:
+        print(exc.issue, file=sys.stderr)
+        return exitcodes.CONFIG
+    try:
         if path is None:
             raise control.ControlError(
                 "this config keeps no state file (state.path ':memory:'), so its daemon has "
@@ -235,15 +289,16 @@ def _ask_daemon(args: argparse.Namespace, payload: dict, *, wait: bool = True) -
             )
         reply = control.request(path, payload, wait=wait)
     except control.ControlError as exc:
-        print(f"poolkeeper: {exc}", file=sys.stderr)
+        print(f"poolkeeper: {printable(exc)}", file=sys.stderr)
         return exitcodes.UNAVAILABLE
     if reply is None:
-        print(f"poolkeeper: {payload['command']} requested ({path})")
+        print(f"poolkeeper: {payload['command']} requested ({printable(path)})")
         return exitcodes.OK
     for problem in reply.get("problems") or ():
-        print(problem, file=sys.stderr)
+        print(printable(problem), file=sys.stderr)
     ok = reply.get("ok") is True
-    print(str(reply.get("message", "")), file=sys.stdout if ok else sys.stderr)
+    message = printable(reply.get("message", ""), newlines=True)  # it may echo a job name
+    print(message, file=sys.stdout if ok else sys.stderr)
     if ok:
         return exitcodes.OK
     code = reply.get("exit")
@@ -257,9 +312,9 @@ def _cmd_next(args: argparse.Namespace, config) -> int:
     job = config.jobs.get(args.job)
     if job is None:
         known = ", ".join(config.jobs) or "none"
-        print(f"poolkeeper: no job named '{args.job}' (jobs: {known})", file=sys.stderr)
+        print(f"poolkeeper: no job named '{printable(args.job)}' (jobs: {known})", file=sys.stderr)
         return exitcodes.USAGE
-    print_next(job, args.n, sys.stdout)
+    print_next(job, _capped(args.n, MAX_NEXT), sys.stdout)
     return exitcodes.OK
 
 
@@ -321,14 +376,16 @@ def _add_other_commands(sub) -> None:
 
     p = sub.add_parser("history", help="recent runs, newest first (from the state DB)")
     p.add_argument("job", metavar="JOB", nargs="?", help="only this job's runs")
-    p.add_argument("-n", type=int, default=50, help="how many runs (default 50)")
+    p.add_argument(
+        "-n", type=_count, default=50, help=f"how many runs (default 50, at most {MAX_HISTORY})"
+    )
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
     _add_unit_option(p)
     p.set_defaults(func=_cmd_history)
 
     p = sub.add_parser("next", help="upcoming fire times of a job")
     p.add_argument("job", metavar="JOB")
-    p.add_argument("-n", type=int, default=5, help="how many (default 5)")
+    p.add_argument("-n", type=_count, default=5, help=f"how many (default 5, at most {MAX_NEXT})")
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
     _add_unit_option(p)
     p.set_defaults(func=_cmd_next)
@@ -427,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "unit", None):
         problem = _adopt_unit(args)
         if problem is not None:
-            print(f"poolkeeper: {problem}", file=sys.stderr)
+            print(f"poolkeeper: {printable(problem)}", file=sys.stderr)
             return exitcodes.UNAVAILABLE
     try:
         return args.func(args)
@@ -438,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: one line for the user, the details in the log
         logging.getLogger("poolkeeper").debug("internal error", exc_info=True)
         print(
-            f"poolkeeper: internal error: {type(exc).__name__}: {exc} "
+            f"poolkeeper: internal error: {type(exc).__name__}: {printable(exc)} "
             "(please report it; rerun with --log-level debug for the traceback)",
             file=sys.stderr,
         )

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from poolkeeper.settings import Config
 
 from poolkeeper import __version__
+from poolkeeper.readfile import TooLarge, read_regular, read_regular_stat
 
 try:  # as random.py does: hashlib loads OpenSSL (~8 ms on the way to READY=1); this does not
     from _sha256 import sha256  # CPython 3.11
@@ -50,6 +51,9 @@ except ImportError:
         from hashlib import sha256
 
 FORMAT = 1
+# An entry holds the validated config and a digest per import-path directory: kilobytes. The
+# bound only keeps a broken or foreign file from costing the start its memory.
+MAX_ENTRY_BYTES = 16 * 1024 * 1024
 _SUFFIXES = tuple(importlib.machinery.all_suffixes())
 
 # Set by systemd (or a shell) differently for every start; none changes what an import does.
@@ -110,15 +114,14 @@ def lookup(config_path: str, directory: str) -> tuple[Config | None, str]:
     entry is a miss."""
     entry = entry_path(config_path, directory)
     try:
-        with open(entry, "rb") as f:
-            st = os.fstat(f.fileno())
-            # It names the code the daemon runs: trust only what this user alone could write.
-            if st.st_uid != os.getuid() or st.st_mode & 0o022:
-                return None, f"{entry} is not this user's alone"
-            saved = json.loads(f.read())
+        raw, st = read_regular_stat(entry, MAX_ENTRY_BYTES)
+        # It names the code the daemon runs: trust only what this user alone could write.
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return None, f"{entry} is not this user's alone"
+        saved = json.loads(raw)
     except FileNotFoundError:
         return None, "no cached validation"
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TooLarge) as exc:
         return None, f"unreadable cache entry ({exc})"
     try:
         why_not = _changed(saved, config_path)
@@ -178,10 +181,9 @@ def _changed(saved: dict[str, Any], config_path: str) -> str | None:
         return "the interpreter, poolkeeper, the user or the environment changed"
     for path, digest in saved["config_files"].items():
         try:
-            with open(path, "rb") as f:
-                if _digest(f.read()) != digest:
-                    return f"{path} changed"
-        except OSError:
+            if _digest(read_regular(path)) != digest:
+                return f"{path} changed"
+        except (OSError, TooLarge):  # the validation will say why, with the file's name
             return f"{path} cannot be read"
     include_dir, names = saved["include"]
     if include_dir is not None and _yaml_names(include_dir) != names:

@@ -53,20 +53,20 @@ def socket_path(state_db: str | None) -> str | None:
 def socket_of_config(config_path: str) -> str | None:
     """The socket of the daemon running `config_path`, found without validating the file: a
     file that is being fixed (the very reason to reload) may not validate, and it is the
-    daemon's job to say why. Only `state.path` is read from it."""
+    daemon's job to say why. Only `state.path` is read from it. Raises OSError when the file
+    cannot be read (missing, not a regular file) and LoadError when it is too large."""
     runtime_socket = socket_path(None)
     if runtime_socket is not None:
         return runtime_socket
-    import yaml
-
     from poolkeeper.state import StateStore
+    from poolkeeper.yamlload import LoadError, load_yaml, read_config
 
+    # The loader every config read goes through: bounded in size, regular files only (a FIFO
+    # would block here for ever), no alias bombs. OSError goes to the caller: no input.
+    raw = read_config(config_path)
     try:
-        with open(config_path, "rb") as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise ControlError(f"cannot read {config_path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError:
+        data = load_yaml(raw, config_path)[0].data
+    except LoadError:
         data = None  # the daemon will say what is wrong with it; assume the default
     state = data.get("state") if isinstance(data, dict) else None
     spec_path = state.get("path") if isinstance(state, dict) else None

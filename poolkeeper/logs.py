@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any
 
+from poolkeeper.printable import printable
+
 LOGGER_NAME = "poolkeeper"
 JOB_FIELDS = ("JOB", "RUN_ID", "ATTEMPT", "WORKER_PID")
 
@@ -50,12 +52,14 @@ def job_prefix(record: logging.LogRecord) -> str:
 
 
 class HumanFormatter(logging.Formatter):
-    """`12:00:01.234 INFO    rollup[3f2a9c01] message`, for a terminal."""
+    """`12:00:01.234 INFO    rollup[3f2a9c01] message`, for a terminal. Messages carry job
+    text (errors, a job's own log lines): control characters are shown escaped, so a job
+    cannot clear the reader's screen; newlines stay (tracebacks)."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         head = f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} "
-        return head + job_prefix(record) + super().format(record)
+        return head + printable(job_prefix(record) + super().format(record), newlines=True)
 
 
 class JournalFormatter(logging.Formatter):

@@ -15,19 +15,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-MAX_BYTES = 1 << 20
-
 
 def pool_hints(path: str) -> tuple[str, list[str], list[str]] | None:
     """(start_method, preload, absolute pythonpath) as the file writes them, or None."""
-    from poolkeeper.yamlload import load_yaml
+    from poolkeeper.yamlload import load_yaml, read_config
 
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-        if len(raw) > MAX_BYTES:
-            return None
-        doc, _ = load_yaml(raw, path)
+        # The same bounded reader and loader as the validation: a FIFO or a device named as
+        # the config must not block or exhaust the start before the validation says what it is.
+        doc, _ = load_yaml(read_config(path), path)
     except Exception:  # noqa: BLE001 - anything odd: leave it to the validation
         return None
     data = doc.data

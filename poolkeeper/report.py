@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import TextIO
 
 from poolkeeper.durations import format_duration
+from poolkeeper.printable import printable
 from poolkeeper.schedule import make_trigger, upcoming, zone
 from poolkeeper.state import RunRecord, StateStore
 
@@ -66,7 +67,7 @@ def print_status(
     last = store.last_outcomes()
     rows = [("JOB", "KIND", "SCHEDULE", "NEXT", "NOW", "LAST RUN", "OUTCOME")]
     if live is not None:
-        out.write(f"daemon: {live.get('message', '')}\n")
+        out.write(f"daemon: {printable(live.get('message', ''))}\n")
         jobs = [
             (name, j["kind"], j["schedule"], _when(j["next"]), j["now"])
             for name, j in live.get("jobs", {}).items()
@@ -107,7 +108,7 @@ def print_next(job, n: int, out: TextIO, now: float | None = None) -> int:
     """Upcoming fire times of one job; returns how many were printed."""
     trigger = make_trigger(job)
     if trigger is None:
-        out.write(f"{job.name}: a loop job runs continuously; it has no fire times\n")
+        out.write(f"{printable(job.name)}: a loop job runs continuously; it has no fire times\n")
         return 0
     fires = upcoming(trigger, n, time.time() if now is None else now)
     tz = zone(job.timezone) if job.timezone else None
@@ -115,7 +116,7 @@ def print_next(job, n: int, out: TextIO, now: float | None = None) -> int:
         local = datetime.fromtimestamp(ts, tz) if tz else datetime.fromtimestamp(ts).astimezone()
         out.write(local.strftime("%Y-%m-%d %H:%M:%S %Z") + "\n")
     if not fires:
-        out.write(f"{job.name}: no upcoming fire time\n")
+        out.write(f"{printable(job.name)}: no upcoming fire time\n")
     return len(fires)
 
 
@@ -130,6 +131,9 @@ def schedule_text(job) -> str:
 
 
 def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
+    """Aligned columns. Every cell is printable(): error texts are the jobs' own words, and
+    names and states may come from a daemon's reply."""
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -22,7 +22,6 @@ import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
@@ -54,6 +53,7 @@ from poolkeeper.yamlload import (
     Pos,
     describe,
     load_yaml,
+    read_config,
     trap_message,
 )
 
@@ -704,11 +704,13 @@ class _Loading:
 
     def read_main(self) -> Document:
         try:
-            raw = FsPath(self.path).read_bytes()
+            raw = read_config(self.path)  # bounded, regular files only
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             issue = Issue(self.path, 0, 0, f"cannot read the file: {reason}")
             raise ConfigError([issue], exitcodes.NOINPUT) from None
+        except LoadError as exc:
+            raise ConfigError([exc.issue]) from None
         self.inputs.add_config_file(os.path.abspath(self.path), raw)
         doc = self.parse(raw, self.path)
         if doc is not None and doc.data is None:
@@ -803,11 +805,14 @@ class _Loading:
             shown = os.path.normpath(os.path.join(directory, name))
             self.files.append(shown)
             try:
-                raw = FsPath(shown).read_bytes()
+                raw = read_config(shown)
             except OSError as exc:
                 self.issues.append(
                     Issue.at(where, f"include: cannot read '{shown}': {exc.strerror or exc}")
                 )
+                continue
+            except LoadError as exc:
+                self.issues.append(exc.issue)
                 continue
             self.inputs.add_config_file(os.path.abspath(shown), raw)
             fragment = self.parse(raw, shown)

@@ -78,11 +78,23 @@ _SQL_LAST_RUN = """INSERT INTO jobs (job, last_run_id) VALUES (?, ?)
 class StateLocked(RuntimeError):
     """Another daemon holds the state DB's lock."""
 
-    def __init__(self, path: str, holder: str):
+    def __init__(self, path: str, holder: str, *, verified: bool = True):
         self.path = path
         self.holder = holder
         who = f"pid {holder}" if holder else "another process"
+        if holder and not verified:  # a lock file we could only read: maybe not its writer's
+            who = f"another process (the lock file names pid {holder}, maybe an earlier one)"
         super().__init__(f"state DB {path} is in use by {who} (one daemon per state DB)")
+
+
+class StateUnreadable(RuntimeError):
+    """A reader (`readonly=True`: `history`, `status`) cannot read the state DB. Readers don't
+    fall back to memory like the daemon: an empty answer would pass for 'no runs'."""
+
+    def __init__(self, path: str | None, reason: BaseException | str):
+        self.path = path
+        self.reason = str(reason)
+        super().__init__(f"cannot read the state DB {path}: {self.reason}")
 
 
 class RunRecord(NamedTuple):
@@ -163,8 +175,10 @@ class StateStore:
     # --- open / lock / close -------------------------------------------------------------
 
     def open(self) -> None:
-        """Open (creating directories and schema). Never raises for a bad file or location:
-        a corrupt file is moved aside, an unusable location gives an in-memory DB."""
+        """Open (creating directories and schema). The daemon's store never raises for a bad
+        file or location: a corrupt file is moved aside, an unusable location gives an
+        in-memory DB. A reader's store (`readonly`) reads a missing DB as an empty history and
+        raises StateUnreadable for any other problem."""
         with self._mutex:
             if self.path is None:
                 self._use_memory(None)
@@ -172,27 +186,31 @@ class StateStore:
             try:
                 self._conn = self._connect_file()
                 self.persistent = True
-            except sqlite3.DatabaseError as exc:
-                if _is_corruption(exc) and not self.readonly:
-                    self._open_after_corruption(exc)
-                else:
-                    self._use_memory(exc)
             except FileNotFoundError as exc:
                 # Read-only (`poolkeeper history`) before any daemon ran: an empty history.
                 self._use_memory(None if self.readonly else exc)
-            except OSError as exc:
-                self._use_memory(exc)
+            except (sqlite3.DatabaseError, OSError) as exc:
+                if self.readonly:
+                    raise StateUnreadable(self.path, exc) from None
+                if isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc):
+                    self._open_after_corruption(exc)
+                else:
+                    self._use_memory(exc)
 
     def _connect_file(self) -> sqlite3.Connection:
         assert self.path is not None
         if self.readonly:
             if not os.path.exists(self.path):
                 raise FileNotFoundError(f"no state DB at {self.path}")
-            conn = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=2.0
-            )
-            _check_version(conn)
-            return conn
+            try:
+                return self._connect_readonly("mode=ro")
+            except sqlite3.OperationalError:
+                # Reading a WAL database creates its -shm file, which a user who may not write
+                # the directory (a stopped root daemon's) cannot. With no -wal file the DB file
+                # holds every committed write: read it as immutable.
+                if os.path.exists(self.path + "-wal"):
+                    raise
+                return self._connect_readonly("mode=ro&immutable=1")
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         # timeout: a `poolkeeper history` reader never blocks us in WAL, but a checkpoint may.
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=2.0)
@@ -204,6 +222,22 @@ class StateStore:
                 )
             conn.execute("PRAGMA synchronous=NORMAL")
             _migrate(conn)
+            _probe_write(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_readonly(self, query: str) -> sqlite3.Connection:
+        from urllib.parse import quote  # a reader's import: the daemon never opens read-only
+
+        assert self.path is not None
+        conn = sqlite3.connect(
+            f"file:{quote(self.path)}?{query}", uri=True, check_same_thread=False, timeout=2.0
+        )
+        try:
+            if _check_version(conn) < 1:  # created, no schema yet: nothing ran
+                raise FileNotFoundError(f"no schema in {self.path} yet")
         except BaseException:
             conn.close()
             raise
@@ -246,14 +280,15 @@ class StateStore:
 
     def acquire_lock(self) -> None:
         """Take `<path>.lock` (flock, released by the kernel if we die). Raises StateLocked
-        when another daemon holds it. Where no lock file can be created at all, the daemon runs
-        unlocked (logged): that location cannot hold a persistent DB either."""
+        when another daemon holds it. flock needs no write access: a lock file this process
+        may only read (another user's, a read-only state directory) is locked all the same.
+        Only where no lock file exists and none can be created does the daemon run unlocked
+        (logged): that location cannot hold a persistent DB either."""
         if self.path is None or self._lock_fd is not None:
             return
         lock_path = self.path + ".lock"
         try:
-            os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd, writable = _open_lock_file(lock_path)
         except OSError as exc:
             self.log.warning(
                 "cannot create lock file %s (%s): running without the single-instance lock",
@@ -264,11 +299,18 @@ class StateStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             os.close(fd)
-            raise StateLocked(self.path, holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise StateLocked(self.path, holder, verified=writable) from None
+        if writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        else:
+            self.log.info(
+                "lock file %s is read-only for this process: locked all the same, but the pid "
+                "in it is not this daemon's",
+                lock_path,
+            )
         self._lock_fd = fd
 
     def close(self) -> None:
@@ -499,6 +541,8 @@ class StateStore:
         try:
             return self._conn.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
+            if self.readonly:  # corruption past the header shows up here, not at open()
+                raise StateUnreadable(self.path, exc) from None
             self.log.error("state DB %s: read failed (%s)", self.path or ":memory:", exc)
             return []
 
@@ -534,6 +578,20 @@ def _runs_of_same_kind(entries):
         yield group_sql, group
 
 
+def _open_lock_file(path: str) -> tuple[int, bool]:
+    """(descriptor, writable): read-write, created if need be; else read-only if the file
+    exists. O_NONBLOCK: a FIFO put in its place must not block the start."""
+    flags = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644), True
+    except OSError as exc:
+        try:
+            return os.open(path, os.O_RDONLY | flags), False
+        except OSError:
+            raise exc from None
+
+
 def _is_corruption(exc: BaseException) -> bool:
     """DatabaseError proper ('file is not a database', 'malformed'), as opposed to its
     subclass OperationalError (locked, disk full, read-only, I/O), which is not the file's fault."""
@@ -550,6 +608,17 @@ def _check_version(conn: sqlite3.Connection) -> int:
             f"schema version {version} is newer than this poolkeeper's ({SCHEMA_VERSION})"
         )
     return version
+
+
+def _probe_write(conn: sqlite3.Connection) -> None:
+    """SQLite opens a file it may not write read-only without a word (another user's file, a
+    read-only mount) and in WAL mode even BEGIN IMMEDIATE succeeds; every later write would
+    fail. One real write (the schema version, unchanged) tells at open(), where the caller
+    can still fall back to memory."""
+    try:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except sqlite3.OperationalError as exc:
+        raise sqlite3.OperationalError(f"not writable by uid {os.getuid()}: {exc}") from None
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -9,7 +9,6 @@ alias expansion ("billion laughs").
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,10 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-MAX_BYTES = 1024 * 1024
+from poolkeeper.printable import printable
+from poolkeeper.readfile import MAX_CONFIG_BYTES, TooLarge, read_regular
+
+MAX_BYTES = MAX_CONFIG_BYTES
 MAX_DEPTH = 50
 MAX_NODES = 100_000
 
@@ -37,13 +39,6 @@ class Pos:
     col: int
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    return match.group().encode("unicode_escape").decode("ascii")
-
-
 @dataclass(frozen=True)
 class Issue:
     """One problem in a config file, printed as `FILE:LINE:COL: message`."""
@@ -54,17 +49,19 @@ class Issue:
     message: str
 
     def __post_init__(self) -> None:
-        # One issue, one line: keys and values quoted in messages may hold line breaks.
-        object.__setattr__(self, "message", _CONTROL.sub(_escape, self.message))
+        # One issue, one line: keys and values quoted in messages may hold line breaks, and
+        # terminal escapes ("\e[2J" is a valid YAML key): printed escaped.
+        object.__setattr__(self, "message", printable(self.message))
 
     @classmethod
     def at(cls, pos: Pos, message: str) -> Issue:
         return cls(pos.file, pos.line, pos.col, message)
 
     def __str__(self) -> str:
+        file = printable(self.file)  # a path from the command line or a directory listing
         if self.line <= 0:  # not about a place in the file (missing/unreadable file)
-            return f"{self.file}: {self.message}"
-        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+            return f"{file}: {self.message}"
+        return f"{file}:{self.line}:{self.col}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -122,6 +119,20 @@ class LoadError(Exception):
 KeyLabel = Callable[[Path], "str | None"]
 
 
+def read_config(path: str) -> bytes:
+    """The bytes of a config file or fragment, through the one bounded reader
+    (poolkeeper.readfile). Raises OSError when it cannot be read (exit 66: 'no input') and
+    LoadError when it is too large to be a config (exit 78)."""
+    try:
+        return read_regular(path, MAX_BYTES)
+    except TooLarge:
+        raise LoadError(Issue(path, 1, 1, _too_large())) from None
+
+
+def _too_large() -> str:
+    return f"the file is larger than {MAX_BYTES // 1024} KiB; refusing to parse it"
+
+
 def load_yaml(
     raw: bytes, file: str, key_label: KeyLabel = lambda path: "key"
 ) -> tuple[Document, list[Issue]]:
@@ -156,11 +167,7 @@ def load_yaml(
 
 def _decode(raw: bytes, file: str) -> str:
     if len(raw) > MAX_BYTES:
-        raise LoadError(
-            Issue(
-                file, 1, 1, f"the file is larger than {MAX_BYTES // 1024} KiB; refusing to parse it"
-            )
-        )
+        raise LoadError(Issue(file, 1, 1, _too_large()))
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

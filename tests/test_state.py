@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -402,3 +407,153 @@ def test_memory_path(tmp_path):
     end(s, 1)
     assert len(s.history()) == 1 and not s.persistent
     s.close()
+
+
+# -- State files this daemon may not write: still one daemon, and the documented fallback ----
+
+NOBODY = 65534
+DEADLINE = 60.0
+
+
+# The daemon as an unprivileged user: root would write anything.
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+class _Daemon:
+    """`poolkeeper run` in the foreground, as `argv_prefix` + the command, logging to a file."""
+
+    def __init__(self, spec: Path, name: str, argv_prefix: list[str]) -> None:
+        self.log_path = spec.parent / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*argv_prefix, sys.executable, "-m", "poolkeeper", "run", str(spec)]
+                + ["--no-config-cache", "--log-target", "stderr"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while text not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} (exit {self.proc.poll()}):\n{self.log()}")
+            time.sleep(0.02)
+
+    def wait_exit(self) -> int:
+        try:
+            return self.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {DEADLINE}s:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(DEADLINE)
+
+
+def _read_only_mount(directory: Path) -> list[str]:
+    """A command prefix: run in a private mount namespace where `directory` is read-only."""
+    mount = f'mount --bind -o ro {directory} {directory} && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh"]
+
+
+SETUPS = {
+    # (owner of the directory, the command prefix the daemons run under)
+    "another user's files": ("root", lambda d: AS_NOBODY),
+    "another user's files in its own directory": ("nobody", lambda d: AS_NOBODY),
+    "a read-only mount": ("root", _read_only_mount),
+}
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="runs the daemon as another user: needs root")
+@pytest.mark.parametrize("setup", SETUPS)
+def test_state_files_it_cannot_write_still_lock_and_fall_back_to_memory(setup: str) -> None:
+    """A restart that finds the state files unwritable (they belong to another user, or the
+    state directory went read-only) must still be the only daemon of its spec, and keep state
+    in memory as documented, with one clear error line, instead of a read-only DB on which
+    every write fails."""
+    directory = Path(tempfile.mkdtemp(prefix="pk-state-", dir="/tmp"))  # reachable by nobody
+    daemons: list[_Daemon] = []
+    try:
+        os.chmod(directory, 0o755)
+        db = directory / "state.db"
+        earlier = StateStore(db)  # what an earlier daemon (as root) left behind
+        earlier.acquire_lock()
+        earlier.open()
+        end(earlier, "earlier run")
+        earlier.close()
+        owner, how = SETUPS[setup]
+        if owner == "nobody":
+            os.chown(directory, NOBODY, NOBODY)
+        spec = directory / "spec.yaml"
+        spec.write_text(
+            "version: 1\nstate: {path: state.db}\n"
+            "jobs:\n  tick:\n    target: os:getcwd\n    every: 1h\n"
+        )
+        argv_prefix = how(directory)
+        first = _Daemon(spec, "first", argv_prefix)
+        daemons.append(first)
+        first.wait_log("run succeeded")
+
+        second = _Daemon(spec, "second", argv_prefix)
+        daemons.append(second)
+        assert second.wait_exit() == 75, second.log()
+        assert f"state DB {db} is in use by" in second.log()
+
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.wait_exit() == 0, first.log()
+        log = first.log()
+        assert "without the single-instance lock" not in log
+        assert log.count("keeping state in memory") == 1, log
+        assert "write failed" not in log
+        assert rows_on_disk(db) == 1  # the earlier daemon's run; this one's stayed in memory
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+        shutil.rmtree(directory)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="reads as another user: needs root")
+def test_another_user_reads_the_history_of_a_stopped_daemon() -> None:
+    """Reading a WAL database creates its -shm file: a user who may not write the directory
+    still reads a stopped daemon's history (not an error, nor an empty table)."""
+    directory = Path(tempfile.mkdtemp(prefix="pk-state-", dir="/tmp"))  # reachable by nobody
+    try:
+        os.chmod(directory, 0o755)
+        earlier = StateStore(directory / "state.db")
+        earlier.acquire_lock()
+        earlier.open()
+        end(earlier, "earlier-run", error="it broke")
+        earlier.close()
+        spec = directory / "spec.yaml"
+        spec.write_text(
+            "version: 1\nstate: {path: state.db}\n"
+            "jobs:\n  rollup:\n    target: os:getcwd\n    every: 1h\n"
+        )
+        proc = subprocess.run(
+            [*AS_NOBODY, sys.executable, "-m", "poolkeeper", "history", "-c", str(spec)],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "earlier-run" in proc.stdout and "it broke" in proc.stdout
+        assert not list(directory.glob("state.db-*"))
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_a_reader_opens_a_path_with_uri_characters(tmp_path) -> None:
+    path = tmp_path / "odd?name#with%20chars.db"
+    s = StateStore(path)
+    s.open()
+    end(s, "r1")
+    s.close()
+    ro = StateStore(path, readonly=True)
+    ro.open()
+    assert [r.run_id for r in ro.history()] == ["r1"]
+    ro.close()
