@@ -1,0 +1,79 @@
+"""Jobs that report the signal state of the processes they start (tests/test_signals.py)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+
+# Signals whose bits /proc/PID/status must not show ignored or caught in what a job starts.
+WATCHED = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+    signal.SIGUSR2, signal.SIGALRM, signal.SIGTSTP,
+)  # fmt: skip
+
+
+def signal_masks(pid: int) -> dict[str, list[int]]:
+    """SigBlk, SigIgn, SigCgt of /proc/PID/status: which of WATCHED each holds (the whole
+    list would not fit in a run's result repr)."""
+    masks = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("SigBlk", "SigIgn", "SigCgt"):
+                bits = int(value.strip(), 16)
+                masks[key] = [int(sig) for sig in WATCHED if bits & (1 << (sig - 1))]
+    return masks
+
+
+def _stopped_by(proc_wait, send, sig: int) -> int | str:
+    send(sig)
+    try:
+        return proc_wait(5)
+    except subprocess.TimeoutExpired:
+        return f"survived {signal.Signals(sig).name}"
+
+
+def exec_child() -> dict:
+    """A program the job execs: its masks, then whether SIGTERM (terminate()) stops it."""
+    child = subprocess.Popen(["sleep", "30"])  # returns once the exec has succeeded
+    try:
+        masks = signal_masks(child.pid)
+        code = _stopped_by(child.wait, child.send_signal, signal.SIGTERM)
+    finally:
+        child.kill()
+        child.wait()
+    return {**masks, "terminate": code}
+
+
+def _tell_then_sleep(fd: int) -> None:
+    os.write(fd, b"up")
+    time.sleep(30)
+
+
+def fork_child() -> dict:
+    """A child the job forks without exec (multiprocessing's fork context): its masks once it
+    runs the target, then whether terminate() stops it."""
+    r, w = os.pipe()
+    child = multiprocessing.get_context("fork").Process(target=_tell_then_sleep, args=(w,))
+    child.start()
+    os.close(w)
+    try:
+        os.read(r, 2)  # the after-fork hooks have run
+        masks = signal_masks(child.pid)
+        child.terminate()
+        child.join(5)
+        code = child.exitcode if child.exitcode is not None else "survived SIGTERM"
+    finally:
+        os.close(r)
+        child.kill()
+        child.join()
+    return {**masks, "terminate": code}
+
+
+def worker_survives() -> dict:
+    """The worker's own dispositions: caught (not ignored, not default) for the signals a
+    worker must survive."""
+    return signal_masks(os.getpid())
