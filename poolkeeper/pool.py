@@ -943,7 +943,7 @@ class Pool:
 
     def _emergency_stop(self) -> None:
         """At interpreter exit without close(): kill and join everything, without waiting for
-        runs (multiprocessing's own atexit join would hang on workers that ignore SIGTERM)."""
+        runs (multiprocessing's own atexit join would hang on workers that survive SIGTERM)."""
         if self._started and not self._closed:
             self._closing = True
             self._kill_all("killed", "killed at exit")
