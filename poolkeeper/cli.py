@@ -56,7 +56,12 @@ def _print_config_errors(exc) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from poolkeeper import configcache
+    from poolkeeper.signals import held_during_start
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, held_during_start())
 
     path = args.config or default_config_path()
     cache = None if args.no_config_cache else configcache.cache_dir()

@@ -67,6 +67,16 @@ def caught() -> tuple[int, ...]:
     return tuple(sorted(s for s in signal.valid_signals() if s not in left_alone))
 
 
+def held_during_start() -> tuple[int, ...]:
+    """What `poolkeeper run` blocks first thing, until the main loop's handlers are in place
+    (SignalQueue.install unblocks them): a SIGHUP or SIGUSR1 that comes while the config is
+    validated or the pool starts is then handled by the loop instead of killing the daemon.
+    Not SIGTERM, SIGINT and SIGQUIT: until the loop runs they end the process at once, as
+    a start that hangs must still be stoppable. Processes started meanwhile inherit the mask:
+    the forkserver and the resource tracker keep it, workers empty theirs."""
+    return tuple(s for s in caught() if s not in DRAIN and s != FAST_STOP)
+
+
 def name(signum: int) -> str:
     """SIGUSR1, SIGRTMIN+3."""
     try:

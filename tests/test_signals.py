@@ -227,6 +227,29 @@ def test_crash_signal_dumps_and_dies_and_the_next_start_records_lost(
     assert {r["run_id"] for r in runs if r["outcome"] == "lost"} == in_flight
 
 
+def test_signals_during_the_start_are_handled_once_the_loop_runs(daemon_factory):
+    """While the config is validated (here: a job module that takes 1 s to import), SIGHUP
+    and SIGUSR1 wait for the main loop instead of killing the daemon."""
+    d = daemon_factory("""
+        pool: {workers: 1, start_method: forkserver}
+        jobs:
+          tick:
+            target: slow_import_jobs:ok
+            every: 100ms
+        """)
+    d.wait_log("validating")
+    for sig in (signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2):
+        d.signal(sig)
+    d.wait_log("ready")
+    d.wait_for(lambda: _finished(d) >= 1, what="a run")
+    log = d.log()
+    assert "SIGUSR1: state dump" in log and "SIGUSR2 received: ignored" in log, log
+    assert "SIGHUP while starting: not reloading" in log, log
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0, d.log()
+    _assert_every_run_has_an_outcome(d, {"succeeded"})
+
+
 # -- finding 6: what a job starts gets default dispositions and an empty mask -----------------
 
 
