@@ -28,11 +28,13 @@ worker's run would be lost.
                                 process dies of the signal (kill(2) or a real fault alike)
     SIGKILL, SIGSTOP            cannot be caught
 
-"Survive" is a handler that does nothing in a worker (SIG_IGN would be inherited by every
-program a job execs; a caught signal is reset to the default by execve, and poolkeeper's
-at-fork hook resets it in a child a job forks without exec), SIG_IGN in the forkserver (it
-never execs; workers set their own), and blocked in multiprocessing's resource tracker (a
-stdlib program we cannot change: its mask is set when it is spawned). A crash of the main
+"Survive" is a handler that does nothing in a worker (with SA_RESTART, so a job's system
+calls go on; SIG_IGN would be inherited by every program a job execs, while a caught signal
+is reset to the default by execve, and poolkeeper's at-fork hook resets it in a child a job
+forks without exec), SIG_IGN in the forkserver (it never execs; workers set their own), and
+blocked in multiprocessing's resource tracker (a stdlib program we cannot change: its mask
+is set when it is spawned). `poolkeeper run` holds the survived signals blocked until the
+main loop's handlers are in place (held_during_start). A crash of the main
 process leaves its runs `running` in the state DB; the workers die with it, and the next
 start records those runs `lost`.
 """

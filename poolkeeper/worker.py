@@ -233,6 +233,9 @@ def _survive_signals() -> None:
     signal.set_wakeup_fd(-1)
     for sig in signals.caught():
         signal.signal(sig, _survive)
+        # Restart system calls the signal interrupts (SA_RESTART): a job's C library blocked
+        # in read() must not see EINTR because `systemctl kill` reached the unit.
+        signal.siginterrupt(sig, False)
     for sig in signals.HARMLESS:
         signal.signal(sig, signal.SIG_DFL)
     os.register_at_fork(after_in_child=_defaults_after_fork)

@@ -77,3 +77,30 @@ def worker_survives() -> dict:
     """The worker's own dispositions: caught (not ignored, not default) for the signals a
     worker must survive."""
     return signal_masks(os.getpid())
+
+
+def c_read_through_a_signal() -> tuple[int, int]:
+    """A C-level blocking read() (as a job's C library does) while SIGUSR2 reaches this
+    thread, as `systemctl kill -s SIGUSR2` would: (bytes read, errno)."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, w = os.pipe()
+    me = threading.get_ident()
+
+    def signal_then_write() -> None:
+        time.sleep(0.2)
+        signal.pthread_kill(me, signal.SIGUSR2)
+        time.sleep(0.2)
+        os.write(w, b"x")
+
+    helper = threading.Thread(target=signal_then_write)
+    helper.start()
+    buf = ctypes.create_string_buffer(1)
+    n = libc.read(r, buf, 1)
+    err = ctypes.get_errno()
+    helper.join()
+    os.close(r)
+    os.close(w)
+    return n, err

@@ -290,3 +290,11 @@ def test_the_worker_itself_catches_what_it_must_survive(make_pool, method):
     assert masks["SigBlk"] == [], masks
     assert not set(masks["SigIgn"]) & set(WATCHED), masks
     assert set(WATCHED) <= set(masks["SigCgt"]), masks
+
+
+def test_a_survived_signal_does_not_interrupt_a_jobs_system_call(make_pool):
+    """SA_RESTART: a job's C library blocked in read() does not see EINTR."""
+    d = make_pool("forkserver", workers=1)
+    ev = d.run([_job("read", "c_read_through_a_signal")])["read"]
+    assert ev.outcome == "succeeded", (ev.error, ev.traceback)
+    assert ev.result_repr == "(1, 0)"
