@@ -262,9 +262,9 @@ class Daemon(Reloading, ByHand):
     def _handle_signals(self) -> None:
         ignored: Counter[int] = Counter()
         for signum in self.signals.pop_all():
-            name = signals.name(signum)
             if self.phase == "stopped":  # a fast stop earlier in this batch: nothing is left
                 break
+            name = signals.name(signum)
             if signum == signals.RELOAD:
                 self._reload(name)
             elif signum == signals.DUMP:

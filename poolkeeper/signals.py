@@ -10,23 +10,23 @@ systemd `systemctl kill -s SIG` reaches every process of the unit, so the table 
 helper processes do too; none of them may die of a signal the main process survives, or a
 worker's run would be lost.
 
-    signal                      main process                 workers; forkserver; tracker
-    SIGTERM, SIGINT             drain; again: fast stop      survive (their runs drain)
-    SIGQUIT                     fast stop (drain: too)       survive
-    SIGHUP                      reload                       survive
-    SIGUSR1                     state dump to the log        worker: stack dump, goes on
+    signal                       main process                  workers, forkserver, tracker
+    SIGTERM, SIGINT              drain; again: fast stop       survive (their runs drain)
+    SIGQUIT                      fast stop                     survive
+    SIGHUP                       reload                        survive
+    SIGUSR1                      state dump to the log         worker: stack dump, goes on
     SIGUSR2, SIGALRM, SIGVTALRM,
     SIGPROF, SIGXCPU, SIGPWR,
     SIGIO, SIGSTKFLT, SIGTRAP,
     SIGSYS, SIGTSTP, SIGTTIN,
-    SIGTTOU, SIGRTMIN..SIGRTMAX  logged, ignored              survive
-    SIGPIPE, SIGXFSZ            ignored (Python's start-up SIG_IGN: writes fail instead)
+    SIGTTOU, SIGRTMIN..SIGRTMAX  logged, ignored               survive
+    SIGPIPE, SIGXFSZ             ignored (Python's start-up SIG_IGN: writes fail instead)
     SIGCHLD, SIGCONT, SIGURG,
-    SIGWINCH                    default: nothing happens (SIGCONT resumes a stopped process)
+    SIGWINCH                     default: nothing happens (SIGCONT resumes a stopped process)
     SIGABRT, SIGSEGV, SIGBUS,
-    SIGFPE, SIGILL              crash: faulthandler dumps every thread's stack, then the
-                                process dies of the signal (kill(2) or a real fault alike)
-    SIGKILL, SIGSTOP            cannot be caught
+    SIGFPE, SIGILL               crash: faulthandler dumps every thread's stack, then the
+                                 process dies of the signal (kill(2) or a real fault alike)
+    SIGKILL, SIGSTOP             cannot be caught
 
 "Survive" is a handler that does nothing in a worker (with SA_RESTART, so a job's system
 calls go on; SIG_IGN would be inherited by every program a job execs, while a caught signal
@@ -34,9 +34,9 @@ is reset to the default by execve, and poolkeeper's at-fork hook resets it in a 
 forks without exec), SIG_IGN in the forkserver (it never execs; workers set their own), and
 blocked in multiprocessing's resource tracker (a stdlib program we cannot change: its mask
 is set when it is spawned). `poolkeeper run` holds the survived signals blocked until the
-main loop's handlers are in place (held_during_start). A crash of the main
-process leaves its runs `running` in the state DB; the workers die with it, and the next
-start records those runs `lost`.
+main loop's handlers are in place (held_during_start). A crash of the main process leaves
+its runs `running` in the state DB; the workers die with it, and the next start records
+those runs `lost`.
 """
 
 from __future__ import annotations
