@@ -87,13 +87,29 @@ def c_read_through_a_signal() -> tuple[int, int]:
 
     libc = ctypes.CDLL(None, use_errno=True)
     r, w = os.pipe()
-    me = threading.get_ident()
+    me, my_tid = threading.get_ident(), threading.get_native_id()
+
+    def blocked_in_read() -> bool:
+        """Our thread sits in a system call on `r` (/proc/.../syscall: number, then args)."""
+        with open(f"/proc/self/task/{my_tid}/syscall") as f:
+            fields = f.read().split()
+        return len(fields) > 1 and fields[1] == hex(r)
 
     def signal_then_write() -> None:
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while not blocked_in_read() and time.monotonic() < deadline:
+            time.sleep(0.005)
         signal.pthread_kill(me, signal.SIGUSR2)
-        time.sleep(0.2)
+        # Delivered once no longer pending for our thread: read() has then failed (EINTR)
+        # or gone on waiting, and the byte below ends it.
+        while usr2_pending() and time.monotonic() < deadline:
+            time.sleep(0.005)
         os.write(w, b"x")
+
+    def usr2_pending() -> bool:
+        with open(f"/proc/self/task/{my_tid}/status") as f:
+            line = next(x for x in f if x.startswith("SigPnd:"))
+        return bool(int(line.split()[1], 16) & (1 << (signal.SIGUSR2 - 1)))
 
     helper = threading.Thread(target=signal_then_write)
     helper.start()
