@@ -57,7 +57,12 @@ def _print_config_errors(exc) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from poolkeeper import configcache
+    from poolkeeper.signals import held_during_start
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, held_during_start())
 
     path = args.config or default_config_path()
     cache = None if args.no_config_cache else configcache.cache_dir()
@@ -471,7 +476,28 @@ def _adopt_unit(args: argparse.Namespace) -> str | None:
     return None
 
 
+def ensure_stdio() -> None:
+    """Started with fd 0, 1 or 2 closed (`poolkeeper run spec >&-`): put /dev/null there
+    first thing. Else the next open() (the state DB, the control socket, a log file) would
+    get that number, and whatever is printed or logged would be written into it; Python also
+    leaves sys.stdout or sys.stderr None then, and every print or log record would fail."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: open() returns the lowest free descriptor, this one
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # cannot happen (0..fd-1 are open by now); never leak it
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            stream = open(fd, mode, buffering=1, closefd=False, errors="backslashreplace")
+            setattr(sys, name, stream)
+            setattr(sys, f"__{name}__", stream)
+
+
 def main(argv: list[str] | None = None) -> int:
+    ensure_stdio()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(only_run=argv[:1] == ["run"])
     try:

@@ -5,13 +5,15 @@
     turn    wait (worker pipes and sentinels, the signal pipe, the next deadline)
             -> signals -> pool events (started, ended, lost) -> fire due schedules
             -> dispatch to free workers -> phase changes -> STATUS=, WATCHDOG=1, flush state
-    drain   STOPPING=1 -> every ctx.stopping is set (loops return) -> in-flight runs get
-            `drain_timeout`, then their process groups are killed -> join -> exit 0
+    drain   (SIGTERM, SIGINT) STOPPING=1 -> every ctx.stopping is set (loops return) ->
+            in-flight runs get `drain_timeout`, then their process groups are killed -> join
+            -> exit 0; a second signal, or SIGQUIT: fast stop (kill in-flight runs now)
     reload  (SIGHUP) RELOADING=1 -> validate the file in full -> rejected: log why, keep
             everything -> else apply the difference by job name (poolkeeper.reload) -> READY=1
 
-Signals only wake the loop (poolkeeper.signals); the pool never blocks (poolkeeper.pool);
-so a turn is short, and a loop that stops turning stops the watchdog pings.
+Signals only wake the loop (poolkeeper.signals, which has the table of what each one does;
+SIGUSR1 dumps the state to the log); the pool never blocks (poolkeeper.pool); so a turn is
+short, and a loop that stops turning stops the watchdog pings.
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from collections import Counter
 from multiprocessing.connection import wait as wait_for_ready
 
-from poolkeeper import control, exitcodes
+from poolkeeper import control, exitcodes, signals
 from poolkeeper.byhand import ByHand
 from poolkeeper.jobs import JobRuntime, PendingRun
 from poolkeeper.logs import event, get_logger
@@ -46,7 +47,7 @@ from poolkeeper.reload import Reloading
 from poolkeeper.settings import Config, Job
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state import StateLocked, StateStore
-from poolkeeper.status import count, status_line
+from poolkeeper.status import count, state_dump, status_line
 
 MAX_WAIT = 1.0  # the loop turns at least this often: status, watchdog, wall-clock jumps
 EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
@@ -100,7 +101,9 @@ class Daemon(Reloading, ByHand):
         for name in ENV_FOR_MAIN_ONLY:
             os.environ.pop(name, None)
         self.rng = rng or random.Random()
-        self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        # Every catchable signal whose default action would end or stop us: a stray one must
+        # never cost the runs in flight their outcome (poolkeeper.signals has the table).
+        self.signals = SignalQueue(signals.caught())
         self.control: control.ControlServer | None = None
         self.state: StateStore | None = None
         self.pool: Pool | None = pool
@@ -257,14 +260,41 @@ class Daemon(Reloading, ByHand):
             wait_for_ready(waitables, timeout)
 
     def _handle_signals(self) -> None:
+        ignored: Counter[int] = Counter()
         for signum in self.signals.pop_all():
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
+            if self.phase == "stopped":  # a fast stop earlier in this batch: nothing is left
+                break
+            name = signals.name(signum)
+            if signum == signals.RELOAD:
                 self._reload(name)
-            elif self.phase == "draining":
-                self._fast_stop(name)
+            elif signum == signals.DUMP:
+                self._dump_state(name)
+            elif signum in signals.DRAIN or signum == signals.FAST_STOP:
+                self._stop(signum, name)
             else:
-                self._begin_drain(name)
+                ignored[signum] += 1
+        for signum, times in ignored.items():
+            # One line per signal and turn: a flood (a timer firing at 1 kHz) stays readable.
+            self.log.warning(
+                "%s received%s: ignored (it has no meaning to poolkeeper)",
+                signals.name(signum),
+                f" {times} times" if times > 1 else "",
+            )
+
+    def _stop(self, signum: int, name: str) -> None:
+        """SIGTERM, SIGINT: drain; SIGQUIT, or any of them during a drain: fast stop."""
+        if self.phase == "draining":
+            self._fast_stop(f"{name} during the drain")
+        elif signum == signals.FAST_STOP:
+            self._begin_drain(name)
+            self._fast_stop(name)
+        else:
+            self._begin_drain(name)
+
+    def _dump_state(self, why: str) -> None:
+        """SIGUSR1: what the daemon is doing, in one log record (one journal entry)."""
+        lines = state_dump(self, time.time(), time.monotonic())
+        self.log.info("%s: state dump\n%s", why, "\n".join(lines))
 
     def _collect(self) -> None:
         self._handle_events(self.pool.poll())
@@ -527,7 +557,7 @@ class Daemon(Reloading, ByHand):
         )
 
     def _fast_stop(self, why: str) -> None:
-        self.log.warning("%s during the drain: fast stop, killing every run in flight", why)
+        self.log.warning("%s: fast stop, killing every run in flight", why)
         for ev in self.pool.kill_runs("killed"):
             self._on_ended(ev)
         self.phase = "stopped"

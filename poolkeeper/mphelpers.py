@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from multiprocessing import connection, forkserver, resource_tracker
 from typing import Any, NoReturn
 
+from poolkeeper import signals
+
 open_pools: weakref.WeakSet[Any] = weakref.WeakSet()  # poolkeeper.pool.Pool objects
 _started_by_us = {"forkserver": False, "resource_tracker": False}
 
@@ -68,6 +70,32 @@ def note_new_pool(start_method: str) -> None:
         _started_by_us["resource_tracker"] = True
 
 
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (if it is not running) with every signal the
+    main process survives blocked: it is a stdlib program we cannot change, it ignores only
+    SIGINT and SIGTERM, and `systemctl kill -s SIGUSR1` (say) reaches it too. The blocked
+    mask survives its execve; its death would make every later start of a worker warn."""
+    with signals.blocked(signals.caught()):
+        resource_tracker.ensure_running()
+
+
+def start_spawned_forkserver() -> None:
+    """multiprocessing's own forkserver (a new interpreter), shielded like the resource
+    tracker; the workers it forks empty their mask (poolkeeper.worker). Does nothing if a
+    forkserver runs."""
+    with signals.blocked(signals.caught()):
+        forkserver.ensure_running()  # starts the resource tracker first
+
+
+def start_helpers(start_method: str) -> None:
+    """Pool.start(): the helpers a pool of `start_method` needs, started now and shielded from
+    signals, rather than by multiprocessing at the first worker's start."""
+    if start_method == "forkserver":
+        start_spawned_forkserver()
+    elif start_method == "spawn":
+        start_resource_tracker()
+
+
 def stop_if_unused() -> None:
     if open_pools:
         return
@@ -90,7 +118,7 @@ def prestart_forkserver(preload: Sequence[str]) -> None:
     if threading.active_count() == 1:
         _fork_forkserver(modules)
     else:  # a fork would copy locks other threads hold: start a new interpreter
-        forkserver.ensure_running()  # starts the resource tracker first
+        start_spawned_forkserver()
     _started_by_us["forkserver"] = True
     if not tracker_was_running:
         _started_by_us["resource_tracker"] = True
@@ -108,7 +136,7 @@ def _fork_forkserver(preload: list[str]) -> None:
     child then runs the very same `forkserver.main` a spawned forkserver runs."""
     server = forkserver._forkserver
     with server._lock:
-        resource_tracker.ensure_running()
+        start_resource_tracker()
         with socket.socket(socket.AF_UNIX) as listener:
             address = connection.arbitrary_address("AF_UNIX")
             listener.bind(address)
@@ -140,10 +168,11 @@ def _run_forked_forkserver(
         # (libsystemd its journal socket) and would write to whatever reused a closed number.
         # Only our end of the "alive" pipe must go, or the forkserver would never see EOF.
         os.close(alive_w)
-        # As in a new interpreter: default handlers for the signals this process may catch.
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-            if signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN):
-                signal.signal(sig, signal.SIG_DFL)
+        # `systemctl kill -s SIG` reaches us too: survive what the main process survives
+        # (poolkeeper.signals). SIG_IGN is safe here, this process never execs; every worker
+        # it forks sets its own dispositions first thing.
+        for sig in signals.caught():
+            signal.signal(sig, signal.SIG_IGN)
         forkserver.main(listener_fd, alive_r, preload, sys_path=list(sys.path))
     except SystemExit:  # how forkserver.main ends: its clients are gone
         pass

@@ -263,6 +263,7 @@ class Pool:
         self._main_pidfd = os.pidfd_open(os.getpid())
         if self.start_method == "forkserver" and not mphelpers.forkserver_running():
             self._ctx.set_forkserver_preload(mphelpers.forkserver_preload(self.preload))
+        mphelpers.start_helpers(self.start_method)  # now, shielded from signals
         mphelpers.open_pools.add(self)
         atexit.register(_close_at_exit, weakref.ref(self))
         now = self._clock()
@@ -329,6 +330,14 @@ class Pool:
 
     def in_flight(self) -> list[Task]:
         return [s.task for w in self._workers for s in w.queue if not s.reported]
+
+    def worker_views(self) -> list[tuple[int, str, list[tuple[Task, float | None]]]]:
+        """(pid, state, [(task, started epoch or None)]) of every worker not yet reaped, for
+        the daemon's state dump (SIGUSR1)."""
+        return [
+            (w.pid, w.state, [(s.task, s.started_at) for s in w.queue if not s.reported])
+            for w in self._workers
+        ]
 
     def free_slots(self) -> int:
         if self._closing:
@@ -934,7 +943,7 @@ class Pool:
 
     def _emergency_stop(self) -> None:
         """At interpreter exit without close(): kill and join everything, without waiting for
-        runs (multiprocessing's own atexit join would hang on workers that ignore SIGTERM)."""
+        runs (multiprocessing's own atexit join would hang on workers that survive SIGTERM)."""
         if self._started and not self._closed:
             self._closing = True
             self._kill_all("killed", "killed at exit")

@@ -49,3 +49,37 @@ def status_line(daemon, now: float) -> str:
     if daemon.reload_rejected:
         tail += f"; reload rejected: {daemon.reload_rejected}"
     return f"{head}; {tail}"
+
+
+def state_dump(daemon, now_wall: float, now_mono: float) -> list[str]:
+    """What SIGUSR1 writes to the log: the status line, then every job, worker and run in
+    flight, and what waits for a worker."""
+    lines = [f"{daemon.phase}: {status_line(daemon, now_mono)}"]
+    for job in daemon.jobs.values():
+        what = [f"{len(job.running)} running", f"{len(job.pending)} waiting"]
+        if job.paused:
+            what.append("paused")
+        left = job.backing_off(now_mono)
+        if left is not None:
+            what.append(f"backing off {left:.1f}s")
+        if job.next_fire is not None and not job.paused:
+            what.append(f"next fire in {max(0.0, job.next_fire - now_wall):.1f}s")
+        lines.append(f"job {job.name} ({job.spec.kind}): {', '.join(what)}")
+    for name in daemon.held:
+        lines.append(f"job {name}: waiting for its old runs to end (reload)")
+    pool = daemon.pool
+    if pool is None:
+        return lines
+    lines.append(f"pool: {pool!r}")
+    for pid, state, runs in pool.worker_views():
+        doing = ", ".join(_run_text(task, started, now_wall) for task, started in runs)
+        lines.append(f"worker {pid} {state}: {doing or 'idle'}")
+    return lines
+
+
+def _run_text(task, started: float | None, now_wall: float) -> str:
+    """`rollup[3f2a9c01] attempt 1, running 12.3s` (or `queued`)."""
+    head = f"{task.job}[{task.run_id[:8]}] attempt {task.attempt}"
+    if started is None:
+        return f"{head}, queued"
+    return f"{head}, running {max(0.0, now_wall - started):.1f}s"

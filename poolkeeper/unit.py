@@ -56,7 +56,7 @@ Environment=PYTHONUNBUFFERED=1
 # READY=1 comes after the pool is up and every before_ready job succeeded; a long one sends
 # EXTEND_TIMEOUT_USEC, so this only bounds a start that makes no progress.
 TimeoutStartSec=90s
-# Workers ignore SIGTERM: the main process drains (shutdown.drain_timeout, 30s by default),
+# Workers survive SIGTERM: the main process drains (shutdown.drain_timeout, 30s by default),
 # joins every worker, then exits. Stay above the drain budget; a longer drain is not cut
 # short either (EXTEND_TIMEOUT_USEC). KillMode=mixed works too: see docs/systemd.md.
 KillMode=control-group

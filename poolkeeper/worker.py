@@ -25,6 +25,7 @@ from collections.abc import Callable
 from multiprocessing import reduction
 from typing import Any, NamedTuple
 
+from poolkeeper import signals
 from poolkeeper.context import RunContext, Stopping
 from poolkeeper.prestart import add_to_sys_path
 
@@ -173,15 +174,7 @@ def _install_record_factory() -> None:
 def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
     # Own process group first: the parent watcher and every timeout kill the whole group.
     os.setpgid(0, 0)
-    # The main process alone decides when a worker stops (systemd's control-group SIGTERM and
-    # a terminal's Ctrl-C reach every process).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Under fork we inherit the daemon's handlers and wakeup fd: a signal in a worker must not
-    # write into the daemon's self-pipe or run its handlers.
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR2, signal.SIGALRM):
-        signal.signal(sig, signal.SIG_DFL)
+    _survive_signals()
     for key in MAIN_ONLY_ENV:
         os.environ.pop(key, None)
     for fd in own_fds:  # not for the job's subprocesses (passed fds arrive inheritable)
@@ -222,6 +215,46 @@ def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
         importlib.import_module(name)
     _RunFields.pid = os.getpid()
     _install_record_factory()
+
+
+def _survive_signals() -> None:
+    """The main process alone decides when a worker stops: systemd's control-group SIGTERM,
+    `systemctl kill -s SIG` and a terminal's Ctrl-C reach every process, so a worker survives
+    every signal the main process catches (poolkeeper.signals has the table).
+
+    With a handler that does nothing, never SIG_IGN: SIG_IGN is inherited across execve, so
+    every program a job starts would ignore SIGTERM; a caught signal is reset to its default
+    there. A child a job forks without exec (multiprocessing inside a job) gets the defaults
+    from _defaults_after_fork. The mask is emptied too (the forkserver may have been spawned
+    with these signals blocked, poolkeeper.mphelpers), after the handlers are in place, so a
+    signal pending meanwhile is survived as well."""
+    # Under fork we inherit the daemon's handlers and wakeup fd: a signal in a worker must not
+    # write into the daemon's self-pipe or run its handlers.
+    signal.set_wakeup_fd(-1)
+    for sig in signals.caught():
+        signal.signal(sig, _survive)
+        # Restart system calls the signal interrupts (SA_RESTART): a job's C library blocked
+        # in read() must not see EINTR because `systemctl kill` reached the unit.
+        signal.siginterrupt(sig, False)
+    for sig in signals.HARMLESS:
+        signal.signal(sig, signal.SIG_DFL)
+    os.register_at_fork(after_in_child=_defaults_after_fork)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _survive(signum: int, frame: Any) -> None:
+    """A worker's handler for the signals it survives: nothing (see _survive_signals)."""
+
+
+def _defaults_after_fork() -> None:
+    """In a child a job forks without exec: the dispositions a fresh Python program has
+    (SIGINT raises KeyboardInterrupt, the rest their default), as a fresh interpreter would
+    have them; a handler the job installed itself stays."""
+    faulthandler.unregister(signal.SIGUSR1)  # back to the handler it replaced: _survive
+    for sig in signals.caught():
+        if signal.getsignal(sig) is _survive:
+            fresh = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, fresh)
 
 
 def _own_journal_stream() -> None:

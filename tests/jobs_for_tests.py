@@ -91,8 +91,12 @@ def notify_env() -> list:
 
 
 def signal_dispositions() -> tuple:
-    return (signal.getsignal(signal.SIGTERM) == signal.SIG_IGN,
-            signal.getsignal(signal.SIGINT) == signal.SIG_IGN)  # fmt: skip
+    """Whether SIGTERM and SIGINT are caught (survived without SIG_IGN, which would be
+    inherited by what a job execs)."""
+    return tuple(
+        callable(signal.getsignal(sig)) and signal.getsignal(sig) is not signal.default_int_handler
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    )
 
 
 def raise_system_exit() -> None:
