@@ -41,6 +41,7 @@ HEARTBEAT_MIN_INTERVAL = 0.25
 RESULT_REPR_MAX = 200
 ERROR_MAX = 500
 TRACEBACK_MAX = 32 * 1024
+TRACEBACK_MESSAGE_MAX = 8 * 1024  # of each exception's message in a traceback
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 # How long a worker whose pipe broke waits for the main process's pidfd to confirm its death.
 MAIN_EXIT_WAIT_MS = 5000
@@ -121,7 +122,9 @@ def take_messages(buf: bytearray) -> list[Any]:
 
 def format_tb(exc: BaseException) -> str:
     try:
-        text = "".join(traceback.format_exception(exc))
+        te = traceback.TracebackException.from_exception(exc, compact=True)
+        _cut_messages(te)
+        text = "".join(te.format())
     except Exception:
         text = f"{one_line(exc)}\n(traceback could not be formatted)\n"
     if len(text) > TRACEBACK_MAX:  # keep the end: that is where the error is
@@ -175,6 +178,23 @@ class _BoundedRepr(reprlib.Repr):
 
 
 _REPR = _BoundedRepr()
+
+
+def _cut_messages(te: traceback.TracebackException) -> None:
+    """Cut each exception message of the chain before formatting, leaving room for the frames
+    within TRACEBACK_MAX. A huge message used to be formatted in full (copied twice), then
+    the end of the text was kept: all message and none of the frames."""
+    todo, seen = [te], set()
+    while todo:
+        one = todo.pop()
+        if id(one) in seen:
+            continue
+        seen.add(id(one))
+        text = getattr(one, "_str", None)  # the message, as TracebackException keeps it
+        if isinstance(text, str) and len(text) > TRACEBACK_MESSAGE_MAX:
+            one._str = text[:TRACEBACK_MESSAGE_MAX] + "...(truncated)"
+        todo += [t for t in (one.__cause__, one.__context__) if t is not None]
+        todo += getattr(one, "exceptions", None) or []
 
 
 def _safe_repr(value: Any) -> str:

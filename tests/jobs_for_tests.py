@@ -359,3 +359,7 @@ def kill_the_parent() -> int:
     parent = os.getppid()
     os.kill(parent, signal.SIGTERM)
     return parent
+
+
+def raise_a_huge_message() -> None:
+    raise ValueError("x" * 1_000_000)

@@ -219,6 +219,16 @@ def test_a_big_result_is_cut_before_its_repr_is_built(make_pool):
     assert ev.result_repr.startswith("[0, 1, 2, 3, ") and len(ev.result_repr) <= 200
 
 
+def test_a_huge_exception_message_keeps_the_frames_of_the_traceback(make_pool):
+    """The traceback used to be formatted in full and its end kept: a megabyte of message and
+    not one frame."""
+    d = make_pool("fork", workers=1)
+    ev = d.run([T("big", "raise_a_huge_message")])["big"]
+    assert ev.outcome == "failed" and len(ev.error) <= 500
+    assert "Traceback (most recent call last)" in ev.traceback
+    assert "in raise_a_huge_message" in ev.traceback and len(ev.traceback) <= 40_000
+
+
 def test_a_job_that_kills_the_forkserver(make_pool, caplog):
     d = make_pool("forkserver", workers=1)
     forkserver = int(d.run([T("kill", "kill_the_parent")])["kill"].result_repr)
