@@ -910,6 +910,8 @@ class Pool:
         """Watch the forkserver that started our latest worker (a new one after a death)."""
         pid = mphelpers.forkserver_pid()
         if pid is not None and pid != self._forkserver_pid:
+            # A new one: multiprocessing found the old one dead before its pidfd told us.
+            self._forkserver_dead(self._forkserver_pid)
             self._unwatch_forkserver()
             try:
                 self._forkserver_pidfd = os.pidfd_open(pid)
