@@ -286,7 +286,8 @@ class Pool:
 
     def close(self, *, timeout: float | None = None) -> list[RunEnded]:
         """Stop accepting tasks, set every ctx.stopping, hand back queued tasks, let running ones
-        finish; after `timeout` SIGKILL the rest ('killed'). Joins every worker. Returns the
+        finish; after `timeout` SIGKILL the rest ('killed'). Joins every worker (one still there
+        WORKER_EXIT_GRACE after its last run has its group killed). Returns the
         RunEnded of every run that ended during close; other events produced meanwhile
         (NotStarted of handed-back tasks, WorkerEvents) are left for one more poll()."""
         if self._closed or not self._started:
