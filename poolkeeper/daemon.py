@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from multiprocessing.connection import wait as wait_for_ready
 
-from poolkeeper import control, exitcodes, signals
+from poolkeeper import control, exitcodes, mphelpers, signals
 from poolkeeper.byhand import ByHand
 from poolkeeper.jobs import JobRuntime, PendingRun
 from poolkeeper.logs import event, get_logger
@@ -164,6 +164,7 @@ class Daemon(Reloading, ByHand):
     def _start(self) -> None:
         faulthandler.enable()
         self.signals.install()
+        mphelpers.add_main_only_fds(self._main_only_fds)
         self._open_state()
         self._open_control()
         cfg = self.config
@@ -236,7 +237,21 @@ class Daemon(Reloading, ByHand):
             self.state.close()
         if self.control is not None:
             self.control.close()
+        mphelpers.remove_main_only_fds(self._main_only_fds)
         self.signals.close()
+
+    def _main_only_fds(self) -> list[int]:
+        """What a worker started by fork must close (mphelpers.main_only_fds): a job's helper
+        that forks without exec and outlives us must not hold our lock, DB or sockets."""
+        fds = list(self.signals.fds())
+        if self.control is not None:
+            fds.append(self.control.fileno())
+        sock = self.notifier.fileno()
+        if sock is not None:
+            fds.append(sock)
+        if self.state is not None and self.state.path is not None:
+            fds += _fds_open_on(self.state.path)  # the lock file, the DB and its WAL
+        return fds
 
     # -- one turn -----------------------------------------------------------------------
 
@@ -368,7 +383,8 @@ class Daemon(Reloading, ByHand):
                     len(left),
                     ", ".join(sorted({t.job for t in left})),
                 )
-                for ev in self.pool.kill_runs("killed"):
+                why = f"killed at the drain deadline (drain_timeout {_secs(self.config)}s)"
+                for ev in self.pool.kill_runs("killed", reason=why):
                     self._on_ended(ev)
                 self.phase = "stopped"
 
@@ -558,7 +574,7 @@ class Daemon(Reloading, ByHand):
 
     def _fast_stop(self, why: str) -> None:
         self.log.warning("%s: fast stop, killing every run in flight", why)
-        for ev in self.pool.kill_runs("killed"):
+        for ev in self.pool.kill_runs("killed", reason=f"killed by a fast stop ({why})"):
             self._on_ended(ev)
         self.phase = "stopped"
 
@@ -587,6 +603,27 @@ class Daemon(Reloading, ByHand):
 
     def status_text(self, now: float) -> str:
         return status_line(self, now)
+
+
+def _secs(config: Config) -> str:
+    return f"{config.shutdown.drain_timeout:g}"
+
+
+def _fds_open_on(path: str) -> list[int]:
+    """This process's descriptors on `path` or a file named after it (`-wal`, `.lock`...)."""
+    base = os.path.realpath(path)
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target.startswith(base) and target[len(base) :] in _DB_SUFFIXES:
+            found.append(int(name))
+    return found
+
+
+_DB_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
 
 
 def _run_fields(task, worker_pid: int | None) -> dict:

@@ -11,22 +11,51 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import sys
 import threading
 import traceback
 import weakref
-from collections.abc import Sequence
-from multiprocessing import connection, forkserver, resource_tracker
+from collections.abc import Callable, Iterable, Sequence
+from multiprocessing import connection, forkserver, resource_tracker, util
 from typing import Any, NoReturn
 
 from poolkeeper import signals
 
 open_pools: weakref.WeakSet[Any] = weakref.WeakSet()  # poolkeeper.pool.Pool objects
 _started_by_us = {"forkserver": False, "resource_tracker": False}
+log = logging.getLogger("poolkeeper.pool")
+
+# A helper asked to stop (its pipe closed) gets this long before it is killed: a process a
+# job forked without exec inherits the resource tracker's pipe, and the tracker only exits
+# when every copy is closed.
+HELPER_STOP_GRACE = 5.0
+
+# Who can list the descriptors that belong to the main process alone (the state lock and
+# DB, the control socket, the signal pipe, the notify socket). A worker started by fork
+# closes them first thing (WorkerConfig.close_fds): close-on-exec does nothing for a fork
+# without exec, and a job's forked helper that outlived a SIGKILLed daemon held its lock,
+# so that the restart exited 75.
+_main_only_sources: list[Callable[[], Iterable[int]]] = []
+
+
+def add_main_only_fds(source: Callable[[], Iterable[int]]) -> None:
+    _main_only_sources.append(source)
+
+
+def remove_main_only_fds(source: Callable[[], Iterable[int]]) -> None:
+    with contextlib.suppress(ValueError):
+        _main_only_sources.remove(source)
+
+
+def main_only_fds() -> set[int]:
+    """The descriptors of the main process that no worker may keep (see above)."""
+    return {fd for source in _main_only_sources for fd in source()}
 
 
 # What every worker needs from poolkeeper: the worker itself, the logging every worker sets
@@ -101,10 +130,102 @@ def stop_if_unused() -> None:
         return
     if _started_by_us["forkserver"]:
         _started_by_us["forkserver"] = False
-        forkserver._forkserver._stop()
+        _stop_forkserver()
     if _started_by_us["resource_tracker"]:
         _started_by_us["resource_tracker"] = False
-        resource_tracker._resource_tracker._stop()
+        _stop_resource_tracker()
+
+
+def _stop_forkserver() -> None:
+    """ForkServer._stop(), except that the wait for its exit has a deadline."""
+    server = forkserver._forkserver
+    with server._lock:
+        if server._forkserver_pid is None:
+            return
+        alive_fd, server._forkserver_alive_fd = server._forkserver_alive_fd, None
+        _stop_helper("forkserver", server._forkserver_pid, alive_fd)
+        server._forkserver_pid = None
+        _unlink_forkserver_address(server)
+
+
+def _stop_resource_tracker() -> None:
+    """ResourceTracker._stop(), except that the wait for its exit has a deadline."""
+    tracker = resource_tracker._resource_tracker
+    with tracker._lock:
+        if tracker._fd is None:
+            return
+        fd, tracker._fd = tracker._fd, None
+        _stop_helper("resource tracker", tracker._pid, fd)
+        tracker._pid = None
+
+
+def _stop_helper(name: str, pid: int, pipe_fd: int) -> None:
+    """Close our end of the helper's pipe (it exits at EOF) and reap it; SIGKILL it if it is
+    still there after HELPER_STOP_GRACE: stopping must not hang on whoever else holds the
+    pipe."""
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pidfd = None
+    os.close(pipe_fd)
+    if pidfd is not None:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if not poller.poll(HELPER_STOP_GRACE * 1000):
+                log.warning(
+                    "the %s (pid %d) did not exit within %gs of being asked to (a process a "
+                    "job forked still holds its pipe?): killed it",
+                    name, pid, HELPER_STOP_GRACE,
+                )  # fmt: skip
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _unlink_forkserver_address(server: Any) -> None:
+    address, server._forkserver_address = server._forkserver_address, None
+    if address is not None and not util.is_abstract_socket_namespace(address):
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+
+
+def forkserver_pid() -> int | None:
+    return forkserver._forkserver._forkserver_pid
+
+
+def forget_dead_forkserver(pid: int) -> str | None:
+    """The forkserver `pid` has exited (its pidfd said so; a job may have killed it, say):
+    reap it and forget it, so that the next worker starts a new one (as
+    ForkServer.ensure_running() does when it finds its server dead). Returns how it ended,
+    or None if it is not the current forkserver (another pool forgot it already)."""
+    server = forkserver._forkserver
+    with server._lock:
+        if server._forkserver_pid != pid:
+            return None
+        try:
+            _, status = os.waitpid(pid, 0)  # exited already: this does not block
+            how = _describe_status(status)
+        except ChildProcessError:
+            how = "exit status unknown"
+        with contextlib.suppress(OSError):
+            os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+        server._forkserver_pid = None
+        _unlink_forkserver_address(server)
+    return how
+
+
+def _describe_status(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
 
 
 def prestart_forkserver(preload: Sequence[str]) -> None:

@@ -275,6 +275,11 @@ class Notifier:
                 self._sock = sock
             return self._sock
 
+    def fileno(self) -> int | None:
+        """The socket's descriptor while connected (a worker started by fork closes it)."""
+        sock = self._sock
+        return None if sock is None else sock.fileno()
+
     def close(self) -> None:
         """Drop the socket (a later send reconnects, e.g. after systemd re-executed)."""
         with self._lock:

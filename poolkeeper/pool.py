@@ -101,9 +101,16 @@ BUFFERED_MAX = 32 * 1024
 # does not go away.
 OVERDUE = 2.0
 DYING_TOO_LONG = 10.0
+# A worker told to exit (pool closing, recycling) that has no run left gets this long to do
+# so; then its process group is killed. A worker exits without waiting for its job's
+# threads, so only something wedged (a log handler that blocks, say) ever takes this long.
+WORKER_EXIT_GRACE = 5.0
 
 STARTING, READY, RETIRING, DYING = "starting", "ready", "retiring", "dying"
-_CONN, _PIDFD, _SENTINEL = 0, 1, 2
+_CONN, _PIDFD, _SENTINEL, _FORKSERVER = 0, 1, 2, 3
+# What popen_forkserver reports for a worker whose forkserver died before it: the forkserver
+# was to send the exit status, and there is none.
+_NO_STATUS_FROM_FORKSERVER = 255
 
 
 class PoolFull(Exception):
@@ -179,7 +186,7 @@ class _Worker:
         "proc", "pid", "conn", "fd", "pidfd", "state", "queue", "buf", "assigned", "done",
         "last_heartbeat", "kill_at", "kill_outcome", "kill_error", "born", "state_since",
         "init_error", "exited", "sentinel_watched", "retire_reason", "broken", "stop_w",
-        "stop_set",
+        "stop_set", "told_to_exit", "exit_by", "forkserver",
     )  # fmt: skip
 
     def __init__(self, proc: Any, conn: Any, pidfd: int | None, stop_w: int, now: float) -> None:
@@ -206,6 +213,9 @@ class _Worker:
         self.broken = False  # a send failed: it is dying, give it nothing more
         self.stop_w = stop_w  # write end of its stop pipe (ctx.stopping)
         self.stop_set = False
+        self.told_to_exit = False  # None was sent: it exits once its queue is done
+        self.exit_by: float | None = None  # ... and is killed if still there at this time
+        self.forkserver: int | None = None  # pid of the forkserver that started it
 
 
 class Pool:
@@ -252,6 +262,11 @@ class Pool:
         self._closing = False
         self._closed = False
         self._started = False
+        # The forkserver our workers come from, watched: a job can kill it (SIGTERM to its
+        # parent), and the exit status of every worker it started is lost with it.
+        self._forkserver_pid: int | None = None
+        self._forkserver_pidfd: int | None = None
+        self._dead_forkservers: set[int] = set()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -272,7 +287,8 @@ class Pool:
 
     def close(self, *, timeout: float | None = None) -> list[RunEnded]:
         """Stop accepting tasks, set every ctx.stopping, hand back queued tasks, let running ones
-        finish; after `timeout` SIGKILL the rest ('killed'). Joins every worker. Returns the
+        finish; after `timeout` SIGKILL the rest ('killed'). Joins every worker (one still there
+        WORKER_EXIT_GRACE after its last run has its group killed). Returns the
         RunEnded of every run that ended during close; other events produced meanwhile
         (NotStarted of handed-back tasks, WorkerEvents) are left for one more poll()."""
         if self._closed or not self._started:
@@ -283,7 +299,7 @@ class Pool:
         self._drain_queued()
         for w in self._workers:
             if w.state != DYING:
-                self._send(w, None)
+                self._tell_to_exit(w)
                 if w.state != STARTING:
                     self._set_state(w, RETIRING)
         deadline = None if timeout is None else self._clock() + timeout
@@ -308,6 +324,7 @@ class Pool:
 
     def _release(self) -> None:
         self._closed = True
+        self._unwatch_forkserver()
         if self._epoll is not None:
             self._epoll.close()
         if self._main_pidfd is not None:
@@ -406,18 +423,23 @@ class Pool:
             if w.exited:  # exit status not in yet (forkserver reports it a bit later)
                 t = self._clock() + 0.01
                 best = t if best is None else min(best, t)
-        if not self._closing and self.size() < self.target_size:
+        if self._replacing() and self.size() < self.target_size:
             best = self._respawn_at if best is None else min(best, self._respawn_at)
         return best
 
     def kill_runs(
-        self, outcome: str = "killed", tasks: Sequence[Task] | None = None
+        self,
+        outcome: str = "killed",
+        tasks: Sequence[Task] | None = None,
+        reason: str | None = None,
     ) -> list[RunEnded]:
         """SIGKILL the process groups of the workers running `tasks` (default: every run).
-        Each targeted run ends with `outcome` (returned, not repeated by poll()); a targeted
-        task still queued behind another run is cancelled and ends the same way, with
-        started_at None. Untargeted queued tasks of a killed worker come back as NotStarted."""
+        Each targeted run ends with `outcome` (returned, not repeated by poll()) and the error
+        `reason` (default: "<outcome> on request"); a targeted task still queued behind
+        another run is cancelled and ends the same way, with started_at None. Untargeted
+        queued tasks of a killed worker come back as NotStarted."""
         ids = None if tasks is None else {t.run_id for t in tasks}
+        why = reason or f"{outcome} on request"
         out: list[RunEnded] = []
         now = self._clock()
         for w in list(self._workers):
@@ -426,7 +448,7 @@ class Pool:
             head = w.queue[0]
             if head.started_clock is not None and (ids is None or head.task.run_id in ids):
                 targets = {s.task.run_id for s in w.queue} if ids is None else ids
-                out.extend(self._kill(w, outcome, f"{outcome} on request", targets, emit=False))
+                out.extend(self._kill(w, outcome, why, targets, emit=False))
                 continue
             for slot in w.queue:
                 if slot.reported or (ids is not None and slot.task.run_id not in ids):
@@ -442,7 +464,8 @@ class Pool:
 
     def drain(self) -> None:
         """Set every run's ctx.stopping and hand back every task not yet started
-        (NotStarted); workers started from now on begin stopped."""
+        (NotStarted). A drain is for stopping: a worker that dies or is killed from now on
+        is not replaced (a fast stop must not start workers only to stop them)."""
         self._stop_all()
         self._drain_queued()
 
@@ -480,7 +503,7 @@ class Pool:
                 f"{self._last_init_error}; next attempt in {wait:.1f}s"
             )
         if (
-            not self._closing
+            self._replacing()
             and self.size() < self.target_size
             and now - self._respawn_at > OVERDUE
         ):
@@ -496,7 +519,9 @@ class Pool:
             if entry is None:
                 continue
             w, kind = entry
-            if kind == _CONN:
+            if kind == _FORKSERVER:
+                self._forkserver_died()
+            elif kind == _CONN:
                 self._read(w)
             elif kind == _PIDFD:
                 self._unwatch(w.pidfd)
@@ -570,6 +595,8 @@ class Pool:
     def _after_run(self, w: _Worker) -> None:
         if w.queue:
             self._promote(w, self._clock())
+        else:
+            self._start_exit_clock(w)
 
     def _promote(self, w: _Worker, now: float, wall: float | None = None) -> None:
         """The head of a ready worker's queue is running from now on (the worker runs its
@@ -612,6 +639,8 @@ class Pool:
         sig = -code if code < 0 else None
         exit_code = code if code >= 0 else None
         how = f"exit code {code}" if sig is None else _signame(sig)
+        if code == _NO_STATUS_FROM_FORKSERVER and self._forkserver_dead(w.forkserver):
+            exit_code, how = None, f"exit status unknown: its forkserver ({w.forkserver}) died"
         now = time.time()
         never_ready = w.state == STARTING or w.init_error is not None
         for slot in w.queue:
@@ -641,7 +670,7 @@ class Pool:
                 RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_INITIAL * 2 ** (self._init_failures - 1)
             )
             self._respawn_at = self._clock() + delay
-        elif w.state == READY and not self._closing:
+        elif w.state == READY and self._replacing():
             self._replaces.append(w.pid)
         self._forget(w)
 
@@ -662,6 +691,8 @@ class Pool:
     def _deadline_of(self, w: _Worker) -> float | None:
         if w.kill_at is not None:
             return w.kill_at
+        if w.exit_by is not None and w.state != DYING:
+            return w.exit_by
         if not w.queue or w.state == DYING:
             return None
         slot = w.queue[0]
@@ -678,6 +709,8 @@ class Pool:
 
     def _enforce_deadlines(self, now: float) -> None:
         for w in list(self._workers):
+            if w.exit_by is not None and now >= w.exit_by and w.state != DYING and not w.exited:
+                self._kill_for_not_exiting(w)
             if w.state == DYING or not w.queue:
                 continue
             if w.kill_at is not None:
@@ -695,6 +728,14 @@ class Pool:
                 and now >= w.last_heartbeat + task.heartbeat_timeout
             ):
                 self._dump_stack_then_kill(w, slot, now)
+
+    def _kill_for_not_exiting(self, w: _Worker) -> None:
+        log.warning(
+            "worker %d did not exit within %gs of being told to (its last run left "
+            "something that blocks the exit?): killing its process group",
+            w.pid, WORKER_EXIT_GRACE,
+        )  # fmt: skip
+        self._kill(w, None, None)
 
     def _dump_stack_then_kill(self, w: _Worker, slot: _Slot, now: float) -> None:
         secs = slot.task.heartbeat_timeout
@@ -738,7 +779,7 @@ class Pool:
             slot.reported = True
         w.queue.clear()
         w.kill_at = None
-        if not self._closing and w.state in (STARTING, READY):
+        if self._replacing() and w.state in (STARTING, READY):
             self._replaces.append(w.pid)
         self._set_state(w, DYING)
         if emit:
@@ -781,11 +822,26 @@ class Pool:
         w.retire_reason = why
         self._set_state(w, RETIRING)
         self._cancel_queued(w)  # queued behind the last run: hand back (a fresh worker takes it)
-        self._send(w, None)
+        self._tell_to_exit(w)
         self._events.append(WorkerEvent("recycled", w.pid, why))
 
+    def _tell_to_exit(self, w: _Worker) -> None:
+        """Send None: the worker exits once its queue is done, within WORKER_EXIT_GRACE."""
+        self._send(w, None)
+        w.told_to_exit = True
+        self._start_exit_clock(w)
+
+    def _start_exit_clock(self, w: _Worker) -> None:
+        """A worker told to exit, with nothing left to run, has WORKER_EXIT_GRACE to go."""
+        if w.told_to_exit and not w.queue and w.exit_by is None:
+            w.exit_by = self._clock() + WORKER_EXIT_GRACE
+
+    def _replacing(self) -> bool:
+        """Whether dead workers are replaced: not once the pool drains or closes."""
+        return not self._closing and not self._stopping
+
     def _respawn(self, now: float) -> None:
-        if self._closing:
+        if not self._replacing():
             return
         missing = self.target_size - self.size()
         if missing <= 0 or now < self._respawn_at:
@@ -808,6 +864,7 @@ class Pool:
             mine = [self._epoll.fileno(), parent.fileno(), stop_w]
             mine += [fd for fd in self._fdmap if fd != child.fileno()]
             mine += [w.stop_w for w in self._workers]
+            mine += mphelpers.main_only_fds()  # the daemon's: state lock and DB, sockets...
             close_fds = tuple(mine)
         cfg = WorkerConfig(
             main_pid=os.getpid(),
@@ -845,6 +902,8 @@ class Pool:
         except ProcessLookupError:  # already gone (forkserver reaped it)
             pidfd = None
         w = _Worker(proc, parent, pidfd, stop_w, now)
+        if self.start_method == "forkserver":
+            w.forkserver = self._watch_forkserver()
         self._workers.append(w)
         if self._stopping:
             self._signal_stop(w)
@@ -854,6 +913,52 @@ class Pool:
         else:
             w.exited = True
         return w
+
+    # -- the forkserver ---------------------------------------------------------------------
+
+    def _watch_forkserver(self) -> int | None:
+        """Watch the forkserver that started our latest worker (a new one after a death)."""
+        pid = mphelpers.forkserver_pid()
+        if pid is not None and pid != self._forkserver_pid:
+            # A new one: multiprocessing found the old one dead before its pidfd told us.
+            self._forkserver_dead(self._forkserver_pid)
+            self._unwatch_forkserver()
+            try:
+                self._forkserver_pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:  # dead already: its workers' deaths will say so
+                self._dead_forkservers.add(pid)
+                return pid
+            self._forkserver_pid = pid
+            self._epoll.register(self._forkserver_pidfd, select.EPOLLIN)
+            self._fdmap[self._forkserver_pidfd] = (None, _FORKSERVER)
+        return pid
+
+    def _unwatch_forkserver(self) -> None:
+        if self._forkserver_pidfd is not None:
+            self._unwatch(self._forkserver_pidfd)
+            os.close(self._forkserver_pidfd)
+            self._forkserver_pidfd = self._forkserver_pid = None
+
+    def _forkserver_died(self) -> None:
+        pid = self._forkserver_pid
+        self._unwatch_forkserver()
+        if pid is None:
+            return
+        self._dead_forkservers.add(pid)
+        how = mphelpers.forget_dead_forkserver(pid) or "reaped elsewhere"
+        alive = sum(1 for w in self._workers if w.forkserver == pid and w.state != DYING)
+        log.error(
+            "the forkserver (pid %d) died (%s), killed by a job or by hand? Its %d workers run "
+            "on, but their exit status is lost with it; new workers come from a new forkserver",
+            pid, how, alive,
+        )  # fmt: skip
+
+    def _forkserver_dead(self, pid: int | None) -> bool:
+        if pid is None:
+            return False
+        if pid == self._forkserver_pid and select.select([self._forkserver_pidfd], [], [], 0)[0]:
+            self._forkserver_died()  # it died just now; its pidfd is not in yet
+        return pid in self._dead_forkservers
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -226,7 +226,11 @@ class Reloading:
                 self.config.shutdown.drain_timeout,
                 ", ".join(sorted({task.job for task in overdue})),
             )
-            for ev in self.pool.kill_runs("killed", overdue):
+            why = (
+                f"killed: still running {self.config.shutdown.drain_timeout:g}s after its job "
+                "was reloaded or paused (shutdown.drain_timeout)"
+            )
+            for ev in self.pool.kill_runs("killed", overdue, reason=why):
                 self._on_ended(ev)
 
     def _replace_pool(self) -> None:

@@ -121,6 +121,10 @@ class SignalQueue:
         """The fd to wait on; readable when a signal arrived."""
         return self._read_fd
 
+    def fds(self) -> tuple[int, int]:
+        """Both ends of the pipe (a worker started by fork closes them)."""
+        return self._read_fd, self._write_fd
+
     def pop_all(self) -> list[int]:
         try:
             while os.read(self._read_fd, 512):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import collections
 import faulthandler
 import importlib
+import itertools
 import logging
 import os
 import pickle
+import reprlib
 import select
 import signal
 import sys
@@ -23,7 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 from multiprocessing import reduction
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from poolkeeper import signals
 from poolkeeper.context import RunContext, Stopping
@@ -40,7 +42,10 @@ HEARTBEAT_MIN_INTERVAL = 0.25
 RESULT_REPR_MAX = 200
 ERROR_MAX = 500
 TRACEBACK_MAX = 32 * 1024
+TRACEBACK_MESSAGE_MAX = 8 * 1024  # of each exception's message in a traceback
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+# How long a worker whose pipe broke waits for the main process's pidfd to confirm its death.
+MAIN_EXIT_WAIT_MS = 5000
 
 
 class WorkerConfig(NamedTuple):
@@ -87,7 +92,9 @@ def one_line(exc: BaseException) -> str:
         text = str(exc)
     except Exception:
         text = "<unprintable>"
-    text = text.strip().splitlines()[0] if text.strip() else ""
+    # Cut before stripping and splitting: a message of any size costs no more than this.
+    head = text[: ERROR_MAX * 4].strip()
+    text = head.splitlines()[0] if head else ""
     line = f"{name}: {text}" if text else name
     return line if len(line) <= ERROR_MAX else line[: ERROR_MAX - 3] + "..."
 
@@ -116,7 +123,9 @@ def take_messages(buf: bytearray) -> list[Any]:
 
 def format_tb(exc: BaseException) -> str:
     try:
-        text = "".join(traceback.format_exception(exc))
+        te = traceback.TracebackException.from_exception(exc, compact=True)
+        _cut_messages(te)
+        text = "".join(te.format())
     except Exception:
         text = f"{one_line(exc)}\n(traceback could not be formatted)\n"
     if len(text) > TRACEBACK_MAX:  # keep the end: that is where the error is
@@ -124,9 +133,74 @@ def format_tb(exc: BaseException) -> str:
     return text
 
 
+class _BoundedRepr(reprlib.Repr):
+    """repr() that looks at no more of a value than it can show: the first elements of a
+    container, the ends of a string. A plain repr() of a big result (a list of a million
+    ints, a 200 MB string) is built in full before it is cut to RESULT_REPR_MAX, several
+    times the result's own memory: enough to get a successful run killed under a memory cap.
+    Objects with their own __repr__ are still asked for all of it (that is job code)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 4
+        many = RESULT_REPR_MAX // 3  # "1, " is the shortest element: more can never show
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdict = many
+        self.maxset = self.maxfrozenset = self.maxdeque = many
+        self.maxstring = self.maxlong = self.maxother = RESULT_REPR_MAX
+
+    # reprlib sorts dicts and sets first (a copy of every key); repr() keeps their order.
+    def repr_dict(self, x: dict, level: int) -> str:
+        if not x or level <= 0:
+            return "{}" if not x else "{" + self.fillvalue + "}"
+        pieces = [
+            f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
+            for k, v in itertools.islice(x.items(), self.maxdict)
+        ]
+        if len(x) > self.maxdict:
+            pieces.append(self.fillvalue)
+        return "{" + ", ".join(pieces) + "}"
+
+    def repr_set(self, x: set, level: int) -> str:
+        return self._repr_iterable(x, level, "{", "}", self.maxset) if x else "set()"
+
+    def repr_frozenset(self, x: frozenset, level: int) -> str:
+        if not x:
+            return "frozenset()"
+        return self._repr_iterable(x, level, "frozenset({", "})", self.maxfrozenset)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return self._cut(x, repr(x[: self.maxstring]))
+
+    def repr_bytearray(self, x: bytearray, level: int) -> str:
+        return self._cut(x, repr(x[: self.maxstring]))
+
+    def _cut(self, x: Any, text: str) -> str:
+        return text if len(x) <= self.maxstring else text + "..."
+
+
+_REPR = _BoundedRepr()
+
+
+def _cut_messages(te: traceback.TracebackException) -> None:
+    """Cut each exception message of the chain before formatting, leaving room for the frames
+    within TRACEBACK_MAX. A huge message used to be formatted in full (copied twice), then
+    the end of the text was kept: all message and none of the frames."""
+    todo, seen = [te], set()
+    while todo:
+        one = todo.pop()
+        if id(one) in seen:
+            continue
+        seen.add(id(one))
+        text = getattr(one, "_str", None)  # the message, as TracebackException keeps it
+        if isinstance(text, str) and len(text) > TRACEBACK_MESSAGE_MAX:
+            one._str = text[:TRACEBACK_MESSAGE_MAX] + "...(truncated)"
+        todo += [t for t in (one.__cause__, one.__context__) if t is not None]
+        todo += getattr(one, "exceptions", None) or []
+
+
 def _safe_repr(value: Any) -> str:
     try:
-        text = repr(value)
+        text = _REPR.repr(value)
     except BaseException as exc:  # a job's __repr__ is job code too
         return f"<repr failed: {one_line(exc)}>"
     return text if len(text) <= RESULT_REPR_MAX else text[: RESULT_REPR_MAX - 3] + "..."
@@ -148,6 +222,16 @@ def _die_with_main(pidfd: int) -> None:
     while not poller.poll():
         pass
     os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _main_gone(pidfd: int) -> None:
+    """Our pipe broke (EOF, ECONNRESET): the main process is exiting. Its descriptors close
+    before its pidfd tells, so wait for the pidfd, then do what _die_with_main does; exiting
+    at once would leave the job's leftovers in our group running, with nobody to kill them."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    if poller.poll(MAIN_EXIT_WAIT_MS):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 class _RunFields:
@@ -200,6 +284,7 @@ def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
         server._forkserver_alive_fd = None
         server._forkserver_pid = None
         server._forkserver_address = None
+    _keep_fds_from_exec()
     threading.Thread(
         target=_die_with_main, args=(pidfd.fd,), name="poolkeeper-die-with-main", daemon=True
     ).start()
@@ -257,6 +342,22 @@ def _defaults_after_fork() -> None:
             signal.signal(sig, fresh)
 
 
+def _keep_fds_from_exec() -> None:
+    """Make every descriptor this worker holds close-on-exec. They are all plumbing: its pipe
+    and stop pipe, the main process's pidfd, the resource tracker's pipe, multiprocessing's
+    sentinels. spawn and forkserver hand them over inheritable (fd passing, SCM_RIGHTS), and
+    a process a job starts without closing fds (os.system, posix_spawn, close_fds=False)
+    would keep them: a detached `setsid sleep 301 &` then held the resource tracker's pipe
+    open and the daemon's stop waited for it. Descriptors a job opens later are its own."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+
+
 def _own_journal_stream() -> None:
     """Under journald, give this worker a journal stream of its own on stdout and stderr.
 
@@ -300,6 +401,7 @@ class _Worker:
         self.cancelled: set[int] = set()
         self.last_heartbeat = 0.0
         self.over_memory = False
+        self.pipe_lost = False  # EOF: the main process is gone (it sends None to stop us)
         # Our own framing reader (multiprocessing's recv_bytes costs two reads and a BytesIO
         # per message): one read returns every message already in the pipe.
         self.fd = conn.fileno()
@@ -355,6 +457,7 @@ class _Worker:
         """Read what the pipe holds (blocking if it is empty) into the inbox; False at EOF."""
         data = os.read(self.fd, 1 << 16)
         if not data:
+            self.pipe_lost = True
             return False
         self.buf += data
         for msg in take_messages(self.buf):
@@ -469,5 +572,28 @@ def worker_main(conn: Any, main_pidfd: PassFd, stop_fd: PassFd, cfg: WorkerConfi
         sys.stderr.flush()
         os._exit(INIT_FAILED_EXIT)
     worker = _Worker(conn, Stopping(stop_fd.fd), cfg)
-    worker.send(("R", worker.pid))
-    worker.serve()
+    try:
+        worker.send(("R", worker.pid))
+        worker.serve()
+    except ConnectionError:  # ECONNRESET: the main process died with a message of ours unread
+        worker.pipe_lost = True
+    if worker.pipe_lost:  # no traceback: nobody is left to read it
+        _main_gone(main_pidfd.fd)
+    _exit(0)
+
+
+def _exit(code: int) -> NoReturn:
+    """Leave now, without the interpreter's shutdown: it would wait for every non-daemon
+    thread a job left running (threading._shutdown), possibly for ever, and the main process
+    waits for this exit to stop, reload or recycle. What logging and stdio hold is flushed
+    first; the job's threads die with us, its subprocesses with our process group."""
+    try:
+        logging.shutdown()
+    except Exception:  # a job's handler: the exit matters more than its last records
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)

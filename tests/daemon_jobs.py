@@ -51,3 +51,98 @@ def ok():
 def hold(seconds):
     """A run of a known length, to see how runs of one job overlap (or don't)."""
     time.sleep(seconds)
+
+
+# -- hostile jobs (issue 8: what job code does to the worker it runs in) ----------------------
+
+# The descriptor listdir() reads /proc/self/fd through is closed when it returns: it is
+# the one entry that no longer exists.
+FD_LISTER = (
+    "import os, sys\n"
+    "fds = [n for n in os.listdir('/proc/self/fd') if os.path.exists('/proc/self/fd/' + n)]\n"
+    "open(sys.argv[1], 'w').write(' '.join(sorted(fds, key=int)))\n"
+)
+
+
+def list_inherited_fds(out_dir):
+    """Start processes the careless ways (os.system, close_fds=False): they inherit every
+    descriptor of the worker that is not close-on-exec. Each writes the fds it has."""
+    import sys
+
+    system_out = os.path.join(out_dir, "fds.system")
+    os.system(f"{sys.executable} -c {_quoted(FD_LISTER)} {system_out}")
+    popen_out = os.path.join(out_dir, "fds.popen")
+    subprocess.run([sys.executable, "-c", FD_LISTER, popen_out], close_fds=False, check=True)
+
+
+def _quoted(text):
+    import shlex
+
+    return shlex.quote(text)
+
+
+def detach_sleeper(out_dir):
+    """`setsid sleep 301 &` through a shell that does not close descriptors (os.system)."""
+    pid_file = os.path.join(out_dir, "sleeper.pid")
+    os.system(f"setsid sh -c 'echo $$ > {pid_file}; exec sleep 301' < /dev/null &")
+
+
+def leave_a_thread(out_dir=None):
+    """Return, leaving a non-daemon thread that sleeps for a day (as many libraries do)."""
+    import threading
+
+    threading.Thread(target=time.sleep, args=(1e5,), name="left-behind").start()
+    if out_dir is not None:
+        open(os.path.join(out_dir, f"thread-{os.getpid()}"), "w").close()
+    return os.getpid()
+
+
+class _FlushBlocks:
+    """A stdout whose flush never returns: a pipe whose reader stopped reading."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        import threading
+
+        threading.Event().wait()
+
+
+def wedge_stdout(out_dir):
+    """Leave sys.stdout so that flushing it blocks: the worker's exit flushes it."""
+    import sys
+
+    sys.stdout = _FlushBlocks()
+    open(os.path.join(out_dir, "wedged"), "w").close()
+
+
+def fork_a_helper(out_dir):
+    """Double-fork a helper that never execs (a job's background thread of work, detached):
+    it keeps every descriptor the worker had at the time of the fork."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:  # detach, fork the helper, exit
+        os.setsid()
+        pid = os.fork()
+        if pid == 0:
+            while True:
+                time.sleep(60)
+        os.write(w, str(pid).encode())
+        os._exit(0)
+    os.close(w)
+    helper = int(os.read(r, 32))
+    os.close(r)
+    os.waitpid(middle, 0)
+    with open(os.path.join(out_dir, "helper.pids"), "a") as f:
+        f.write(f"{helper}\n")
+    return helper
+
+
+def end_on_go(out_dir):
+    """Wait for the test's `go` file, then end; the marker says the result is on its way."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(out_dir, "go")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    open(os.path.join(out_dir, f"ended-{os.getpid()}"), "w").close()
+    return os.getpid()

@@ -343,3 +343,27 @@ def wait_gone(pids, timeout: float) -> list[int]:
         if not alive or time.monotonic() > limit:
             return alive
         time.sleep(0.01)
+
+
+# -- hostile jobs (issue 8) ---------------------------------------------------------------------
+
+
+class _ReprBomb:
+    def __repr__(self) -> str:
+        raise MemoryError("repr() went all the way to the end")
+
+
+def big_result() -> list:
+    """A result whose full repr() is some 7 MB; its last element's repr() blows up."""
+    return [*range(10**6), _ReprBomb()]
+
+
+def kill_the_parent() -> int:
+    """SIGTERM the process that started this worker (under forkserver: the forkserver)."""
+    parent = os.getppid()
+    os.kill(parent, signal.SIGTERM)
+    return parent
+
+
+def raise_a_huge_message() -> None:
+    raise ValueError("x" * 1_000_000)

@@ -64,7 +64,10 @@ def test_runs_past_the_drain_budget_are_killed_with_their_grandchildren(daemon_f
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     [run] = d.runs()
-    assert run["outcome"] == "killed"
+    assert (run["outcome"], run["error"]) == (
+        "killed",
+        "killed at the drain deadline (drain_timeout 1s)",
+    )
     assert "killed: 1" in d.log()
     for pid in (worker, grandchild):
         assert not _alive(pid), f"{pid} survived the drain"
@@ -85,7 +88,9 @@ def test_second_signal_is_a_fast_stop(daemon_factory):
     d.wait_log("draining 1 runs in flight")
     d.signal(signal.SIGINT)
     assert d.wait_exit(timeout=15) == 0
-    assert [r["outcome"] for r in d.runs()] == ["killed"]
+    assert [(r["outcome"], r["error"]) for r in d.runs()] == [
+        ("killed", "killed by a fast stop (SIGINT during the drain)")
+    ]
     assert "fast stop" in d.log()
 
 

@@ -208,6 +208,10 @@ def test_a_removed_job_that_ignores_the_stop_is_killed_after_the_drain_budget(da
         "1 stopped runs (of jobs reloaded or paused) still running after 0.5s: killing them"
         in d.log()
     )
+    [run] = [r for r in d.runs() if r["job"] == "stubborn"]
+    assert run["error"] == (
+        "killed: still running 0.5s after its job was reloaded or paused (shutdown.drain_timeout)"
+    )
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
 
