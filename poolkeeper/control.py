@@ -141,6 +141,7 @@ class ControlServer:
         self._log = log or logging.getLogger(__name__)
         self._open: list[_Connection] = []
         self._accept_paused_until: float | None = None  # after EMFILE and the like
+        self._starved = False  # accept() failing for want of descriptors: said so once
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             _remove_stale(path)
@@ -209,6 +210,7 @@ class ControlServer:
             try:
                 sock, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
+                self._starved = False
                 return
             except OSError as exc:
                 if exc.errno not in _OUT_OF_RESOURCES:
@@ -216,12 +218,15 @@ class ControlServer:
                 # The client stays in the backlog and the socket stays readable: waiting on
                 # it would spin the loop. Stop listening for a while instead.
                 self._accept_paused_until = now + ACCEPT_PAUSE
-                self._log.warning(
-                    "control socket: cannot accept a connection (%s); trying again in %gs",
-                    exc.strerror or exc,
-                    ACCEPT_PAUSE,
-                )
+                if not self._starved:  # once until an accept() works again
+                    self._starved = True
+                    self._log.warning(
+                        "control socket: cannot accept a connection (%s); clients wait until "
+                        "the daemon has descriptors to spare",
+                        exc.strerror or exc,
+                    )
                 return
+            self._starved = False
             self._admit(sock, now)
 
     def _admit(self, sock: socket.socket, now: float) -> None:
@@ -281,7 +286,7 @@ class ControlServer:
             return handle(request)
         except Exception as exc:  # a bug: checked requests are meant never to get here
             self._log.exception(
-                "control socket: internal error answering %s (a bug)", shown(repr(request), 200)
+                "control socket: internal error answering %s (a bug)", repr(request)[:300]
             )
             return refused(
                 f"internal error: {type(exc).__name__} (a bug: please report it with the "
@@ -312,6 +317,12 @@ class ControlServer:
     def _hang_up(self, conn: _Connection) -> None:
         if conn in self._open:
             self._open.remove(conn)
+        try:
+            # Not only close(): a worker forked meanwhile holds a copy of the socket, and the
+            # client would wait for an EOF that comes only when that worker exits.
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         conn.sock.close()
 
 

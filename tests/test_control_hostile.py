@@ -8,9 +8,13 @@ stalled loop fails it, not a busy machine.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import resource
 import select
 import signal
 import socket
+import threading
 import time
 from itertools import pairwise
 
@@ -135,6 +139,39 @@ def test_what_a_client_sent_is_echoed_bounded_and_escaped(daemon_factory):
     stop(d)
 
 
+def test_a_handler_that_fails_is_logged_as_a_bug_and_answered(tmp_path, caplog):
+    """The last line of defence, in-process: a request that passes the checks and still
+    makes the answer raise costs that request, not the daemon."""
+
+    def broken(request: dict) -> dict:
+        raise ZeroDivisionError("division by zero")
+
+    server = control.ControlServer(str(tmp_path / "c.sock"), logging.getLogger("test"))
+    replies: list = []
+    client = threading.Thread(
+        target=lambda: replies.append(control.request(server.path, {"command": "status"}))
+    )
+    try:
+        client.start()
+        deadline = time.monotonic() + 10
+        while client.is_alive() and time.monotonic() < deadline:
+            server.serve(broken, time.monotonic())
+            select.select(server.readers(), server.writers(), [], 0.05)
+        client.join(1)
+    finally:
+        server.close()
+    assert replies == [
+        {
+            "ok": False,
+            "message": "internal error: ZeroDivisionError (a bug: please report it with the "
+            "daemon's log, which has the traceback)",
+            "exit": 70,
+        }
+    ]
+    assert "internal error answering {'command': 'status'} (a bug)" in caplog.text
+    assert "ZeroDivisionError" in caplog.text  # the traceback
+
+
 # -- finding 3: a slow client held the main loop ------------------------------------------------
 
 
@@ -201,6 +238,40 @@ def test_a_flood_of_connections_is_refused_beyond_the_cap(daemon_factory):
         for sock in flood:
             sock.close()
     assert control.request(path, {"command": "status"})["ok"] is True
+    stop(d)
+
+
+def test_out_of_descriptors_the_daemon_pauses_accepting_and_recovers(daemon_factory):
+    """The daemon's RLIMIT_NOFILE lowered to a few descriptors above what it holds, then a
+    flood: accept() fails with EMFILE while the clients wait in the backlog. The daemon says
+    so, stops listening for a moment instead of retrying every turn, keeps its schedule, and
+    serves again once the descriptors are back."""
+    d = start(daemon_factory)
+    path = f"{d.db}.sock"
+    highest = max(int(fd) for fd in os.listdir(f"/proc/{d.pid}/fd"))
+    soft, hard = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
+    flood = []
+    since = time.time()
+    try:
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (highest + 4, hard))
+        for _ in range(FLOOD):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(path)
+            except BlockingIOError:  # the backlog is full
+                sock.close()
+                continue
+            flood.append(sock)
+        d.wait_log("control socket: cannot accept a connection (Too many open files)")
+        d.wait_for(lambda: len(clock_starts(d, since)) >= 15, what="fifteen runs of clock")
+        assert_kept_its_schedule(d, since, time.time())
+    finally:
+        for sock in flood:
+            sock.close()
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert d.proc.poll() is None, d.log()
+    assert control.request(path, {"command": "status"}, timeout=10)["ok"] is True
     stop(d)
 
 
