@@ -299,12 +299,12 @@ def test_a_client_that_never_reads_a_reply_or_leaves_mid_reply(daemon_factory):
             sock.close()  # gone mid-reply
         d.wait_for(lambda: len(clock_starts(d, since)) >= 15, what="fifteen runs of clock")
         assert_kept_its_schedule(d, since, time.time())
-        for sock in deaf[2:]:  # hung up on: what it gets is cut short
+        for sock in deaf[2:]:  # hung up on: EOF after what fitted
             sock.settimeout(10)
             got = b""
             while chunk := sock.recv(1 << 16):
                 got += chunk
-            assert 0 < len(got) < len(whole)
+            assert 0 < len(got) <= len(whole)  # all of it only if it fit in the buffers
     finally:
         for sock in deaf:
             sock.close()
