@@ -10,6 +10,7 @@ also gives the sysexits code `poolkeeper` exits with (`control.refused`).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from poolkeeper import exitcodes
 from poolkeeper.control import refused, shown
@@ -47,8 +48,9 @@ class ByHand:
             if name in self.held:
                 why = f"job '{name}' is being restarted by a reload; try again when it runs"
                 return refused(why, exitcodes.TEMPFAIL)
-            known = ", ".join(self.jobs) or "none"
-            return refused(f"no job named {shown(name)} (jobs: {known})", exitcodes.USAGE)
+            return refused(
+                f"no job named {shown(name)} (jobs: {_some(self.jobs)})", exitcodes.USAGE
+            )
         return by_hand[command](job)
 
     def _live_status(self) -> dict:
@@ -85,6 +87,13 @@ class ByHand:
             return refused(why_not, exitcodes.TEMPFAIL)
         self.log.info("%s: a run requested by hand", job.name)
         return {"ok": True, "message": f"{job.name}: a run is starting"}
+
+
+def _some(names: Iterable[str], at_most: int = 20) -> str:
+    """`a, b, c` or `a, b, ... (+2,480 more)`: a message stays one readable line."""
+    listed = list(names)
+    more = f", ... (+{len(listed) - at_most:,} more)" if len(listed) > at_most else ""
+    return (", ".join(listed[:at_most]) or "none") + more
 
 
 def _view(spec: Job, next_fire: float | None, doing: str) -> dict:

@@ -117,13 +117,14 @@ class _Connection:
     """One client: sending its request (`reply` None) until `deadline`, then reading the
     reply (what is left of it in `reply`) until a new deadline."""
 
-    __slots__ = ("sock", "deadline", "received", "reply")
+    __slots__ = ("sock", "deadline", "received", "reply", "refusal")
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
         self.deadline = deadline
         self.received = bytearray()
         self.reply: memoryview | None = None
+        self.refusal: dict[str, Any] | None = None  # the answer, whatever the request
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -243,8 +244,9 @@ class ControlServer:
             self._hang_up(conn)
             return
         if uid not in (0, os.getuid()):
-            why = f"uid {uid} may not control this daemon"
-            self._queue(conn, refused(why, UNAVAILABLE), deadline=now + CONNECTION_TIME)
+            # Said once the request is in: hanging up before would fail the client's send
+            # (EPIPE) instead of telling it why.
+            conn.refusal = refused(f"uid {uid} may not control this daemon", UNAVAILABLE)
 
     def _read(self, conn: _Connection, handle: Callable, now: float) -> None:
         """Whatever has arrived, up to one byte more than MAX_REQUEST; answer a complete
@@ -268,14 +270,14 @@ class ControlServer:
             self._queue(conn, reply, deadline=now)  # it may still be sending: no more time
         elif end >= 0 or (eof and conn.received):
             line = bytes(conn.received[:end] if end >= 0 else conn.received)
-            reply = self._answer(line, handle)
+            reply = conn.refusal or self._answer(line, handle)
             # A reload may have taken seconds: the client gets its time to read from now.
             self._queue(conn, reply, deadline=time.monotonic() + CONNECTION_TIME)
         elif eof:
             self._hang_up(conn)  # connected and left without a word
         elif now >= conn.deadline:
             why = f"no complete request within {CONNECTION_TIME:g}s"
-            self._queue(conn, refused(why, UNAVAILABLE), deadline=now)
+            self._queue(conn, conn.refusal or refused(why, UNAVAILABLE), deadline=now)
 
     def _answer(self, line: bytes, handle: Callable) -> dict[str, Any]:
         try:
@@ -417,14 +419,23 @@ def request(
             ) from None
         except OSError as exc:
             raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
-        sock.sendall(json.dumps(payload).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            unsent = None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            unsent = exc  # it hung up first (too many clients): its answer says why
+        except OSError as exc:
+            raise ControlError(f"cannot send to {path}: {exc.strerror or exc}") from None
         if not wait:
+            if unsent is not None:
+                raise ControlError(f"cannot send to {path}: {unsent.strerror or unsent}")
             return None
         try:
             line = _read_line(sock, limit=MAX_REPLY)
             reply = json.loads(line)
         except (OSError, ValueError) as exc:
-            raise ControlError(f"no answer from the daemon on {path}: {exc}") from None
+            why = exc if unsent is None else f"{unsent.strerror or unsent}"
+            raise ControlError(f"no answer from the daemon on {path}: {why}") from None
         if not isinstance(reply, dict):
             raise ControlError(f"not an answer from the daemon on {path}: {line[:80]!r}")
         return reply

@@ -230,6 +230,13 @@ def test_a_flood_of_connections_is_refused_beyond_the_cap(daemon_factory):
             flood.append(sock)
             sock.connect(path)  # blocking: waits while the backlog (8) is full
             sock.settimeout(10)
+        # The backlog is served in order: the 16 first are open, a client is told why. (No
+        # timeout: the connect must wait while the backlog is full, and the answer comes.)
+        assert control.request(path, {"command": "status"}) == {
+            "ok": False,
+            "message": "too many connections (at most 16 at once); try again",
+            "exit": 69,
+        }
         answers = [sock.recv(4096) for sock in flood]  # every one: a refusal or the timeout
         assert_kept_its_schedule(d, since, time.time())
         assert sum(b"too many connections" in a for a in answers) >= FLOOD - 16
@@ -286,6 +293,8 @@ def test_a_client_that_never_reads_a_reply_or_leaves_mid_reply(daemon_factory):
     path = f"{d.db}.sock"
     whole = exchange(path, b'{"command":"status"}\n')
     assert len(whole) > 200_000 and json.loads(whole)["ok"] is True  # larger than a buffer
+    unknown = control.request(path, {"command": "pause", "job": "nope"})["message"]
+    assert unknown.endswith(", ... (+2,482 more))") and len(unknown) < 500, unknown
     since = time.time()
     deaf = []
     try:
