@@ -10,9 +10,10 @@ also gives the sysexits code `poolkeeper` exits with (`control.refused`).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from poolkeeper import exitcodes
-from poolkeeper.control import refused
+from poolkeeper.control import refused, shown
 from poolkeeper.jobs import JobRuntime
 from poolkeeper.report import schedule_text
 from poolkeeper.settings import Job
@@ -22,12 +23,13 @@ from poolkeeper.status import count
 class ByHand:
     def _serve_control(self) -> None:
         if self.control is not None:
-            self.control.serve(self._on_request)
+            self.control.serve(self._on_request, time.monotonic())
 
-    def _on_request(self, request: dict) -> dict:
-        """A control socket request. A reply says `ok`, a `message` for the user and, when
-        not ok, the `exit` code `poolkeeper` exits with (sysexits)."""
-        command = request.get("command")
+    def _on_request(self, request: dict[str, str]) -> dict:
+        """A control socket request, its shape checked (control.parse_request: `command`, and
+        `job` if any, are strings of bounded length). A reply says `ok`, a `message` for the
+        user and, when not ok, the `exit` code `poolkeeper` exits with (sysexits)."""
+        command = request["command"]
         if command == "reload":
             return self._reload("reload request")
         if command == "status":
@@ -35,17 +37,20 @@ class ByHand:
         by_hand = {"pause": self._pause, "resume": self._resume, "run-now": self._run_now}
         if command not in by_hand:
             known = ", ".join(["reload", "status", *by_hand])
-            return refused(f"unknown command {command!r} (known: {known})", exitcodes.USAGE)
+            return refused(f"unknown command {shown(command)} (known: {known})", exitcodes.USAGE)
         if self.phase != "running":
             return refused(f"the daemon is {self.phase}: not now", exitcodes.UNAVAILABLE)
         name = request.get("job")
-        job = self.jobs.get(name) if isinstance(name, str) else None
+        if name is None:
+            return refused(f"{command}: which job? (the request has no 'job')", exitcodes.USAGE)
+        job = self.jobs.get(name)
         if job is None:
             if name in self.held:
                 why = f"job '{name}' is being restarted by a reload; try again when it runs"
                 return refused(why, exitcodes.TEMPFAIL)
-            known = ", ".join(self.jobs) or "none"
-            return refused(f"no job named {name!r} (jobs: {known})", exitcodes.USAGE)
+            return refused(
+                f"no job named {shown(name)} (jobs: {_some(self.jobs)})", exitcodes.USAGE
+            )
         return by_hand[command](job)
 
     def _live_status(self) -> dict:
@@ -82,6 +87,13 @@ class ByHand:
             return refused(why_not, exitcodes.TEMPFAIL)
         self.log.info("%s: a run requested by hand", job.name)
         return {"ok": True, "message": f"{job.name}: a run is starting"}
+
+
+def _some(names: Iterable[str], at_most: int = 20) -> str:
+    """`a, b, c` or `a, b, ... (+2,480 more)`: a message stays one readable line."""
+    listed = list(names)
+    more = f", ... (+{len(listed) - at_most:,} more)" if len(listed) > at_most else ""
+    return (", ".join(listed[:at_most]) or "none") + more
 
 
 def _view(spec: Job, next_fire: float | None, doing: str) -> dict:

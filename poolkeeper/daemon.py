@@ -24,9 +24,9 @@ import logging
 import math
 import os
 import random
+import selectors
 import time
 from collections import Counter
-from multiprocessing.connection import wait as wait_for_ready
 
 from poolkeeper import control, exitcodes, mphelpers, signals
 from poolkeeper.byhand import ByHand
@@ -197,7 +197,7 @@ class Daemon(Reloading, ByHand):
         if path is None:
             return
         try:
-            self.control = control.ControlServer(path)
+            self.control = control.ControlServer(path, self.log)
         except OSError as exc:
             self.log.warning(
                 "no control socket (%s): `poolkeeper reload --wait` cannot reach this daemon; "
@@ -245,7 +245,7 @@ class Daemon(Reloading, ByHand):
         that forks without exec and outlives us must not hold our lock, DB or sockets."""
         fds = list(self.signals.fds())
         if self.control is not None:
-            fds.append(self.control.fileno())
+            fds += self.control.fds()
         sock = self.notifier.fileno()
         if sock is not None:
             fds.append(sock)
@@ -267,12 +267,14 @@ class Daemon(Reloading, ByHand):
         deadlines += [kill_at for _, kill_at in self.retiring.values() if kill_at < math.inf]
         if self._watchdog:
             deadlines.append(self._next_ping)
+        readers, writers = [*self.pool.waitables(), self.signals], []
+        if self.control is not None:  # its clients' deadlines, their sockets (control.py)
+            deadlines.append(self.control.next_deadline())
+            readers += self.control.readers()
+            writers = self.control.writers()
         timeout = max(0.0, min(d for d in deadlines if d is not None) - now_mono)
         if timeout:
-            waitables = [*self.pool.waitables(), self.signals]
-            if self.control is not None:
-                waitables.append(self.control)
-            wait_for_ready(waitables, timeout)
+            _wait_for(readers, writers, timeout)
 
     def _handle_signals(self) -> None:
         ignored: Counter[int] = Counter()
@@ -624,6 +626,17 @@ def _fds_open_on(path: str) -> list[int]:
 
 
 _DB_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
+
+
+def _wait_for(readers: list, writers: list, timeout: float) -> None:
+    """Until one of `readers` is readable or one of `writers` writable, at most `timeout`
+    seconds (multiprocessing.connection.wait, which waits on readers only, plus writers)."""
+    with selectors.PollSelector() as selector:
+        for obj in readers:
+            selector.register(obj, selectors.EVENT_READ)
+        for obj in writers:
+            selector.register(obj, selectors.EVENT_WRITE)
+        selector.select(timeout)
 
 
 def _run_fields(task, worker_pid: int | None) -> dict:
