@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from multiprocessing.connection import wait as wait_for_ready
 
-from poolkeeper import control, exitcodes
+from poolkeeper import control, exitcodes, reaper
 from poolkeeper.byhand import ByHand
 from poolkeeper.jobs import JobRuntime, PendingRun
 from poolkeeper.logs import event, get_logger
@@ -160,6 +160,7 @@ class Daemon(Reloading, ByHand):
 
     def _start(self) -> None:
         faulthandler.enable()
+        reaper.become_subreaper()  # a dead worker's leftovers come to us (kill_orphans)
         self.signals.install()
         self._open_state()
         self._open_control()
@@ -227,6 +228,7 @@ class Daemon(Reloading, ByHand):
         if self.pool is not None:
             for ev in self.pool.close(timeout=0 if aborted else None):
                 self._on_ended(ev)
+            reaper.kill_orphans()
         if self.drain_started is not None:
             self._log_drain_summary()
         if self.state is not None:
@@ -457,6 +459,7 @@ class Daemon(Reloading, ByHand):
             self.workers_up.add(ev.pid)
         elif ev.kind == "exited":
             self.workers_up.discard(ev.pid)
+            reaper.kill_orphans()  # what it left below it, if it died before killing it
         if ev.kind in ("replaced", "recycled"):
             self.log.warning(
                 "worker %d %s: %s",

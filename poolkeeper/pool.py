@@ -62,7 +62,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from poolkeeper import mphelpers
+from poolkeeper import mphelpers, reaper
 from poolkeeper.worker import (
     PICKLE_PROTOCOL,
     PassFd,
@@ -705,6 +705,8 @@ class Pool:
         """SIGKILL the worker's process group now. Its running task ends with `outcome`
         (None: it was already reported); queued ones are handed back, or end with `outcome`
         too if they are in `ids`. The worker is reaped when its pidfd fires."""
+        run = w.queue[0].task if w.queue and w.queue[0].started_clock is not None else None
+        reaper.kill_below(w.pid, f"job {run.job} (run {run.run_id})" if run else f"worker {w.pid}")
         _killpg(w.pid)
         try:
             os.kill(w.pid, signal.SIGKILL)  # in case it has not made itself a group leader yet

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from multiprocessing import reduction
 from typing import Any, NamedTuple
 
+from poolkeeper import reaper
 from poolkeeper.context import RunContext, Stopping
 from poolkeeper.prestart import add_to_sys_path
 
@@ -146,6 +147,7 @@ def _die_with_main(pidfd: int) -> None:
     poller.register(pidfd, select.POLLIN)
     while not poller.poll():
         pass
+    reaper.kill_tree(os.getpid())  # what the job detached (setsid...) is below us, not in our group
     os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
@@ -173,6 +175,7 @@ def _install_record_factory() -> None:
 def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
     # Own process group first: the parent watcher and every timeout kill the whole group.
     os.setpgid(0, 0)
+    reaper.become_subreaper()  # what a job detaches stays below us (poolkeeper/reaper.py)
     # The main process alone decides when a worker stops (systemd's control-group SIGTERM and
     # a terminal's Ctrl-C reach every process).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -311,6 +314,7 @@ class _Worker:
             result = self.run(msg)
             self.over_memory = bool(self.cfg.max_memory) and result[-1] > self.cfg.max_memory
             self.send(result)
+            reaper.after_run(msg[5])
 
     def next_message(self) -> Any:
         while not self.inbox:
@@ -437,4 +441,7 @@ def worker_main(conn: Any, main_pidfd: PassFd, stop_fd: PassFd, cfg: WorkerConfi
         os._exit(INIT_FAILED_EXIT)
     worker = _Worker(conn, Stopping(stop_fd.fd), cfg)
     worker.send(("R", worker.pid))
-    worker.serve()
+    try:
+        worker.serve()
+    finally:  # told to exit, or the main process is gone: what the jobs left goes too
+        reaper.kill_left_behind()

@@ -339,3 +339,37 @@ def wait_gone(pids, timeout: float) -> list[int]:
         if not alive or time.monotonic() > limit:
             return alive
         time.sleep(0.01)
+
+
+# -- A worker is a child subreaper: jobs' own waits must still work (test_detached_descendants) -
+
+_KEPT: list = []
+
+
+def exit_code_of_a_subprocess(code: int) -> int:
+    return subprocess.run(["sh", "-c", f"exit {code}"]).returncode
+
+
+def keep_a_child_and_orphan_another(code: int) -> list[int]:
+    """A child kept for a later run to wait for, and an orphan that exits at once (re-parented
+    to the worker, which must reap it)."""
+    _KEPT.append(subprocess.Popen(["sh", "-c", f"exit {code}"]))
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.execvp("true", ["true"])
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        orphan = int(f.read())
+    os.waitpid(middle, 0)
+    return [_KEPT[-1].pid, orphan]
+
+
+def wait_for_the_kept_child() -> int:
+    return _KEPT.pop().wait()
