@@ -702,11 +702,11 @@ class Pool:
 
     def _kill(self, w: _Worker, outcome: str | None, error: str | None,
               ids: set[str] | None = None, emit: bool = True) -> list[RunEnded]:  # fmt: skip
-        """SIGKILL the worker's process group now. Its running task ends with `outcome`
+        """SIGKILL the worker now, with every process below it and its process group. Its running task ends with `outcome`
         (None: it was already reported); queued ones are handed back, or end with `outcome`
         too if they are in `ids`. The worker is reaped when its pidfd fires."""
         run = w.queue[0].task if w.queue and w.queue[0].started_clock is not None else None
-        reaper.kill_below(w.pid, f"job {run.job} (run {run.run_id})" if run else f"worker {w.pid}")
+        reaper.kill_below(w.pid, f"below worker {w.pid}" + (f" (running {run.job})" if run else ""))
         _killpg(w.pid)
         try:
             os.kill(w.pid, signal.SIGKILL)  # in case it has not made itself a group leader yet

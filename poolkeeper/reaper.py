@@ -72,8 +72,11 @@ def read_stat(pid: int) -> Proc | None:
     except OSError:
         return None
     # comm (in parentheses) may hold anything, ')' and spaces included: parse after the last ')'
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return Proc(pid, int(fields[1]), fields[0].decode(), int(fields[19]))
+    try:
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        return Proc(pid, int(fields[1]), fields[0].decode(), int(fields[19]))
+    except (ValueError, IndexError):  # not a stat line we know: leave that process alone
+        return None
 
 
 def scan() -> dict[int, Proc]:
@@ -171,13 +174,14 @@ def kill_tree(root: int) -> list[tuple[Proc, str]]:
 
 
 def log_killed(named: list[str], whose: str) -> None:
+    """One warning for processes killed: 'killed 2 processes left by job x: pid 1 ...'."""
     if not named:
         return
     listed = ", ".join(named[:LISTED_MAX])
     if len(named) > LISTED_MAX:
         listed += f" and {len(named) - LISTED_MAX} more"
     noun = "process" if len(named) == 1 else "processes"
-    log.warning("killed %d %s left by %s: %s", len(named), noun, whose, listed)
+    log.warning("killed %d %s %s: %s", len(named), noun, whose, listed)
 
 
 def kill_below(pid: int, whose: str) -> None:
@@ -250,7 +254,7 @@ def kill_orphans(keep: Collection[int] = ()) -> None:
             named.append(describe(p.pid))
             named += [text for _, text in kill_tree(p.pid)]
     _reap(p.pid for p in inherited)
-    log_killed(named, "a job whose worker died first")
+    log_killed(named, "left by a job whose worker died first")
 
 
 # -- in the worker ------------------------------------------------------------------------------
@@ -296,4 +300,4 @@ def kill_left_behind() -> None:
     for p, text in kill_tree(os.getpid()):
         by_job.setdefault(_Left.by.get(p.key, _Left.last_job), []).append(text)
     for job, named in by_job.items():
-        log_killed(named, f"job {job}" if job else "a job")
+        log_killed(named, f"left by job {job}" if job else "left by a job")

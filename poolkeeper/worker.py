@@ -4,7 +4,8 @@ Everything here runs in the worker. The protocol and the main-process side are d
 the top of `poolkeeper/pool.py`. A worker never decides anything about its own life: it runs
 what it is sent, reports what happened as plain strings (never job objects: they might not
 pickle), and exits when told to, when its pipe reaches EOF, or (killing its whole process
-group) when the main process dies.
+group) when the main process dies. It is a child subreaper, so whatever a job detaches stays
+below it, and it kills all of that when it exits (poolkeeper/reaper.py).
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def _rss_bytes() -> int:
 
 
 def _die_with_main(pidfd: int) -> None:
-    """Daemon thread: block until the main process exits, then kill our process group (us and
-    the job's grandchildren). The pidfd was opened by the main process on itself, so there is
+    """Daemon thread: block until the main process exits, then kill every process below us
+    (detached ones are not in our group) and our process group (us and the job's children). The pidfd was opened by the main process on itself, so there is
     no window in which the pid could have been recycled. PR_SET_PDEATHSIG is no substitute:
     it fires when the parent *thread* exits, and a forkserver worker's parent is the
     forkserver, not the main process."""
