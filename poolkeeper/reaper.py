@@ -24,7 +24,6 @@ the tree with SIGSTOP and rescans until no new process appears).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -55,6 +54,8 @@ class Proc(NamedTuple):
 def become_subreaper() -> bool:
     """Make this process a child subreaper: orphans among its descendants are re-parented to
     it instead of to init. False if the kernel refused (the caller goes on without)."""
+    import ctypes  # here: only worker and daemon start-up need it
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
@@ -221,11 +222,10 @@ def _popen_pids() -> set[int]:
     when there is a dead child to decide about)."""
     import subprocess
 
-    return {
-        obj.pid
-        for obj in gc.get_objects()
-        if isinstance(obj, subprocess.Popen) and obj.returncode is None
-    }
+    popen = subprocess.Popen
+    # type(), not isinstance(): a job's proxy objects may raise from __class__
+    found = [obj for obj in gc.get_objects() if issubclass(type(obj), popen)]
+    return {obj.pid for obj in found if obj.returncode is None}
 
 
 def _reap(pids: Iterable[int]) -> None:
