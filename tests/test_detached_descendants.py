@@ -16,7 +16,7 @@ import procs
 import pytest
 from jobs_for_tests import pid_alive, wait_gone
 
-from poolkeeper.pool import RunEnded, Task
+from poolkeeper.pool import RunEnded, Task, WorkerEvent
 
 METHODS = ["fork", "forkserver", "spawn"]
 
@@ -116,6 +116,17 @@ def test_what_a_dead_worker_detached_is_killed_by_the_daemon(daemon_factory, met
     d.wait_log("killed 3 processes left by a job whose worker died first")
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_recycled_worker_takes_what_its_runs_detached(make_pool, method, tmp_path):
+    d = make_pool(method, workers=1, max_runs_per_worker=1)
+    task = Task(run_id="r", job="detacher", target="daemon_jobs:detach_children",
+                args=(str(tmp_path), "recycled"))  # fmt: skip
+    assert d.run([task])["r"].outcome == "succeeded"
+    pids = [int(p) for p in (tmp_path / "recycled.pids").read_text().split()]
+    d.until(lambda e: isinstance(e, WorkerEvent) and e.kind == "exited")
+    _assert_gone(pids, "the worker retired after its one run")
 
 
 # -- a worker is a subreaper: it reaps orphans, never a job's own child -------------------------
