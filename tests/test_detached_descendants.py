@@ -179,7 +179,7 @@ def _ppid(pid: int) -> int:
     return int(raw[raw.rindex(b")") + 2 :].split()[1])
 
 
-def test_kill_tree_spares_this_process_and_names_what_it_killed(tmp_path):
+def test_kill_tree_kills_the_root_and_names_what_was_below_it():
     import subprocess
 
     from poolkeeper import reaper
@@ -187,12 +187,12 @@ def test_kill_tree_spares_this_process_and_names_what_it_killed(tmp_path):
     child = subprocess.Popen(["sh", "-c", "setsid sleep 304 & wait"], start_new_session=True)
     try:
         deadline = time.monotonic() + 5
-        while not any("sleep 304" in t for _, t in _below(os.getpid(), reaper)):
+        while not (below := _sleeps_below(child.pid, reaper)):  # once setsid has exec'd sleep
             assert time.monotonic() < deadline
             time.sleep(0.01)
         killed = reaper.kill_tree(child.pid)
         assert child.wait(5) == -signal.SIGKILL
-        assert [t for _, t in killed] == [f"pid {p.pid} 'sleep 304'" for p, _ in killed]
+        assert [text for _, text in killed] == below
         assert wait_gone([p.pid for p, _ in killed], 2.0) == []
     finally:
         if child.poll() is None:
@@ -200,5 +200,6 @@ def test_kill_tree_spares_this_process_and_names_what_it_killed(tmp_path):
             child.wait()
 
 
-def _below(pid: int, reaper) -> list:
-    return [(p, reaper.describe(p.pid)) for p in reaper.descendants(pid, reaper.scan())]
+def _sleeps_below(pid: int, reaper) -> list[str]:
+    texts = [reaper.describe(p.pid) for p in reaper.descendants(pid, reaper.scan())]
+    return [t for t in texts if t.endswith(" 'sleep 304'")]
