@@ -17,9 +17,10 @@ Processes are found by scanning /proc/*/stat (/proc/PID/task/TID/children needs
 CONFIG_PROC_CHILDREN, which not every kernel has). A process is identified by its pid and start
 time, and signalled through a pidfd opened after checking both, so a recycled pid is never hit.
 
-What stays out of reach without a cgroup: a process that makes itself a subreaper or is
-ptraced away, and whatever a job starts after the last scan of a kill (each kill freezes
-the tree with SIGSTOP and rescans until no new process appears).
+What stays out of reach without a cgroup (docs/design.md, "Detached processes"): processes
+started outside the tree (systemd-run, at, a D-Bus service), a process forked during a kill
+after its last rescan (each kill freezes the tree with SIGSTOP and rescans until no new process
+appears), and everything when the worker and the main process die at the same instant.
 """
 
 from __future__ import annotations
@@ -81,9 +82,14 @@ def read_stat(pid: int) -> Proc | None:
 
 
 def scan() -> dict[int, Proc]:
-    """Every process visible in /proc, by pid."""
-    procs = {}
-    for name in os.listdir("/proc"):
+    """Every process visible in /proc, by pid (none without /proc: nothing is found, and the
+    kills that follow a scan, the process group's and the worker's own, still happen)."""
+    procs: dict[int, Proc] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return procs
+    for name in names:
         if name.isdigit():
             p = read_stat(int(name))
             if p is not None:
@@ -154,6 +160,7 @@ def kill_tree(root: int) -> list[tuple[Proc, str]]:
     (root not included), each with its description for a log line."""
     me = os.getpid()
     frozen: dict[tuple[int, int], tuple[Proc, str]] = {}
+    tried: set[tuple[int, int]] = set()  # gone, or not ours to signal (EPERM): once is enough
     root_proc = None
     for _ in range(MAX_PASSES):
         procs = scan()
@@ -161,10 +168,11 @@ def kill_tree(root: int) -> list[tuple[Proc, str]]:
             root_proc = procs.get(root)
             if root_proc is not None and not _signal(root_proc, signal.SIGSTOP):
                 root_proc = None
-        new = [p for p in descendants(root, procs) if p.state != "Z" and p.key not in frozen]
+        new = [p for p in descendants(root, procs) if p.state != "Z" and p.key not in tried]
         if not new:
             break
         for p in new:
+            tried.add(p.key)
             if _signal(p, signal.SIGSTOP):
                 frozen[p.key] = (p, describe(p.pid))
     for p, _ in frozen.values():
