@@ -11,8 +11,8 @@ Processes, pipes and messages::
     |   poll():                             |                  |   loop: recv, run, send    |
     |     1. read all ready messages  <--------("R"|"I"|"H"|    |                            |
     |     2. reap exited workers      <--+  |   "D"|"N", ...)  |   thread: poll(main pidfd) |
-    |     3. enforce deadlines (SIGKILL  |  |                  |     -> killpg(own group)   |
-    |        the worker's group)         |  |                  +----------------------------+
+    |     3. enforce deadlines (SIGKILL  |  |                  |     -> kill tree + group   |
+    |        the worker's tree)          |  |                  +----------------------------+
     |     4. respawn (rate-limited)      |  |                        ^  process group: the
     |                                    |  |                        |  worker + its job's
     |                                    |  |                        |  grandchildren
