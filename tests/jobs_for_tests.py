@@ -373,3 +373,15 @@ def keep_a_child_and_orphan_another(code: int) -> list[int]:
 
 def wait_for_the_kept_child() -> int:
     return _KEPT.pop().wait()
+
+
+def detached_spawner_then_hang(path: str) -> None:
+    """A detached shell that starts a `sleep` every 10 ms for up to 5 s (its session id goes to
+    `path`), then a hang: a kill must freeze the tree to catch every sleep."""
+    script = (
+        f"echo $$ > {path}.tmp && mv {path}.tmp {path}; i=0; "
+        "while [ $i -lt 500 ]; do sleep 60 & sleep 0.01; i=$((i+1)); done; wait"
+    )
+    kept = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    while kept:
+        time.sleep(0.05)

@@ -129,6 +129,35 @@ def test_a_recycled_worker_takes_what_its_runs_detached(make_pool, method, tmp_p
     _assert_gone(pids, "the worker retired after its one run")
 
 
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_timeout_freezes_a_forking_tree_before_killing_it(make_pool, method, tmp_path):
+    d = make_pool(method, workers=1)
+    marker = tmp_path / "sid"
+    task = Task(run_id="t", job="spawner", target="jobs_for_tests:detached_spawner_then_hang",
+                args=(str(marker),), timeout=1.0)  # fmt: skip
+    assert d.run([task])["t"].outcome == "timeout"
+    sid = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while left := _in_session(sid):
+        if time.monotonic() > deadline:
+            procs.kill_all(left)
+            raise AssertionError(f"{len(left)} processes of session {sid} survived the timeout")
+        time.sleep(0.01)
+
+
+def _in_session(sid: int) -> list[int]:
+    """Live processes of session `sid` (a zombie has left it for good)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _state(int(name)) not in (None, "Z"):
+            try:
+                if os.getsid(int(name)) == sid:
+                    found.append(int(name))
+            except ProcessLookupError:
+                pass
+    return found
+
+
 # -- a worker is a subreaper: it reaps orphans, never a job's own child -------------------------
 
 
