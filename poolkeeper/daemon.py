@@ -28,7 +28,7 @@ import selectors
 import time
 from collections import Counter
 
-from poolkeeper import control, exitcodes, mphelpers, signals
+from poolkeeper import control, exitcodes, mphelpers, reaper, signals
 from poolkeeper.byhand import ByHand
 from poolkeeper.jobs import JobRuntime, PendingRun
 from poolkeeper.logs import event, get_logger
@@ -163,6 +163,7 @@ class Daemon(Reloading, ByHand):
 
     def _start(self) -> None:
         faulthandler.enable()
+        reaper.become_subreaper()  # a dead worker's leftovers come to us (kill_orphans)
         self.signals.install()
         mphelpers.add_main_only_fds(self._main_only_fds)
         self._open_state()
@@ -231,6 +232,7 @@ class Daemon(Reloading, ByHand):
         if self.pool is not None:
             for ev in self.pool.close(timeout=0 if aborted else None):
                 self._on_ended(ev)
+            reaper.kill_orphans()
         if self.drain_started is not None:
             self._log_drain_summary()
         if self.state is not None:
@@ -505,6 +507,7 @@ class Daemon(Reloading, ByHand):
             self.workers_up.add(ev.pid)
         elif ev.kind == "exited":
             self.workers_up.discard(ev.pid)
+            reaper.kill_orphans()  # what it left below it, if it died before killing it
         if ev.kind in ("replaced", "recycled"):
             self.log.warning(
                 "worker %d %s: %s",

@@ -11,8 +11,8 @@ Processes, pipes and messages::
     |   poll():                             |                  |   loop: recv, run, send    |
     |     1. read all ready messages  <--------("R"|"I"|"H"|    |                            |
     |     2. reap exited workers      <--+  |   "D"|"N", ...)  |   thread: poll(main pidfd) |
-    |     3. enforce deadlines (SIGKILL  |  |                  |     -> killpg(own group)   |
-    |        the worker's group)         |  |                  +----------------------------+
+    |     3. enforce deadlines (SIGKILL  |  |                  |     -> kill tree + group   |
+    |        the worker's tree)          |  |                  +----------------------------+
     |     4. respawn (rate-limited)      |  |                        ^  process group: the
     |                                    |  |                        |  worker + its job's
     |                                    |  |                        |  grandchildren
@@ -62,7 +62,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from poolkeeper import mphelpers
+from poolkeeper import mphelpers, reaper
 from poolkeeper.worker import (
     PICKLE_PROTOCOL,
     PassFd,
@@ -752,9 +752,11 @@ class Pool:
 
     def _kill(self, w: _Worker, outcome: str | None, error: str | None,
               ids: set[str] | None = None, emit: bool = True) -> list[RunEnded]:  # fmt: skip
-        """SIGKILL the worker's process group now. Its running task ends with `outcome`
+        """SIGKILL the worker now, with every process below it and its process group. Its running task ends with `outcome`
         (None: it was already reported); queued ones are handed back, or end with `outcome`
         too if they are in `ids`. The worker is reaped when its pidfd fires."""
+        run = w.queue[0].task if w.queue and w.queue[0].started_clock is not None else None
+        reaper.kill_below(w.pid, f"below worker {w.pid}" + (f" (running {run.job})" if run else ""))
         _killpg(w.pid)
         try:
             os.kill(w.pid, signal.SIGKILL)  # in case it has not made itself a group leader yet

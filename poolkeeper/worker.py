@@ -4,7 +4,8 @@ Everything here runs in the worker. The protocol and the main-process side are d
 the top of `poolkeeper/pool.py`. A worker never decides anything about its own life: it runs
 what it is sent, reports what happened as plain strings (never job objects: they might not
 pickle), and exits when told to, when its pipe reaches EOF, or (killing its whole process
-group) when the main process dies.
+group) when the main process dies. It is a child subreaper, so whatever a job detaches stays
+below it, and it kills all of that when it exits (poolkeeper/reaper.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from multiprocessing import reduction
 from typing import Any, NamedTuple, NoReturn
 
-from poolkeeper import signals
+from poolkeeper import reaper, signals
 from poolkeeper.context import RunContext, Stopping
 from poolkeeper.prestart import add_to_sys_path
 
@@ -212,8 +213,8 @@ def _rss_bytes() -> int:
 
 
 def _die_with_main(pidfd: int) -> None:
-    """Daemon thread: block until the main process exits, then kill our process group (us and
-    the job's grandchildren). The pidfd was opened by the main process on itself, so there is
+    """Daemon thread: block until the main process exits, then kill every process below us
+    (detached ones are not in our group) and our process group (us and the job's children). The pidfd was opened by the main process on itself, so there is
     no window in which the pid could have been recycled. PR_SET_PDEATHSIG is no substitute:
     it fires when the parent *thread* exits, and a forkserver worker's parent is the
     forkserver, not the main process."""
@@ -221,6 +222,7 @@ def _die_with_main(pidfd: int) -> None:
     poller.register(pidfd, select.POLLIN)
     while not poller.poll():
         pass
+    reaper.kill_tree(os.getpid())  # what the job detached (setsid...) is below us, not in our group
     os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
@@ -258,6 +260,7 @@ def _install_record_factory() -> None:
 def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
     # Own process group first: the parent watcher and every timeout kill the whole group.
     os.setpgid(0, 0)
+    reaper.become_subreaper()  # what a job detaches stays below us (poolkeeper/reaper.py)
     _survive_signals()
     for key in MAIN_ONLY_ENV:
         os.environ.pop(key, None)
@@ -446,6 +449,7 @@ class _Worker:
             result = self.run(msg)
             self.over_memory = bool(self.cfg.max_memory) and result[-1] > self.cfg.max_memory
             self.send(result)
+            reaper.after_run(msg[5])
 
     def next_message(self) -> Any:
         while not self.inbox:
@@ -577,6 +581,8 @@ def worker_main(conn: Any, main_pidfd: PassFd, stop_fd: PassFd, cfg: WorkerConfi
         worker.serve()
     except ConnectionError:  # ECONNRESET: the main process died with a message of ours unread
         worker.pipe_lost = True
+    finally:  # told to exit, or the main process is gone: what the jobs left goes too
+        reaper.kill_left_behind()
     if worker.pipe_lost:  # no traceback: nobody is left to read it
         _main_gone(main_pidfd.fd)
     _exit(0)

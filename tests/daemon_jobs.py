@@ -146,3 +146,67 @@ def end_on_go(out_dir):
         time.sleep(0.01)
     open(os.path.join(out_dir, f"ended-{os.getpid()}"), "w").close()
     return os.getpid()
+
+
+# -- Hostile jobs that detach processes (tests/test_detached_descendants.py) -----------------
+
+
+def _double_fork(argv):
+    """Start argv the way a classic daemon detaches: fork, setsid, fork again, the middle
+    process exits at once. Returns the grandchild's pid (orphaned: re-parented)."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(r)
+            os.setsid()
+            pid = os.fork()
+            if pid == 0:
+                os.execvp(argv[0], argv)
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        grandchild = int(f.read())
+    os.waitpid(middle, 0)
+    return grandchild
+
+
+def detach_children(out_dir, tag):
+    """Three `sleep`s in sessions of their own, started three ways; their pids go to
+    out_dir/<tag>.pids (written atomically)."""
+    shell = subprocess.run(
+        ["sh", "-c", "setsid sleep 301 >/dev/null 2>&1 & echo $!"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    popen = subprocess.Popen(["sleep", "302"], start_new_session=True)
+    pids = [int(shell.stdout), popen.pid, _double_fork(["sleep", "303"])]
+    path = os.path.join(out_dir, f"{tag}.pids")
+    with open(path + ".tmp", "w") as f:
+        f.write(" ".join(map(str, pids)))
+    os.rename(path + ".tmp", path)
+    return popen
+
+
+def detach_then_hang(ctx, out_dir):
+    """Detached children, then a hang past any timeout."""
+    kept = detach_children(out_dir, "hang")
+    while kept:
+        time.sleep(1)
+
+
+def detach_then_loop(ctx, out_dir):
+    """A well-behaved loop whose detached children outlive it unless someone kills them."""
+    detach_children(out_dir, "loop")
+    while not ctx.stopping.is_set():
+        ctx.heartbeat()
+        ctx.stopping.wait(0.05)
+    return "stopped"
+
+
+def detach_then_die(ctx, out_dir):
+    """Detached children, then the worker dies at once: nobody below the main process is
+    left to kill them."""
+    detach_children(out_dir, "die")
+    os.kill(os.getpid(), 9)

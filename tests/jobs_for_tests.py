@@ -367,3 +367,49 @@ def kill_the_parent() -> int:
 
 def raise_a_huge_message() -> None:
     raise ValueError("x" * 1_000_000)
+
+
+# -- A worker is a child subreaper: jobs' own waits must still work (test_detached_descendants) -
+
+_KEPT: list = []
+
+
+def exit_code_of_a_subprocess(code: int) -> int:
+    return subprocess.run(["sh", "-c", f"exit {code}"]).returncode
+
+
+def keep_a_child_and_orphan_another(code: int) -> list[int]:
+    """A child kept for a later run to wait for, and an orphan that exits at once (re-parented
+    to the worker, which must reap it)."""
+    _KEPT.append(subprocess.Popen(["sh", "-c", f"exit {code}"]))
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.execvp("true", ["true"])
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        orphan = int(f.read())
+    os.waitpid(middle, 0)
+    return [_KEPT[-1].pid, orphan]
+
+
+def wait_for_the_kept_child() -> int:
+    return _KEPT.pop().wait()
+
+
+def detached_spawner_then_hang(path: str) -> None:
+    """A detached shell that starts a `sleep` every 10 ms for up to 5 s (its session id goes to
+    `path`), then a hang: a kill must freeze the tree to catch every sleep."""
+    script = (
+        f"echo $$ > {path}.tmp && mv {path}.tmp {path}; i=0; "
+        "while [ $i -lt 500 ]; do sleep 60 & sleep 0.01; i=$((i+1)); done; wait"
+    )
+    kept = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    while kept:
+        time.sleep(0.05)
