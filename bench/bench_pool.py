@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from poolkeeper.pool import Pool, RunEnded, Task, WorkerEvent
+from poolkeeper.pool.supervisor import Pool, RunEnded, Task, WorkerEvent
 
 WORKERS = 2
 
@@ -42,7 +42,7 @@ def raw_pool(method: str, n: int) -> float:
 
 
 def our_pool(method: str, n: int, prefetch: int) -> float:
-    """Runs per second through poolkeeper.pool.Pool, driven like the daemon's main loop."""
+    """Runs per second through poolkeeper.pool.supervisor.Pool, driven like the daemon's main loop."""
     pool = Pool(
         workers=WORKERS,
         start_method=method,

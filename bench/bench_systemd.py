@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT / "tests" / "systemd"), str(ROOT / "tests")]
 import e2e_support as e2e  # noqa: E402
 from sandbox import Sandbox  # noqa: E402
 
-from poolkeeper import unit as units  # noqa: E402
+from poolkeeper.service import unit as units  # noqa: E402
 
 BASELINE = (
     "import os, socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "

@@ -1,6 +1,6 @@
 """poolkeeper: a systemd-native job daemon for Python."""
 
-from poolkeeper.context import RunContext
+from poolkeeper.pool.context import RunContext
 
 __all__ = ["RunContext", "__version__"]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from poolkeeper.printable import printable
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from poolkeeper.check import check_file
+    from poolkeeper.config.rules import check_file
 
     return check_file(args.config, out=sys.stdout, err=sys.stderr)
 
@@ -21,7 +21,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_schema(args: argparse.Namespace) -> int:
     import json
 
-    from poolkeeper.schema import json_schema
+    from poolkeeper.config.schema import json_schema
 
     json.dump(json_schema(), sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
@@ -29,7 +29,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_unit(args: argparse.Namespace) -> int:
-    from poolkeeper import unit
+    from poolkeeper.service import unit
 
     if args.offline:
         sys.stdout.write(unit.OFFLINE)
@@ -59,14 +59,14 @@ def _print_config_errors(exc) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     import signal
 
-    from poolkeeper import configcache
+    from poolkeeper.config import validation_cache
     from poolkeeper.signals import held_during_start
 
     signal.pthread_sigmask(signal.SIG_BLOCK, held_during_start())
 
     path = args.config or default_config_path()
-    cache = None if args.no_config_cache else configcache.cache_dir()
-    cached, why = configcache.lookup(path, cache) if cache else (None, "")
+    cache = None if args.no_config_cache else validation_cache.cache_dir()
+    cached, why = validation_cache.lookup(path, cache) if cache else (None, "")
     if cached is not None:
         return _run_cached(args, path, cached, why)
     return _run_validated(args, path, cache, why)
@@ -74,9 +74,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: str) -> int:
     """Validate the config in full (and cache the result), then run it."""
-    from poolkeeper import configcache, logs
-    from poolkeeper.notify import Notifier
-    from poolkeeper.prestart import prestart
+    from poolkeeper.config import validation_cache
+    from poolkeeper.pool.prestart import prestart
+    from poolkeeper.service import logs
+    from poolkeeper.service.notify import Notifier
 
     target = logs.setup(args.log_target, args.log_level.upper())
     log = logs.get_logger()
@@ -84,18 +85,18 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
     if cache is not None:
         log.info("config %s: validating (%s)", path, why)
     prestarted = prestart(path)
-    inputs = configcache.Inputs()
-    from poolkeeper.spec import ConfigError, load_config
+    inputs = validation_cache.Inputs()
+    from poolkeeper.config.model import ConfigError, load_config
 
     try:
         config = load_config(path, inputs=inputs)
     except ConfigError as exc:
         if prestarted:
-            from poolkeeper.mphelpers import stop_prestarted
+            from poolkeeper.pool.helper_processes import stop_prestarted
 
             stop_prestarted()
         _print_config_errors(exc)
-        from poolkeeper.status import first_of
+        from poolkeeper.daemon.status import first_of
 
         summary = first_of([str(issue) for issue in exc.issues]) if exc.issues else str(exc)
         # ERRNO= makes `systemctl status` show "Error: 22 (Invalid argument)" (or 2, ENOENT).
@@ -103,7 +104,7 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
         notifier.fatal(f"config error: {summary}", errno=errno_value)
         return exc.exit_code
     if cache is not None:
-        problem = configcache.store(config, inputs, cache)
+        problem = validation_cache.store(config, inputs, cache)
         if problem:
             log.info("config %s: validated; not cached: %s", path, problem)
     return _run_daemon(config, target, notifier)
@@ -114,25 +115,26 @@ def _run_cached(args: argparse.Namespace, path: str, config, why: str) -> int:
     as soon as possible: this process imports what the forkserver preloads for poolkeeper,
     forks it (ready at once, it only has the job modules left to import) and starts the
     pool; setting up logging and importing the daemon then overlap the workers' start."""
-    from poolkeeper import logs, mphelpers
-    from poolkeeper.pool import pool_for
-    from poolkeeper.prestart import start_forkserver
+    from poolkeeper.pool import helper_processes
+    from poolkeeper.pool.prestart import start_forkserver
+    from poolkeeper.pool.supervisor import pool_for
+    from poolkeeper.service import logs
 
     level = args.log_level.upper()
     if config.pool.start_method == "forkserver":
-        mphelpers.import_own_preload()
+        helper_processes.import_own_preload()
     start_forkserver(config.pool.start_method, config.pool.preload, config.pythonpath)
     pool = pool_for(config, logs.resolve_target(args.log_target), level)
     pool.start()
     target = logs.setup(args.log_target, level)
     logs.get_logger().info("config %s: %s; not validated again", path, why)
-    from poolkeeper.notify import Notifier
+    from poolkeeper.service.notify import Notifier
 
     return _run_daemon(config, target, Notifier(), pool)
 
 
 def _run_daemon(config, target: str, notifier, pool=None) -> int:
-    from poolkeeper.daemon import Daemon
+    from poolkeeper.daemon.mainloop import Daemon
 
     code = Daemon(config, log_target=target, notifier=notifier, pool=pool).run()
     _exit_without_teardown(code)
@@ -154,7 +156,7 @@ def _exit_without_teardown(code: int) -> None:
 
 def _load_for_reading(path: str | None):
     """The config, for commands that read state: targets are not imported."""
-    from poolkeeper.spec import load_config
+    from poolkeeper.config.model import load_config
 
     return load_config(path or default_config_path(), import_targets=False)
 
@@ -163,7 +165,7 @@ def _with_config(func):
     """Run a reading command; a bad config is reported like `check` does, exit 78/66."""
 
     def wrapper(args: argparse.Namespace) -> int:
-        from poolkeeper.spec import ConfigError
+        from poolkeeper.config.model import ConfigError
 
         try:
             config = _load_for_reading(args.config)
@@ -208,7 +210,7 @@ def _state_unreadable(exc) -> int:
 @_with_config
 def _cmd_history(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import open_readonly, print_history
-    from poolkeeper.state import StateUnreadable
+    from poolkeeper.state.sqlite import StateUnreadable
 
     if args.job and args.job not in config.jobs:
         print(
@@ -232,7 +234,7 @@ def _cmd_history(args: argparse.Namespace, config) -> int:
 @_with_config
 def _cmd_status(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import open_readonly, print_status
-    from poolkeeper.state import StateUnreadable
+    from poolkeeper.state.sqlite import StateUnreadable
 
     live = _ask_quietly(args.socket, config, {"command": "status"})
     try:
@@ -248,8 +250,8 @@ def _cmd_status(args: argparse.Namespace, config) -> int:
 
 def _ask_quietly(socket_path: str | None, config, payload: dict) -> dict | None:
     """The running daemon's answer, or None if there is no daemon to ask."""
-    from poolkeeper import control
-    from poolkeeper.state import StateStore
+    from poolkeeper.service import control
+    from poolkeeper.state.sqlite import StateStore
 
     # The config is loaded already: no need to read its state.path again (socket_of_config).
     path = socket_path or control.socket_path(StateStore.path_for(config))
@@ -272,9 +274,9 @@ def _cmd_by_hand(args: argparse.Namespace) -> int:
 
 
 def _ask_daemon(args: argparse.Namespace, payload: dict, *, wait: bool = True) -> int:
-    """Send one request over the control socket (poolkeeper.control) and report the reply."""
-    from poolkeeper import control
-    from poolkeeper.yamlload import LoadError
+    """Send one request over the control socket (poolkeeper.service.control) and report the reply."""
+    from poolkeeper.config.yamlload import LoadError
+    from poolkeeper.service import control
 
     config = args.config or default_config_path()
     try:
@@ -460,7 +462,7 @@ def _add_socket_options(p: argparse.ArgumentParser, config_help: str) -> None:
 def _adopt_unit(args: argparse.Namespace) -> str | None:
     """--unit: act as the unit's own processes would (its state and runtime directories, and
     the config its ExecStart= runs, unless -c names another). Returns why not, or None."""
-    from poolkeeper.unit import locate
+    from poolkeeper.service.unit import locate
 
     try:
         found = locate(args.unit)

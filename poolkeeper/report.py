@@ -8,10 +8,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TextIO
 
-from poolkeeper.durations import format_duration
+from poolkeeper.config.durations import format_duration
 from poolkeeper.printable import printable
-from poolkeeper.schedule import make_trigger, upcoming, zone
-from poolkeeper.state import RunRecord, StateStore
+from poolkeeper.scheduling.triggers import make_trigger, upcoming, zone
+from poolkeeper.state.sqlite import RunRecord, StateStore
 
 
 def _when(ts: float | None) -> str:

@@ -33,7 +33,7 @@ def _stop_multiprocessing_helpers() -> None:
 @pytest.fixture(autouse=True, scope="session")
 def private_config_cache(tmp_path_factory):
     """`poolkeeper run` keeps its last validation of each config in $XDG_CACHE_HOME (see
-    poolkeeper/configcache.py): the daemons the tests start use a directory of their own,
+    poolkeeper/config/validation_cache.py): the daemons the tests start use a directory of their own,
     never the host's ~/.cache."""
     saved = {key: os.environ.pop(key, None) for key in ("XDG_CACHE_HOME", "CACHE_DIRECTORY")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
@@ -63,7 +63,7 @@ def make_pool():
     every pool is closed, its workers joined, when the test ends."""
     from jobs_for_tests import TESTS_DIR, Driver
 
-    from poolkeeper.pool import Pool
+    from poolkeeper.pool.supervisor import Pool
 
     pools = []
 

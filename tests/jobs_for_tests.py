@@ -206,7 +206,7 @@ def drive(spec_json: str) -> None:
     import multiprocessing.connection
     from multiprocessing import forkserver, resource_tracker
 
-    from poolkeeper.pool import Pool, RunEnded, RunStarted, Task
+    from poolkeeper.pool.supervisor import Pool, RunEnded, RunStarted, Task
 
     spec = json.loads(spec_json)
     pool = Pool(workers=spec["workers"], start_method=spec["method"],
@@ -291,7 +291,7 @@ class Driver:
 
     def run(self, tasks, timeout: float = 20.0, resubmit: bool = True) -> dict:
         """Submit every task, return {run_id: RunEnded}. NotStarted tasks are resubmitted."""
-        from poolkeeper.pool import NotStarted, RunEnded
+        from poolkeeper.pool.supervisor import NotStarted, RunEnded
 
         pending = list(tasks)
         ended: dict = {}

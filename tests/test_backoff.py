@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from poolkeeper.backoff import (
+from poolkeeper.scheduling.backoff import (
     MIN_DELAY,
     Backoff,
     FailureTracker,

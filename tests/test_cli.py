@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from poolkeeper import __version__
-from poolkeeper.state import StateStore
+from poolkeeper.state.sqlite import StateStore
 
 
 def pk(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from poolkeeper import configcache
-from poolkeeper.settings import Config
-from poolkeeper.spec import load_config
+from poolkeeper.config import validation_cache
+from poolkeeper.config.model import load_config
+from poolkeeper.config.settings import Config
 
 SPEC = """\
 version: 1
@@ -65,14 +65,14 @@ def project(tmp_path: Path) -> Path:
 
 
 def validate_and_store(project: Path, cache: Path) -> Config:
-    inputs = configcache.Inputs()
+    inputs = validation_cache.Inputs()
     config = load_config(project / "poolkeeper.yaml", inputs=inputs)
-    assert configcache.store(config, inputs, str(cache)) is None
+    assert validation_cache.store(config, inputs, str(cache)) is None
     return config
 
 
 def lookup(project: Path, cache: Path) -> tuple[Config | None, str]:
-    return configcache.lookup(str(project / "poolkeeper.yaml"), str(cache))
+    return validation_cache.lookup(str(project / "poolkeeper.yaml"), str(cache))
 
 
 def test_a_stored_validation_comes_back_identical(project, tmp_path):
@@ -129,7 +129,7 @@ def test_files_that_are_not_modules_may_come_and_go(project, tmp_path):
 def test_a_damaged_entry_is_a_miss_and_is_rewritten(project, tmp_path):
     cache = tmp_path / "cache"
     validate_and_store(project, cache)
-    entry = Path(configcache.entry_path(str(project / "poolkeeper.yaml"), str(cache)))
+    entry = Path(validation_cache.entry_path(str(project / "poolkeeper.yaml"), str(cache)))
     for damage in (b"\x00garbage", b"{}", b'{"format": 1, "config": {"path": 5}}', b"[1, 2]"):
         entry.write_bytes(damage)
         cached, why = lookup(project, cache)
@@ -149,7 +149,7 @@ def test_a_damaged_entry_is_a_miss_and_is_rewritten(project, tmp_path):
 def test_an_entry_others_could_have_written_is_not_trusted(project, tmp_path):
     cache = tmp_path / "cache"
     validate_and_store(project, cache)
-    entry = Path(configcache.entry_path(str(project / "poolkeeper.yaml"), str(cache)))
+    entry = Path(validation_cache.entry_path(str(project / "poolkeeper.yaml"), str(cache)))
     assert entry.stat().st_mode & 0o777 == 0o600
     entry.chmod(0o622)
     cached, why = lookup(project, cache)
@@ -160,32 +160,32 @@ def test_an_entry_others_could_have_written_is_not_trusted(project, tmp_path):
 
 def test_arguments_json_would_change_are_not_cached(project, tmp_path):
     _edit(project / "poolkeeper.yaml", SPEC.replace('{nested: {deep: "ok"}}', "{1: one}"))
-    inputs = configcache.Inputs()
+    inputs = validation_cache.Inputs()
     config = load_config(project / "poolkeeper.yaml", inputs=inputs)
-    problem = configcache.store(config, inputs, str(tmp_path / "cache"))
+    problem = validation_cache.store(config, inputs, str(tmp_path / "cache"))
     assert problem == "args or kwargs do not survive JSON unchanged"
     assert lookup(project, tmp_path / "cache")[0] is None
 
 
 def test_an_unwritable_cache_is_reported_not_fatal(project, tmp_path):
-    inputs = configcache.Inputs()
+    inputs = validation_cache.Inputs()
     config = load_config(project / "poolkeeper.yaml", inputs=inputs)
     (tmp_path / "file").write_text("")
-    problem = configcache.store(config, inputs, str(tmp_path / "file" / "cache"))
+    problem = validation_cache.store(config, inputs, str(tmp_path / "file" / "cache"))
     assert problem is not None and problem.startswith(f"cannot write to {tmp_path}/file/cache")
 
 
 def test_cache_dir_follows_systemd_then_xdg_then_home(monkeypatch):
     monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/poolkeeper:/var/cache/other")
-    assert configcache.cache_dir() == "/var/cache/poolkeeper"
+    assert validation_cache.cache_dir() == "/var/cache/poolkeeper"
     monkeypatch.delenv("CACHE_DIRECTORY")
     monkeypatch.setenv("XDG_CACHE_HOME", "/x/cache")
-    assert configcache.cache_dir() == "/x/cache/poolkeeper"
+    assert validation_cache.cache_dir() == "/x/cache/poolkeeper"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", "/home/u")
-    assert configcache.cache_dir() == "/home/u/.cache/poolkeeper"
+    assert validation_cache.cache_dir() == "/home/u/.cache/poolkeeper"
     monkeypatch.delenv("HOME")
-    assert configcache.cache_dir() is None
+    assert validation_cache.cache_dir() is None
 
 
 def test_check_never_writes_the_cache(project, tmp_path):

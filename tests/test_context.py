@@ -1,11 +1,11 @@
-"""ctx.stopping (poolkeeper.context.Stopping) over a real pipe, as a worker holds it."""
+"""ctx.stopping (poolkeeper.pool.context.Stopping) over a real pipe, as a worker holds it."""
 
 from __future__ import annotations
 
 import os
 import threading
 
-from poolkeeper.context import Stopping
+from poolkeeper.pool.context import Stopping
 
 
 def test_stopping_is_set_by_one_byte_and_stays_set():

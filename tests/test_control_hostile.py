@@ -21,7 +21,7 @@ from itertools import pairwise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poolkeeper import control
+from poolkeeper.service import control
 
 SPEC = """
     pool: {workers: 2, start_method: fork}

@@ -228,7 +228,7 @@ def test_a_failing_before_ready_job_aborts_the_start_with_exit_69(daemon_factory
 
 
 def test_history_older_than_keep_is_pruned_at_start(daemon_factory, tmp_path):
-    from poolkeeper.state import StateStore
+    from poolkeeper.state.sqlite import StateStore
 
     store = StateStore(tmp_path / "state.db")
     store.open()

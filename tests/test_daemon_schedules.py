@@ -12,7 +12,7 @@ from datetime import datetime
 import pytest
 from daemon_harness import DaemonProcess
 
-from poolkeeper.state import StateStore
+from poolkeeper.state.sqlite import StateStore
 
 
 def _down_since(tmp_path, job: str, seconds: float) -> None:

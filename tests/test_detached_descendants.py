@@ -1,7 +1,7 @@
 """Processes a job detaches (setsid, start_new_session, a double fork) leave the worker's
 process group; outside systemd no cgroup holds them. Each test here runs outside systemd: the
 daemon's timeout, drain and death, and a worker's own death, must still take them along
-(poolkeeper/reaper.py). Every hostile job writes the pids of its three detached `sleep`s
+(poolkeeper/pool/reaper.py). Every hostile job writes the pids of its three detached `sleep`s
 (301, 302, 303) to $OUT/<tag>.pids."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import procs
 import pytest
 from jobs_for_tests import pid_alive, wait_gone
 
-from poolkeeper.pool import RunEnded, Task, WorkerEvent
+from poolkeeper.pool.supervisor import RunEnded, Task, WorkerEvent
 
 METHODS = ["fork", "forkserver", "spawn"]
 
@@ -211,7 +211,7 @@ def _ppid(pid: int) -> int:
 def test_kill_tree_kills_the_root_and_names_what_was_below_it():
     import subprocess
 
-    from poolkeeper import reaper
+    from poolkeeper.pool import reaper
 
     child = subprocess.Popen(["sh", "-c", "setsid sleep 304 & wait"], start_new_session=True)
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from poolkeeper.state import StateStore
+from poolkeeper.state.sqlite import StateStore
 
 # A command that hangs is a failure, not a hung suite: every run has this deadline.
 DEADLINE = 60.0
@@ -130,10 +130,10 @@ def test_a_cached_validation_of_a_file_now_a_fifo_does_not_block_the_start(
     env = {"CACHE_DIRECTORY": str(tmp_path / "cache")}
     # Stored by a process with the environment of the start below, as a first start would.
     store = (
-        "import os, sys; from poolkeeper import configcache; from poolkeeper.spec import "
-        "load_config; i = configcache.Inputs(); "
-        "sys.exit(configcache.store(load_config(sys.argv[1], inputs=i), i, "
-        "configcache.cache_dir()))"
+        "import os, sys; from poolkeeper.config import validation_cache; from poolkeeper.config.model import "
+        "load_config; i = validation_cache.Inputs(); "
+        "sys.exit(validation_cache.store(load_config(sys.argv[1], inputs=i), i, "
+        "validation_cache.cache_dir()))"
     )
     stored = subprocess.run(
         [sys.executable, "-c", store, str(spec)], env={**os.environ, **env}, timeout=DEADLINE
@@ -151,7 +151,7 @@ def test_a_cached_validation_of_a_file_now_a_fifo_does_not_block_the_start(
 
 def test_a_growing_or_lying_file_is_cut_at_the_limit(tmp_path: Path) -> None:
     """/proc files say size 0 and a file may grow after the check: the read itself is bounded."""
-    from poolkeeper.readfile import TooLarge, read_regular
+    from poolkeeper.config.readfile import TooLarge, read_regular
 
     assert read_regular("/proc/self/status", 1 << 20).startswith(b"Name:")
     with pytest.raises(TooLarge):

@@ -15,7 +15,7 @@ import time
 import pytest
 from jobs_for_tests import pid_alive, wait_gone
 
-from poolkeeper.pool import RunStarted, Task, WorkerEvent
+from poolkeeper.pool.supervisor import RunStarted, Task, WorkerEvent
 
 START_METHODS = ["fork", "forkserver", "spawn"]
 

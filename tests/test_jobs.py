@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 
-from poolkeeper.jobs import JobRuntime
-from poolkeeper.pool import RunEnded
-from poolkeeper.spec import load_config
+from poolkeeper.config.model import load_config
+from poolkeeper.daemon.jobs import JobRuntime
+from poolkeeper.pool.supervisor import RunEnded
 
 
 def job(tmp_path, body: str) -> JobRuntime:

@@ -1,4 +1,4 @@
-"""The daemon's early forkserver (mphelpers.prestart_forkserver): a fork of the main process
+"""The daemon's early forkserver (helper_processes.prestart_forkserver): a fork of the main process
 while it is single-threaded, multiprocessing's own spawned forkserver otherwise; workers
 started through either run jobs, and nothing outlives the pool."""
 
@@ -11,8 +11,8 @@ from multiprocessing import forkserver
 
 import pytest
 
-from poolkeeper import mphelpers
-from poolkeeper.pool import Task
+from poolkeeper.pool import helper_processes
+from poolkeeper.pool.supervisor import Task
 
 
 def _cmdline(pid: int) -> bytes:
@@ -22,9 +22,9 @@ def _cmdline(pid: int) -> bytes:
 
 @pytest.fixture
 def prestarted():
-    assert not mphelpers.forkserver_running()
+    assert not helper_processes.forkserver_running()
     yield
-    mphelpers.stop_prestarted()
+    helper_processes.stop_prestarted()
 
 
 def _runs_a_job(make_pool) -> None:
@@ -35,7 +35,7 @@ def _runs_a_job(make_pool) -> None:
 
 def test_single_threaded_the_forkserver_is_a_fork_of_this_process(prestarted, make_pool):
     assert threading.active_count() == 1
-    mphelpers.prestart_forkserver([])
+    helper_processes.prestart_forkserver([])
     pid = forkserver._forkserver._forkserver_pid
     assert _cmdline(pid) == _cmdline(os.getpid())  # forked, not exec'd
     _runs_a_job(make_pool)
@@ -47,7 +47,7 @@ def test_with_another_thread_the_forkserver_is_a_new_interpreter(prestarted, mak
     thread = threading.Thread(target=stop.wait)
     thread.start()
     try:
-        mphelpers.prestart_forkserver([])
+        helper_processes.prestart_forkserver([])
     finally:
         stop.set()
         thread.join()

@@ -1,4 +1,4 @@
-"""poolkeeper.notify against a real AF_UNIX datagram socket standing in for systemd's."""
+"""poolkeeper.service.notify against a real AF_UNIX datagram socket standing in for systemd's."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from poolkeeper import notify
-from poolkeeper.notify import Notifier
+from poolkeeper.service import notify
+from poolkeeper.service.notify import Notifier
 
 BACKENDS = ["systemd", "sdnotify", "socket"]
 
@@ -274,7 +274,7 @@ def test_environment_is_captured_at_construction(receiver, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_send_errors_never_raise(tmp_path, caplog, backend):
     n = Notifier(backend=backend, env={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
-    with caplog.at_level(logging.DEBUG, logger="poolkeeper.notify"):
+    with caplog.at_level(logging.DEBUG, logger="poolkeeper.service.notify"):
         assert n.send(READY=1) is False
         n.status("x"), n.watchdog_ping()
     assert n.enabled

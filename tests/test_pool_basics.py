@@ -9,7 +9,15 @@ import signal
 import pytest
 from jobs_for_tests import TESTS_DIR, Driver
 
-from poolkeeper.pool import NotStarted, Pool, PoolFull, RunEnded, RunStarted, Task, WorkerEvent
+from poolkeeper.pool.supervisor import (
+    NotStarted,
+    Pool,
+    PoolFull,
+    RunEnded,
+    RunStarted,
+    Task,
+    WorkerEvent,
+)
 
 METHODS = ["fork", "forkserver", "spawn"]
 

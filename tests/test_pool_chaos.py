@@ -9,7 +9,7 @@ import time
 
 from jobs_for_tests import TESTS_DIR, Driver
 
-from poolkeeper.pool import NotStarted, Pool, RunEnded, RunStarted, Task
+from poolkeeper.pool.supervisor import NotStarted, Pool, RunEnded, RunStarted, Task
 
 
 def test_sigkill_a_busy_worker_100_times_in_a_row():

@@ -13,7 +13,7 @@ import time
 import pytest
 from jobs_for_tests import TESTS_DIR, pid_alive, wait_gone
 
-from poolkeeper.pool import RunEnded, RunStarted, Task, WorkerEvent
+from poolkeeper.pool.supervisor import RunEnded, RunStarted, Task, WorkerEvent
 
 METHODS = ["fork", "forkserver", "spawn"]
 

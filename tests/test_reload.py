@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from poolkeeper import control, reload
-from poolkeeper.settings import Config
+from poolkeeper.config.settings import Config
+from poolkeeper.daemon import reload
+from poolkeeper.service import control
 
 LOOP = """
   {name}:

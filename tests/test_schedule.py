@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poolkeeper.schedule import (
+from poolkeeper.scheduling.triggers import (
     BACKWARD_TOLERANCE,
     AtTrigger,
     CronTrigger,

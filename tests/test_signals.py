@@ -12,8 +12,8 @@ import procs
 import pytest
 from daemon_harness import DaemonProcess
 
-from poolkeeper import control
-from poolkeeper.pool import Task
+from poolkeeper.pool.supervisor import Task
+from poolkeeper.service import control
 
 DRAIN = {signal.SIGTERM, signal.SIGINT}
 FAST_STOP = {signal.SIGQUIT}

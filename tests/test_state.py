@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from poolkeeper.state import ABANDONED_ERROR, SCHEMA_VERSION, StateLocked, StateStore
+from poolkeeper.state.sqlite import ABANDONED_ERROR, SCHEMA_VERSION, StateLocked, StateStore
 
 T0 = 1_700_000_000.0
 
@@ -187,7 +187,7 @@ def test_corrupt_file_is_moved_aside_and_a_new_db_works(tmp_path, caplog):
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not an sqlite database, just garbage " * 100)
     s = StateStore(path)
-    with caplog.at_level(logging.ERROR, logger="poolkeeper.state"):
+    with caplog.at_level(logging.ERROR, logger="poolkeeper.state.sqlite"):
         s.open()
     assert s.persistent
     aside = list(tmp_path.glob("state.db.corrupt-*"))
@@ -204,7 +204,7 @@ def test_unwritable_location_falls_back_to_memory(tmp_path, caplog):
     # Tests run as root, so a chmod'ed dir would still be writable: put the DB under a FILE.
     (tmp_path / "afile").write_text("")
     s = StateStore(tmp_path / "afile" / "db")
-    with caplog.at_level(logging.WARNING, logger="poolkeeper.state"):
+    with caplog.at_level(logging.WARNING, logger="poolkeeper.state.sqlite"):
         s.acquire_lock()  # can't create the lock file either: logged, not fatal
         s.open()
     assert not s.persistent
@@ -223,7 +223,7 @@ def test_newer_schema_is_left_alone(tmp_path, caplog):
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     s = StateStore(path)
-    with caplog.at_level(logging.ERROR, logger="poolkeeper.state"):
+    with caplog.at_level(logging.ERROR, logger="poolkeeper.state.sqlite"):
         s.open()
     assert not s.persistent and "newer" in caplog.text
     s.close()
@@ -237,7 +237,7 @@ def test_write_errors_are_logged_once_and_never_raise(tmp_path, caplog):
     s.open()
     with sqlite3.connect(path) as conn:  # someone breaks the table under us
         conn.execute("DROP TABLE runs")
-    with caplog.at_level(logging.ERROR, logger="poolkeeper.state"):
+    with caplog.at_level(logging.ERROR, logger="poolkeeper.state.sqlite"):
         for i in range(100):  # ten failing batches
             start(s, i)
         s.flush()
@@ -255,7 +255,7 @@ def test_db_overwritten_under_us_does_not_stop_writes(tmp_path, caplog):
     s._conn.close()  # drop SQLite's cached pages, as if a long time had passed
     s._conn = sqlite3.connect(path, check_same_thread=False)
     path.write_bytes(b"\x00garbage" * 4096)
-    with caplog.at_level(logging.ERROR, logger="poolkeeper.state"):
+    with caplog.at_level(logging.ERROR, logger="poolkeeper.state.sqlite"):
         for i in range(20):
             start(s, i)
             end(s, i)
@@ -381,7 +381,7 @@ def test_readonly_store_reads_a_live_db_and_tolerates_a_missing_one(store, tmp_p
     assert [r.run_id for r in ro.history()] == ["1"]
     ro.close()
     missing = StateStore(tmp_path / "nope.db", readonly=True)
-    with caplog.at_level(logging.WARNING, logger="poolkeeper.state"):
+    with caplog.at_level(logging.WARNING, logger="poolkeeper.state.sqlite"):
         missing.open()
     assert missing.history() == [] and caplog.text == ""
     assert not (tmp_path / "nope.db").exists()

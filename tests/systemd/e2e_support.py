@@ -23,7 +23,7 @@ from typing import Any
 from sandbox import Sandbox
 
 import poolkeeper
-from poolkeeper import unit as units
+from poolkeeper.service import unit as units
 
 JOBS_DIR = "/srv/pk-e2e"  # e2e_jobs.py is copied here: readable by the unit's user anywhere
 JOBS_SOURCE = Path(__file__).with_name("e2e_jobs.py")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import e2e_support as e2e
 from sandbox import Sandbox
 
-from poolkeeper import unit as units
+from poolkeeper.service import unit as units
 
 PLAIN = "poolkeeper.service"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import e2e_support as e2e
 from sandbox import Sandbox
 
-from poolkeeper.logs import MESSAGE_IDS
+from poolkeeper.service.logs import MESSAGE_IDS
 
 FIELDS = ("JOB", "RUN_ID", "ATTEMPT", "WORKER_PID")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import e2e_support as e2e
 from sandbox import Sandbox
 
-from poolkeeper.logs import MESSAGE_IDS
+from poolkeeper.service.logs import MESSAGE_IDS
 
 LOOP = "steady:\n  target: e2e_jobs:loop\n  loop: {replicas: 1}\n"
 TICK = "tick:\n  target: e2e_jobs:quick\n  every: 200ms\n"

@@ -11,14 +11,14 @@ import e2e_support as e2e
 import pytest
 from sandbox import Sandbox
 
-from poolkeeper import unit as units
+from poolkeeper.service import unit as units
 
 PACKAGING = Path(__file__).resolve().parents[2] / "packaging" / "systemd"
 NETWORK_MAX, OFFLINE_MAX = 1.5, 0.5
 
 
 def test_packaging_files_are_generated_from_unit_py():
-    """packaging/systemd/ is `python -m poolkeeper.unit packaging/systemd`: no drift."""
+    """packaging/systemd/ is `python -m poolkeeper.service.unit packaging/systemd`: no drift."""
     shipped = {
         str(p.relative_to(PACKAGING)): p.read_text(encoding="utf-8")
         for p in PACKAGING.rglob("*")

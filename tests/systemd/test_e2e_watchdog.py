@@ -42,7 +42,7 @@ def test_frozen_main_process_is_restarted(systemd_sandbox: Sandbox):
         # faulthandler turned systemd's SIGABRT into the frozen loop's Python stack.
         # Where the loop was frozen varies (it is usually waiting); its run() frame is always
         # on the stack.
-        frame = 'daemon.py", line'
+        frame = 'mainloop.py", line'
         dump = e2e.wait_journal(sb, frame, f"_PID={old}")
         assert "Fatal Python error: Aborted" in "".join(
             e2e._message(e) for e in sb.journal(f"_PID={old}")

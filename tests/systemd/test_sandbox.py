@@ -12,7 +12,7 @@ PYTHON = sys.executable  # the project's virtualenv, at the same path inside
 
 NOTIFY_PROBE = """\
 import os, time
-from poolkeeper.notify import Notifier
+from poolkeeper.service.notify import Notifier
 
 notifier = Notifier()
 # What the daemon does before it starts workers: the notifier must keep working.

@@ -1,11 +1,11 @@
 """The worker process: set itself up, then run the tasks the main process sends, one at a time.
 
 Everything here runs in the worker. The protocol and the main-process side are described at
-the top of `poolkeeper/pool.py`. A worker never decides anything about its own life: it runs
+the top of `poolkeeper/pool/supervisor.py`. A worker never decides anything about its own life: it runs
 what it is sent, reports what happened as plain strings (never job objects: they might not
 pickle), and exits when told to, when its pipe reaches EOF, or (killing its whole process
 group) when the main process dies. It is a child subreaper, so whatever a job detaches stays
-below it, and it kills all of that when it exits (poolkeeper/reaper.py).
+below it, and it kills all of that when it exits (poolkeeper/pool/reaper.py).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from collections.abc import Callable
 from multiprocessing import reduction
 from typing import Any, NamedTuple, NoReturn
 
-from poolkeeper import reaper, signals
-from poolkeeper.context import RunContext, Stopping
-from poolkeeper.prestart import add_to_sys_path
+from poolkeeper import signals
+from poolkeeper.pool import reaper
+from poolkeeper.pool.context import RunContext, Stopping
+from poolkeeper.pool.prestart import add_to_sys_path
 
 # Exit code of a worker whose initialisation (worker_setup, preload) failed.
 INIT_FAILED_EXIT = 3
@@ -260,7 +261,7 @@ def _install_record_factory() -> None:
 def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
     # Own process group first: the parent watcher and every timeout kill the whole group.
     os.setpgid(0, 0)
-    reaper.become_subreaper()  # what a job detaches stays below us (poolkeeper/reaper.py)
+    reaper.become_subreaper()  # what a job detaches stays below us (poolkeeper/pool/reaper.py)
     _survive_signals()
     for key in MAIN_ONLY_ENV:
         os.environ.pop(key, None)
@@ -314,7 +315,7 @@ def _survive_signals() -> None:
     every program a job starts would ignore SIGTERM; a caught signal is reset to its default
     there. A child a job forks without exec (multiprocessing inside a job) gets the defaults
     from _defaults_after_fork. The mask is emptied too (the forkserver may have been spawned
-    with these signals blocked, poolkeeper.mphelpers), after the handlers are in place, so a
+    with these signals blocked, poolkeeper.pool.helper_processes), after the handlers are in place, so a
     signal pending meanwhile is survived as well."""
     # Under fork we inherit the daemon's handlers and wakeup fd: a signal in a worker must not
     # write into the daemon's self-pipe or run its handlers.
@@ -370,7 +371,7 @@ def _own_journal_stream() -> None:
     whole unit every process's stack dump was mixed into the others'; a job that prints a
     line in two writes is cut the same way. Needs python-systemd (sd_journal_stream_fd);
     without it the worker keeps the inherited stream."""
-    from poolkeeper.logs import stderr_is_journal
+    from poolkeeper.service.logs import stderr_is_journal
 
     if not stderr_is_journal():
         return

@@ -32,7 +32,7 @@ import signal
 from collections.abc import Collection, Iterable
 from typing import NamedTuple
 
-log = logging.getLogger("poolkeeper.reaper")
+log = logging.getLogger("poolkeeper.pool.reaper")
 
 PR_SET_CHILD_SUBREAPER = 36
 # A tree that keeps forking faster than we can freeze it: give up after this many rescans.

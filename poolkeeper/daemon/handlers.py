@@ -1,5 +1,5 @@
-"""Requests over the control socket (poolkeeper.control), answered by the daemon's main loop:
-`reload` (poolkeeper.reload), `status`, and the commands for one job by hand: `pause`, `resume`,
+"""Requests over the control socket (poolkeeper.service.control), answered by the daemon's main loop:
+`reload` (poolkeeper.daemon.reload), `status`, and the commands for one job by hand: `pause`, `resume`,
 `run-now` (docs/lifecycle.md, "By hand").
 
 A mixin of `Daemon`: these read and change the daemon's jobs, and they run inside its loop, so
@@ -13,11 +13,11 @@ import time
 from collections.abc import Iterable
 
 from poolkeeper import exitcodes
-from poolkeeper.control import refused, shown
-from poolkeeper.jobs import JobRuntime
+from poolkeeper.config.settings import Job
+from poolkeeper.daemon.jobs import JobRuntime
+from poolkeeper.daemon.status import count
 from poolkeeper.report import schedule_text
-from poolkeeper.settings import Job
-from poolkeeper.status import count
+from poolkeeper.service.control import refused, shown
 
 
 class ByHand:

@@ -37,10 +37,10 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from poolkeeper.settings import Config
+    from poolkeeper.config.settings import Config
 
 from poolkeeper import __version__
-from poolkeeper.readfile import TooLarge, read_regular, read_regular_stat
+from poolkeeper.config.readfile import TooLarge, read_regular, read_regular_stat
 
 try:  # as random.py does: hashlib loads OpenSSL (~8 ms on the way to READY=1); this does not
     from _sha256 import sha256  # CPython 3.11
@@ -128,7 +128,7 @@ def lookup(config_path: str, directory: str) -> tuple[Config | None, str]:
         if why_not:
             return None, why_not
         _check_shape(saved["config"])
-        from poolkeeper.settings import Config
+        from poolkeeper.config.settings import Config
 
         config = Config.from_dict(saved["config"])
         return config, f"inputs unchanged since {entry} was written"
@@ -139,7 +139,7 @@ def lookup(config_path: str, directory: str) -> tuple[Config | None, str]:
 def store(config: Config, inputs: Inputs, directory: str) -> str | None:
     """Write the entry for a config that just passed a full validation. None if written, else
     why not (the start goes on either way)."""
-    from poolkeeper.settings import Config
+    from poolkeeper.config.settings import Config
 
     data = config.to_json()
     if repr(Config.from_dict(json.loads(json.dumps(data)))) != repr(config):

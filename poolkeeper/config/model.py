@@ -5,7 +5,7 @@ Three layers, three places:
 - yamlload.py turns bytes into values plus the position of every key and value;
 - this module holds the model (which also yields the JSON Schema) and maps pydantic's errors
   back to those positions;
-- check.py holds the checks that need more than one field or the outside world (one schedule
+- rules.py holds the checks that need more than one field or the outside world (one schedule
   per job, keys that do not apply to a job's kind, pool room for loop replicas, imports).
 
 The model describes the file as written (durations are strings like '30s') but its validators
@@ -35,17 +35,18 @@ from pydantic import (
     model_validator,
 )
 
-from poolkeeper import check, exitcodes
-from poolkeeper.configcache import Inputs, cpu_count, included_files
-from poolkeeper.durations import (
+from poolkeeper import exitcodes
+from poolkeeper.config import rules
+from poolkeeper.config.durations import (
     DURATION_PATTERN,
     SIZE_PATTERN,
     format_duration,
     parse_duration,
     parse_size,
 )
-from poolkeeper.settings import Config
-from poolkeeper.yamlload import (
+from poolkeeper.config.settings import Config
+from poolkeeper.config.validation_cache import Inputs, cpu_count, included_files
+from poolkeeper.config.yamlload import (
     Document,
     Issue,
     LoadError,
@@ -468,7 +469,7 @@ class JobSpec(_Model):
 
     @property
     def kind(self) -> Literal["loop", "every", "cron", "at"]:
-        for kind in check.KINDS:
+        for kind in rules.KINDS:
             if getattr(self, kind) is not None:
                 return kind  # type: ignore[return-value]
         raise AssertionError("a validated job has a schedule")
@@ -671,7 +672,7 @@ class _Loading:
         self.files = [path]  # order of files, for sorting issues
         self.bad_sections: set[Any] = set()
         self.bad_default_keys: set[Any] = set()
-        self.calls: list[check.Call] = []  # targets to import and bind, once pythonpath is known
+        self.calls: list[rules.Call] = []  # targets to import and bind, once pythonpath is known
 
     def run(self) -> Config:
         doc = self.read_main()
@@ -684,7 +685,7 @@ class _Loading:
             if validated is not None:
                 jobs[validated[0].name], wheres[validated[0].name] = validated
         if top is not None and "pool" not in self.bad_sections:
-            self.issues += check.capacity_issues(jobs, top.pool.workers, wheres)
+            self.issues += rules.capacity_issues(jobs, top.pool.workers, wheres)
         pythonpath = self.pythonpath(top, doc)
         if self.import_targets and top is not None and pythonpath is not None:
             self.check_imports(top, pythonpath, doc)
@@ -872,12 +873,12 @@ class _Loading:
                 )
             )
             return None
-        merged = check.merge_defaults(job.raw, defaults)
+        merged = rules.merge_defaults(job.raw, defaults)
         where = _JobWhere(job.doc, name, in_defaults, {k for k in merged if k not in job.raw})
-        shape = check.job_shape_issues(name, merged, where.merged, where)
+        shape = rules.job_shape_issues(name, merged, where.merged, where)
         errors = _errors(JobSpec, merged)
         self.issues += shape + [_issue_for(error, where, JobSpec) for error in errors]
-        self.calls += check.call_to_check(
+        self.calls += rules.call_to_check(
             merged, {error["loc"][0] for error in errors if error["loc"]}, where
         )
         if shape or errors or not name_ok:
@@ -917,7 +918,7 @@ class _Loading:
         return {k: v for k, v in defaults.items() if k not in self.bad_default_keys}
 
     def check_imports(self, top: ConfigFile, pythonpath: list[str], doc: Document) -> None:
-        with check.Importer(pythonpath) as importer:
+        with rules.Importer(pythonpath) as importer:
             if "pool" not in self.bad_sections:
                 for index, module in enumerate(top.pool.preload):
                     problem = importer.import_module(module)
@@ -925,7 +926,7 @@ class _Loading:
                         at = doc.value_pos(("pool", "preload", index))
                         self.issues.append(Issue.at(at, f"pool.preload[{index}]: {problem}"))
             for call in self.calls:
-                self.issues += check.target_issues(call, importer)
+                self.issues += rules.target_issues(call, importer)
         self.inputs.module_files = importer.module_files
         self.inputs.search_path = importer.search_path
 

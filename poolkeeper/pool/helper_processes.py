@@ -4,7 +4,7 @@ Both are process-wide singletons of multiprocessing. A pool that starts one stop
 closes and no other open pool still needs it. The daemon also starts the forkserver before
 any pool exists (prestart.py, cli.py), as a fork of its still single-threaded main process
 rather than a new interpreter (_fork_forkserver). This module does not import
-poolkeeper.pool: a validating start forks the forkserver before it has imported the pool.
+poolkeeper.pool.supervisor: a validating start forks the forkserver before it has imported the pool.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any, NoReturn
 
 from poolkeeper import signals
 
-open_pools: weakref.WeakSet[Any] = weakref.WeakSet()  # poolkeeper.pool.Pool objects
+open_pools: weakref.WeakSet[Any] = weakref.WeakSet()  # poolkeeper.pool.supervisor.Pool objects
 _started_by_us = {"forkserver": False, "resource_tracker": False}
-log = logging.getLogger("poolkeeper.pool")
+log = logging.getLogger("poolkeeper.pool.supervisor")
 
 # A helper asked to stop (its pipe closed) gets this long before it is killed: a process a
 # job forked without exec inherits the resource tracker's pipe, and the tracker only exits
@@ -62,8 +62,8 @@ def main_only_fds() -> set[int]:
 # up (python-systemd's journal where installed; a module that fails to import is skipped), and
 # what unpickling a worker's Process object imports.
 OWN_PRELOAD = (
-    "poolkeeper.worker",
-    "poolkeeper.logs",
+    "poolkeeper.pool.worker",
+    "poolkeeper.service.logs",
     "systemd.journal",
     "multiprocessing.popen_forkserver",
 )
@@ -110,7 +110,7 @@ def start_resource_tracker() -> None:
 
 def start_spawned_forkserver() -> None:
     """multiprocessing's own forkserver (a new interpreter), shielded like the resource
-    tracker; the workers it forks empty their mask (poolkeeper.worker). Does nothing if a
+    tracker; the workers it forks empty their mask (poolkeeper.pool.worker). Does nothing if a
     forkserver runs."""
     with signals.blocked(signals.caught()):
         forkserver.ensure_running()  # starts the resource tracker first

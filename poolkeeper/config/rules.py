@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from poolkeeper import exitcodes
+from poolkeeper.config.yamlload import Issue, Pos
 from poolkeeper.printable import printable
-from poolkeeper.yamlload import Issue, Pos
 
 if TYPE_CHECKING:
-    from poolkeeper.spec import Job
+    from poolkeeper.config.model import Job
 
 KINDS = ("loop", "every", "cron", "at")
 _EXAMPLES = {
@@ -341,7 +341,7 @@ def _is_installed(name: str, module: Any, installed: tuple[str, ...]) -> bool:
 def check_file(path: str, out: TextIO, err: TextIO) -> int:
     """`poolkeeper check FILE`: 'FILE: ok, N jobs' and 0, or every problem and 78 (66 when the
     file cannot be read). Never a traceback: an internal bug is one line and 70."""
-    from poolkeeper.spec import ConfigError, load_config
+    from poolkeeper.config.model import ConfigError, load_config
 
     try:
         config = load_config(path)

@@ -21,11 +21,11 @@ PLACEHOLDER = "@POOLKEEPER@"
 SHIPPED_EXECUTABLE = "/usr/local/bin/poolkeeper"
 
 # Values a user tunes most; keep docs/systemd.md in step.
-DRAIN_BUDGET_DEFAULT = "30s"  # shutdown.drain_timeout's default (poolkeeper/spec.py)
+DRAIN_BUDGET_DEFAULT = "30s"  # shutdown.drain_timeout's default (poolkeeper/config/model.py)
 
 _HEAD = """\
 # {name}: {what}
-# Generated from poolkeeper/unit.py: print one for your installation with `poolkeeper unit{flag}`.
+# Generated from poolkeeper/service/unit.py: print one for your installation with `poolkeeper unit{flag}`.
 # Tune it with a drop-in (`systemctl edit {edit}`), not by editing this file.
 # Documented in poolkeeper's docs/systemd.md, docs/health.md and docs/journal.md.
 [Unit]
@@ -146,7 +146,7 @@ OFFLINE = """\
 # Install: mkdir -p /etc/systemd/system/poolkeeper.service.d
 #          cp offline.conf /etc/systemd/system/poolkeeper.service.d/
 #          systemctl daemon-reload && systemctl restart poolkeeper
-# (or poolkeeper@NAME.service.d/ for one instance). Generated from poolkeeper/unit.py.
+# (or poolkeeper@NAME.service.d/ for one instance). Generated from poolkeeper/service/unit.py.
 [Unit]
 # No network needed: do not wait for it.
 Wants=
@@ -279,7 +279,7 @@ def _argv_of(exec_start: str) -> list[str]:
 
 
 def write_shipped(directory: Path) -> None:
-    """Regenerate packaging/systemd/ (python -m poolkeeper.unit DIR)."""
+    """Regenerate packaging/systemd/ (python -m poolkeeper.service.unit DIR)."""
     for name, text in shipped_files().items():
         path = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)

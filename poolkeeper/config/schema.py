@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from poolkeeper.spec import ConfigFile
+from poolkeeper.config.model import ConfigFile
 
 
 def json_schema() -> dict[str, Any]:

@@ -17,8 +17,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from poolkeeper.config.readfile import MAX_CONFIG_BYTES, TooLarge, read_regular
 from poolkeeper.printable import printable
-from poolkeeper.readfile import MAX_CONFIG_BYTES, TooLarge, read_regular
 
 MAX_BYTES = MAX_CONFIG_BYTES
 MAX_DEPTH = 50
@@ -121,7 +121,7 @@ KeyLabel = Callable[[Path], "str | None"]
 
 def read_config(path: str) -> bytes:
     """The bytes of a config file or fragment, through the one bounded reader
-    (poolkeeper.readfile). Raises OSError when it cannot be read (exit 66: 'no input') and
+    (poolkeeper.config.readfile). Raises OSError when it cannot be read (exit 66: 'no input') and
     LoadError when it is too large to be a config (exit 78)."""
     try:
         return read_regular(path, MAX_BYTES)

@@ -91,8 +91,8 @@ def socket_of_config(config_path: str) -> str | None:
     runtime_socket = socket_path(None)
     if runtime_socket is not None:
         return runtime_socket
-    from poolkeeper.state import StateStore
-    from poolkeeper.yamlload import LoadError, load_yaml, read_config
+    from poolkeeper.config.yamlload import LoadError, load_yaml, read_config
+    from poolkeeper.state.sqlite import StateStore
 
     # The loader every config read goes through: bounded in size, regular files only (a FIFO
     # would block here for ever), no alias bombs. OSError goes to the caller: no input.
@@ -160,7 +160,7 @@ class ControlServer:
 
     def fds(self) -> list[int]:
         """Every descriptor of the server: the listener and each open client (a worker started
-        by fork closes them, poolkeeper.mphelpers.main_only_fds)."""
+        by fork closes them, poolkeeper.pool.helper_processes.main_only_fds)."""
         return [self._sock.fileno(), *(conn.fileno() for conn in self._open)]
 
     def readers(self) -> list:

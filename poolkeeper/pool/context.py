@@ -1,7 +1,7 @@
 """What a job sees of poolkeeper: the `ctx` argument (`poolkeeper.RunContext`).
 
 A RunContext only lives inside a worker process, for the duration of one run. It is built by
-`poolkeeper.worker` and handed to the job as the `ctx` keyword when the job's function declares
+`poolkeeper.pool.worker` and handed to the job as the `ctx` keyword when the job's function declares
 a parameter of that name.
 """
 

@@ -62,8 +62,8 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from poolkeeper import mphelpers, reaper
-from poolkeeper.worker import (
+from poolkeeper.pool import helper_processes, reaper
+from poolkeeper.pool.worker import (
     PICKLE_PROTOCOL,
     PassFd,
     WorkerConfig,
@@ -83,7 +83,7 @@ __all__ = [
     "WorkerEvent",
 ]
 
-log = logging.getLogger("poolkeeper.pool")
+log = logging.getLogger("poolkeeper.pool.supervisor")
 
 # After SIGUSR1 (faulthandler dumps the hung run's stack), give the dump this long to reach
 # stderr before the SIGKILL.
@@ -247,7 +247,7 @@ class Pool:
         self.worker_setup = worker_setup
         self._clock = clock
         self.prefetch = max(0, prefetch)
-        mphelpers.note_new_pool(start_method)
+        helper_processes.note_new_pool(start_method)
         self._stopping = False  # drain() or close(): every worker's stop pipe is written
         self._workers: list[_Worker] = []  # every process not yet reaped, in start order
         self._fdmap: dict[int, tuple[_Worker, int]] = {}
@@ -276,10 +276,10 @@ class Pool:
         self._started = True
         self._epoll = select.epoll()
         self._main_pidfd = os.pidfd_open(os.getpid())
-        if self.start_method == "forkserver" and not mphelpers.forkserver_running():
-            self._ctx.set_forkserver_preload(mphelpers.forkserver_preload(self.preload))
-        mphelpers.start_helpers(self.start_method)  # now, shielded from signals
-        mphelpers.open_pools.add(self)
+        if self.start_method == "forkserver" and not helper_processes.forkserver_running():
+            self._ctx.set_forkserver_preload(helper_processes.forkserver_preload(self.preload))
+        helper_processes.start_helpers(self.start_method)  # now, shielded from signals
+        helper_processes.open_pools.add(self)
         atexit.register(_close_at_exit, weakref.ref(self))
         now = self._clock()
         for _ in range(self.target_size):
@@ -330,8 +330,8 @@ class Pool:
         if self._main_pidfd is not None:
             os.close(self._main_pidfd)
             self._main_pidfd = None
-        mphelpers.open_pools.discard(self)
-        mphelpers.stop_if_unused()
+        helper_processes.open_pools.discard(self)
+        helper_processes.stop_if_unused()
 
     # -- the daemon's interface ---------------------------------------------------------------
 
@@ -866,7 +866,7 @@ class Pool:
             mine = [self._epoll.fileno(), parent.fileno(), stop_w]
             mine += [fd for fd in self._fdmap if fd != child.fileno()]
             mine += [w.stop_w for w in self._workers]
-            mine += mphelpers.main_only_fds()  # the daemon's: state lock and DB, sockets...
+            mine += helper_processes.main_only_fds()  # the daemon's: state lock and DB, sockets...
             close_fds = tuple(mine)
         cfg = WorkerConfig(
             main_pid=os.getpid(),
@@ -920,7 +920,7 @@ class Pool:
 
     def _watch_forkserver(self) -> int | None:
         """Watch the forkserver that started our latest worker (a new one after a death)."""
-        pid = mphelpers.forkserver_pid()
+        pid = helper_processes.forkserver_pid()
         if pid is not None and pid != self._forkserver_pid:
             # A new one: multiprocessing found the old one dead before its pidfd told us.
             self._forkserver_dead(self._forkserver_pid)
@@ -947,7 +947,7 @@ class Pool:
         if pid is None:
             return
         self._dead_forkservers.add(pid)
-        how = mphelpers.forget_dead_forkserver(pid) or "reaped elsewhere"
+        how = helper_processes.forget_dead_forkserver(pid) or "reaped elsewhere"
         alive = sum(1 for w in self._workers if w.forkserver == pid and w.state != DYING)
         log.error(
             "the forkserver (pid %d) died (%s), killed by a job or by hand? Its %d workers run "
@@ -1085,7 +1085,7 @@ def _signame(sig: int) -> str:
 
 def pool_for(config: Any, log_target: str, log_level: int | str) -> Pool:
     """The pool `poolkeeper run` runs for a settings.Config (not started yet)."""
-    from poolkeeper.logs import WorkerLogSetup
+    from poolkeeper.service.logs import WorkerLogSetup
 
     return Pool(
         workers=config.pool.workers,

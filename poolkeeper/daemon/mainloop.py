@@ -9,10 +9,10 @@
             in-flight runs get `drain_timeout`, then their process groups are killed -> join
             -> exit 0; a second signal, or SIGQUIT: fast stop (kill in-flight runs now)
     reload  (SIGHUP) RELOADING=1 -> validate the file in full -> rejected: log why, keep
-            everything -> else apply the difference by job name (poolkeeper.reload) -> READY=1
+            everything -> else apply the difference by job name (poolkeeper.daemon.reload) -> READY=1
 
 Signals only wake the loop (poolkeeper.signals, which has the table of what each one does;
-SIGUSR1 dumps the state to the log); the pool never blocks (poolkeeper.pool); so a turn is
+SIGUSR1 dumps the state to the log); the pool never blocks (poolkeeper.pool.supervisor); so a turn is
 short, and a loop that stops turning stops the watchdog pings.
 """
 
@@ -28,12 +28,15 @@ import selectors
 import time
 from collections import Counter
 
-from poolkeeper import control, exitcodes, mphelpers, reaper, signals
-from poolkeeper.byhand import ByHand
-from poolkeeper.jobs import JobRuntime, PendingRun
-from poolkeeper.logs import event, get_logger
-from poolkeeper.notify import Notifier
-from poolkeeper.pool import (
+from poolkeeper import exitcodes, signals
+from poolkeeper.config.settings import Config, Job
+from poolkeeper.daemon.handlers import ByHand
+from poolkeeper.daemon.jobs import JobRuntime, PendingRun
+from poolkeeper.daemon.reload import Reloading
+from poolkeeper.daemon.status import count, state_dump, status_line
+from poolkeeper.pool import helper_processes, reaper
+from poolkeeper.pool.prestart import add_to_sys_path
+from poolkeeper.pool.supervisor import (
     NotStarted,
     Pool,
     PoolFull,
@@ -42,12 +45,11 @@ from poolkeeper.pool import (
     WorkerEvent,
     pool_for,
 )
-from poolkeeper.prestart import add_to_sys_path
-from poolkeeper.reload import Reloading
-from poolkeeper.settings import Config, Job
+from poolkeeper.service import control
+from poolkeeper.service.logs import event, get_logger
+from poolkeeper.service.notify import Notifier
 from poolkeeper.signals import SignalQueue
-from poolkeeper.state import StateLocked, StateStore
-from poolkeeper.status import count, state_dump, status_line
+from poolkeeper.state.sqlite import StateLocked, StateStore
 
 MAX_WAIT = 1.0  # the loop turns at least this often: status, watchdog, wall-clock jumps
 EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
@@ -77,8 +79,8 @@ class StartupFailed(Exception):
 
 
 class Daemon(Reloading, ByHand):
-    """The main loop (this module), reload (poolkeeper.reload.Reloading) and the control
-    socket's requests (poolkeeper.byhand.ByHand): one object, one thread."""
+    """The main loop (this module), reload (poolkeeper.daemon.reload.Reloading) and the control
+    socket's requests (poolkeeper.daemon.handlers.ByHand): one object, one thread."""
 
     def __init__(
         self,
@@ -123,7 +125,7 @@ class Daemon(Reloading, ByHand):
         self.last_turn = time.monotonic()
         self.workers_up: set[int] = set()  # pids of workers that reported ready
         self._unhealthy_since: float | None = None
-        # Reload and pause (poolkeeper.reload.Reloading): runs told to stop because their job
+        # Reload and pause (poolkeeper.daemon.reload.Reloading): runs told to stop because their job
         # was removed, changed or paused (run id -> that job's runtime, kill time), new
         # definitions waiting for the old runs to end, a pool waiting to replace this one
         # once it is drained, and why the last reload was rejected.
@@ -165,7 +167,7 @@ class Daemon(Reloading, ByHand):
         faulthandler.enable()
         reaper.become_subreaper()  # a dead worker's leftovers come to us (kill_orphans)
         self.signals.install()
-        mphelpers.add_main_only_fds(self._main_only_fds)
+        helper_processes.add_main_only_fds(self._main_only_fds)
         self._open_state()
         self._open_control()
         cfg = self.config
@@ -191,7 +193,7 @@ class Daemon(Reloading, ByHand):
         # READY=1 once the workers report ready (see _advance_phase).
 
     def _open_control(self) -> None:
-        """The socket `poolkeeper reload --wait` talks to (poolkeeper.control). Opened after
+        """The socket `poolkeeper reload --wait` talks to (poolkeeper.service.control). Opened after
         the state lock is held: a stale socket of this config can then only be a dead
         daemon's. Without it the daemon still runs, and SIGHUP still reloads."""
         path = control.socket_path(self.state.path)
@@ -239,11 +241,11 @@ class Daemon(Reloading, ByHand):
             self.state.close()
         if self.control is not None:
             self.control.close()
-        mphelpers.remove_main_only_fds(self._main_only_fds)
+        helper_processes.remove_main_only_fds(self._main_only_fds)
         self.signals.close()
 
     def _main_only_fds(self) -> list[int]:
-        """What a worker started by fork must close (mphelpers.main_only_fds): a job's helper
+        """What a worker started by fork must close (helper_processes.main_only_fds): a job's helper
         that forks without exec and outlives us must not hold our lock, DB or sockets."""
         fds = list(self.signals.fds())
         if self.control is not None:

@@ -8,7 +8,7 @@ docs/journal.md, so `journalctl MESSAGE_ID=...` finds every event of one kind.
 
 Workers log on their own (to the journal socket or the inherited stderr): a record never has
 to cross the worker's pipe, and a job that floods its log cannot slow the main loop down. The
-worker's log record factory (poolkeeper.worker) stamps the run's fields on every record, so
+worker's log record factory (poolkeeper.pool.worker) stamps the run's fields on every record, so
 plain `logging` in a job carries them too, not only `ctx.log`.
 """
 

@@ -13,10 +13,10 @@ import random
 from collections import deque
 from typing import NamedTuple
 
-from poolkeeper.backoff import Backoff, FailureTracker, Retry, should_restart
-from poolkeeper.pool import RunEnded, Task
-from poolkeeper.schedule import JobSchedule, make_schedule
-from poolkeeper.settings import Job
+from poolkeeper.config.settings import Job
+from poolkeeper.pool.supervisor import RunEnded, Task
+from poolkeeper.scheduling.backoff import Backoff, FailureTracker, Retry, should_restart
+from poolkeeper.scheduling.triggers import JobSchedule, make_schedule
 
 
 def new_run_id() -> str:

@@ -132,7 +132,7 @@ class StateStore:
         # str, not pathlib.Path: pathlib would be the daemon's only reason to import it
         # (and urllib.parse with it) on the way to READY=1.
         self.path = os.fspath(path) if os.fspath(path) != ":memory:" else None
-        self.log = log or logging.getLogger("poolkeeper.state")
+        self.log = log or logging.getLogger("poolkeeper.state.sqlite")
         self.batch = batch
         self.readonly = readonly
         self.persistent = False  # True once a file DB is open (False: in-memory fallback)

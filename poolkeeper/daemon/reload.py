@@ -27,13 +27,13 @@ import time
 from typing import NamedTuple
 
 from poolkeeper import exitcodes
-from poolkeeper.control import refused
-from poolkeeper.jobs import JobRuntime
-from poolkeeper.logs import event
-from poolkeeper.pool import pool_for
-from poolkeeper.prestart import add_to_sys_path
-from poolkeeper.settings import Config
-from poolkeeper.status import count, first_of
+from poolkeeper.config.settings import Config
+from poolkeeper.daemon.jobs import JobRuntime
+from poolkeeper.daemon.status import count, first_of
+from poolkeeper.pool.prestart import add_to_sys_path
+from poolkeeper.pool.supervisor import pool_for
+from poolkeeper.service.control import refused
+from poolkeeper.service.logs import event
 
 # Settings a worker process is made with: changing one means new workers.
 POOL_SETTINGS = (
@@ -140,7 +140,7 @@ class Reloading:
     def _read_config_again(self) -> tuple[Config | None, list[str]]:
         """The file validated exactly as `poolkeeper check` does it (never from the cache),
         or why it cannot be applied."""
-        from poolkeeper.spec import ConfigError, load_config
+        from poolkeeper.config.model import ConfigError, load_config
 
         try:
             new = load_config(self.config.path)

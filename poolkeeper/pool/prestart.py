@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 def pool_hints(path: str) -> tuple[str, list[str], list[str]] | None:
     """(start_method, preload, absolute pythonpath) as the file writes them, or None."""
-    from poolkeeper.yamlload import load_yaml, read_config
+    from poolkeeper.config.yamlload import load_yaml, read_config
 
     try:
         # The same bounded reader and loader as the validation: a FIFO or a device named as
@@ -55,7 +55,7 @@ def start_forkserver(method: str, preload: list[str], pythonpath: list[str]) -> 
         return False
     # The forkserver takes the main process's sys.path: preload modules must be findable.
     add_to_sys_path(pythonpath)
-    from poolkeeper.mphelpers import prestart_forkserver
+    from poolkeeper.pool.helper_processes import prestart_forkserver
 
     prestart_forkserver(preload)
     return True

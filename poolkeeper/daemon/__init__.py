@@ -1,0 +1,9 @@
+"""The main loop (mainloop.py) and what it owns in its one thread: the runtime of each job
+(jobs.py), reload (reload.py), the control socket's verbs (handlers.py), and the STATUS= line
+and state dump (status.py).
+
+Nothing here blocks: the loop waits once a turn, on the pool's pipes and sentinels, the signal
+pipe, the control socket's clients and the next deadline.
+
+May import: every other package. Nothing imports it but `poolkeeper.cli`.
+"""
