@@ -47,7 +47,7 @@ from poolkeeper.pool.supervisor import (
 )
 from poolkeeper.service import control
 from poolkeeper.service.logs import event, get_logger
-from poolkeeper.service.notify import Notifier
+from poolkeeper.service.notify import MAIN_ONLY_ENV, Notifier
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state.sqlite import StateLocked, StateStore
 
@@ -56,7 +56,6 @@ EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
 EXTEND_BY = 5.0
 STATE_FLUSH_EVERY = 0.5
 PRUNE_EVERY = 3600.0  # run history retention (state.keep) is enforced hourly
-ENV_FOR_MAIN_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 # A pool still unhealthy this long into the start (workers fail to start: a broken preload,
 # say) fails the start: READY=1 would never come, and EXTEND_TIMEOUT_USEC would keep
 # systemd waiting for ever.
@@ -100,7 +99,7 @@ class Daemon(Reloading, ByHand):
         # The notifier captures NOTIFY_SOCKET and WATCHDOG_* now; they are then removed from
         # the environment so no worker (or job subprocess) can talk to systemd as us.
         self.notifier = notifier or Notifier()
-        for name in ENV_FOR_MAIN_ONLY:
+        for name in MAIN_ONLY_ENV:
             os.environ.pop(name, None)
         self.rng = rng or random.Random()
         # Every catchable signal whose default action would end or stop us: a stray one must
