@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import faulthandler
 import logging
-import math
 import os
 import random
 import selectors
@@ -29,10 +28,11 @@ import time
 from collections import Counter
 
 from poolkeeper import exitcodes, signals
-from poolkeeper.config.settings import Config, Job
-from poolkeeper.daemon.handlers import ByHand
+from poolkeeper.config.settings import Config
+from poolkeeper.daemon.handlers import ControlHandlers
 from poolkeeper.daemon.jobs import JobRuntime, PendingRun
-from poolkeeper.daemon.reload import Reloading
+from poolkeeper.daemon.reload import Reloader
+from poolkeeper.daemon.retiring import Retiring
 from poolkeeper.daemon.status import count, state_dump, status_line
 from poolkeeper.pool import helper_processes, reaper
 from poolkeeper.pool.prestart import add_to_sys_path
@@ -42,12 +42,13 @@ from poolkeeper.pool.supervisor import (
     PoolFull,
     RunEnded,
     RunStarted,
+    Task,
     WorkerEvent,
     pool_for,
 )
 from poolkeeper.service import control
 from poolkeeper.service.logs import event, get_logger
-from poolkeeper.service.notify import Notifier
+from poolkeeper.service.notify import MAIN_ONLY_ENV, Notifier
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state.sqlite import StateLocked, StateStore
 
@@ -56,7 +57,6 @@ EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
 EXTEND_BY = 5.0
 STATE_FLUSH_EVERY = 0.5
 PRUNE_EVERY = 3600.0  # run history retention (state.keep) is enforced hourly
-ENV_FOR_MAIN_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 # A pool still unhealthy this long into the start (workers fail to start: a broken preload,
 # say) fails the start: READY=1 would never come, and EXTEND_TIMEOUT_USEC would keep
 # systemd waiting for ever.
@@ -78,9 +78,11 @@ class StartupFailed(Exception):
         self.errno = errno  # sent as ERRNO= (systemctl status shows it as "Error:")
 
 
-class Daemon(Reloading, ByHand):
-    """The main loop (this module), reload (poolkeeper.daemon.reload.Reloading) and the control
-    socket's requests (poolkeeper.daemon.handlers.ByHand): one object, one thread."""
+class Daemon:
+    """The main loop. It holds what it drives in its one thread: the runs told to stop
+    (`retiring`, poolkeeper.daemon.retiring), reload (`reloader`, poolkeeper.daemon.reload)
+    and the control socket's verbs (`handlers`, poolkeeper.daemon.handlers); each of these
+    holds a reference back to the daemon."""
 
     def __init__(
         self,
@@ -100,7 +102,7 @@ class Daemon(Reloading, ByHand):
         # The notifier captures NOTIFY_SOCKET and WATCHDOG_* now; they are then removed from
         # the environment so no worker (or job subprocess) can talk to systemd as us.
         self.notifier = notifier or Notifier()
-        for name in ENV_FOR_MAIN_ONLY:
+        for name in MAIN_ONLY_ENV:
             os.environ.pop(name, None)
         self.rng = rng or random.Random()
         # Every catchable signal whose default action would end or stop us: a stray one must
@@ -125,14 +127,9 @@ class Daemon(Reloading, ByHand):
         self.last_turn = time.monotonic()
         self.workers_up: set[int] = set()  # pids of workers that reported ready
         self._unhealthy_since: float | None = None
-        # Reload and pause (poolkeeper.daemon.reload.Reloading): runs told to stop because their job
-        # was removed, changed or paused (run id -> that job's runtime, kill time), new
-        # definitions waiting for the old runs to end, a pool waiting to replace this one
-        # once it is drained, and why the last reload was rejected.
-        self.retiring: dict[str, tuple[JobRuntime, float]] = {}
-        self.held: dict[str, Job] = {}
-        self.next_pool: Config | None = None
-        self.reload_rejected: str | None = None
+        self.retiring = Retiring()  # runs of jobs reloaded or paused, told to stop
+        self.reloader = Reloader(self)
+        self.handlers = ControlHandlers(self)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -155,7 +152,7 @@ class Daemon(Reloading, ByHand):
     def _turn(self) -> None:
         self._wait()
         self._handle_signals()
-        self._serve_control()
+        self.handlers.serve()
         self._collect()
         self._fire_schedules()
         self._dispatch()
@@ -268,7 +265,7 @@ class Daemon(Reloading, ByHand):
                 deadlines.append(now_mono + (job.next_fire - now_wall))
         if self.drain_deadline is not None:
             deadlines.append(self.drain_deadline)
-        deadlines += [kill_at for _, kill_at in self.retiring.values() if kill_at < math.inf]
+        deadlines.append(self.retiring.next_deadline())
         if self._watchdog:
             deadlines.append(self._next_ping)
         readers, writers = [*self.pool.waitables(), self.signals], []
@@ -287,7 +284,7 @@ class Daemon(Reloading, ByHand):
                 break
             name = signals.name(signum)
             if signum == signals.RELOAD:
-                self._reload(name)
+                self.reloader.reload(name)
             elif signum == signals.DUMP:
                 self._dump_state(name)
             elif signum in signals.DRAIN or signum == signals.FAST_STOP:
@@ -318,9 +315,9 @@ class Daemon(Reloading, ByHand):
         self.log.info("%s: state dump\n%s", why, "\n".join(lines))
 
     def _collect(self) -> None:
-        self._handle_events(self.pool.poll())
+        self.handle_events(self.pool.poll())
 
-    def _handle_events(self, events: list) -> None:
+    def handle_events(self, events: list) -> None:
         for ev in events:
             if isinstance(ev, RunEnded):
                 self._on_ended(ev)
@@ -372,8 +369,8 @@ class Daemon(Reloading, ByHand):
         now = time.monotonic()
         if self.phase == "running":
             self._kill_overdue_retiring(now)
-            if self.next_pool is not None and not self.pool.in_flight():
-                self._replace_pool()
+            if self.reloader.next_pool is not None and not self.pool.in_flight():
+                self.reloader.replace_pool()
         elif self.phase == "starting":
             self._check_start(now)
             if not self.before_ready_waiting() and len(self.workers_up) >= self.pool.target_size:
@@ -456,8 +453,8 @@ class Daemon(Reloading, ByHand):
             worker_pid=ev.worker_pid,
             error=ev.error,
         )
-        retired = self.retiring.pop(task.run_id, None)
-        job = retired[0] if retired is not None else self.jobs.get(task.job)
+        retired = self.retiring.pop(task.run_id)
+        job = retired if retired is not None else self.jobs.get(task.job)
         follow_up = ""
         if job is not None:
             # A run told to stop (reload, pause) is neither retried nor restarted.
@@ -479,7 +476,7 @@ class Daemon(Reloading, ByHand):
             extra=event(f"run_{ev.outcome}", **_run_fields(task, ev.worker_pid)),
         )
         if retired is not None:
-            self._start_held()
+            self.reloader.start_held()
         if job is not None and job.spec.before_ready and ev.outcome != "succeeded":
             if self.phase == "starting" and not job.pending:
                 raise StartupFailed(
@@ -490,11 +487,11 @@ class Daemon(Reloading, ByHand):
                 )
 
     def _on_not_started(self, ev: NotStarted) -> None:
-        retired = self.retiring.pop(ev.task.run_id, None)
+        retired = self.retiring.pop(ev.task.run_id)
         if retired is not None:  # its job was removed, changed or paused: drop it
-            retired[0].dropped(ev.task)
+            retired.dropped(ev.task)
             self.log.info("run not started: %s", ev.reason, extra=_run_fields(ev.task, None))
-            self._start_held()
+            self.reloader.start_held()
             return
         job = self.jobs.get(ev.task.job)
         if self.phase == "draining" or job is None:
@@ -558,8 +555,7 @@ class Daemon(Reloading, ByHand):
         now = time.monotonic()
         self.notifier.stopping()
         self.phase = "draining"
-        self.held.clear()  # definitions a reload left waiting never start now
-        self.next_pool = None
+        self.reloader.forget()  # definitions a reload left waiting never start now
         self.drain_started = now
         self.drain_deadline = now + self.config.shutdown.drain_timeout
         self.pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
@@ -597,6 +593,33 @@ class Daemon(Reloading, ByHand):
             self.drain_outcomes.get("killed", 0),
             extra=event("drain_finished"),
         )
+
+    # -- runs told to stop (reload, pause) -----------------------------------------------
+
+    def stop_runs(self, job: JobRuntime, tasks: list[Task], now: float) -> None:
+        """These runs see ctx.stopping and get the drain budget to end (then are killed);
+        they are neither retried nor restarted."""
+        if tasks:
+            self.pool.stop_runs(tasks)
+            kill_at = now + self.config.shutdown.drain_timeout
+            self.retiring.add(job, [task.run_id for task in tasks], kill_at)
+
+    def _kill_overdue_retiring(self, now: float) -> None:
+        overdue = self.retiring.due(now)
+        if overdue:
+            self.log.warning(
+                "%d stopped runs (of jobs reloaded or paused) still running after %ss: "
+                "killing them (%s)",
+                len(overdue),
+                self.config.shutdown.drain_timeout,
+                ", ".join(sorted({task.job for task in overdue})),
+            )
+            why = (
+                f"killed: still running {self.config.shutdown.drain_timeout:g}s after its job "
+                "was reloaded or paused (shutdown.drain_timeout)"
+            )
+            for ev in self.pool.kill_runs("killed", overdue, reason=why):
+                self._on_ended(ev)
 
     # -- health and status ---------------------------------------------------------------
 

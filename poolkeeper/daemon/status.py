@@ -28,9 +28,9 @@ def status_line(daemon, now: float) -> str:
     if daemon.phase == "starting":
         waiting = ", ".join(job.name for job in daemon.before_ready_waiting())
         return f"starting: waiting for {waiting}" if waiting else "starting"
-    jobs = len(daemon.jobs) + len(daemon.held)
+    jobs = len(daemon.jobs) + len(daemon.reloader.held)
     head = f"{count(jobs, 'job')}, {pool.busy_count()}/{pool.size()} workers busy"
-    if daemon.next_pool is not None:
+    if daemon.reloader.next_pool is not None:
         head += f", replacing the pool ({count(len(daemon.retiring), 'stopped run')} finishing)"
     elif daemon.retiring:
         head += f", {count(len(daemon.retiring), 'stopped run')} finishing"
@@ -46,8 +46,8 @@ def status_line(daemon, now: float) -> str:
     paused = sum(1 for job in daemon.jobs.values() if job.paused)
     if paused:
         head += f", {paused} paused"
-    if daemon.reload_rejected:
-        tail += f"; reload rejected: {daemon.reload_rejected}"
+    if daemon.reloader.rejected:
+        tail += f"; reload rejected: {daemon.reloader.rejected}"
     return f"{head}; {tail}"
 
 
@@ -65,7 +65,7 @@ def state_dump(daemon, now_wall: float, now_mono: float) -> list[str]:
         if job.next_fire is not None and not job.paused:
             what.append(f"next fire in {max(0.0, job.next_fire - now_wall):.1f}s")
         lines.append(f"job {job.name} ({job.spec.kind}): {', '.join(what)}")
-    for name in daemon.held:
+    for name in daemon.reloader.held:
         lines.append(f"job {name}: waiting for its old runs to end (reload)")
     pool = daemon.pool
     if pool is None:

@@ -32,12 +32,10 @@ from poolkeeper import signals
 from poolkeeper.pool import reaper
 from poolkeeper.pool.context import RunContext, Stopping
 from poolkeeper.pool.prestart import add_to_sys_path
+from poolkeeper.service.notify import MAIN_ONLY_ENV
 
 # Exit code of a worker whose initialisation (worker_setup, preload) failed.
 INIT_FAILED_EXIT = 3
-# Environment that belongs to the main process only: with NotifyAccess=main systemd drops a
-# worker's notifications anyway, and a worker must never look like the watchdog's owner.
-MAIN_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 # ctx.heartbeat() forwards at most one message per this many seconds: a tight loop calling it
 # on every item must not flood the main process.
 HEARTBEAT_MIN_INTERVAL = 0.25

@@ -44,6 +44,12 @@ SEND_TIMEOUT = 1.0  # a full notify queue must not wedge the main loop for long
 
 BACKENDS = ("auto", "systemd", "sdnotify", "socket")
 
+# What systemd gives the main process to notify and be watched with. The daemon captures them
+# (Notifier) and then removes them from its environment, and every worker removes them again
+# (poolkeeper.pool.worker): with NotifyAccess=main systemd drops a worker's notifications
+# anyway, and a worker (or a job's subprocess) must never look like the watchdog's owner.
+MAIN_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
 # libsystemd reads NOTIFY_SOCKET from the C environment: serialize our temporary exports.
 _ENV_LOCK = threading.Lock()
 
