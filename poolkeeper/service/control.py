@@ -31,8 +31,9 @@ reads or writes only what can be at once. What a client gets, whatever it does:
   makes it fail is a bug: it is logged with its traceback and answered `internal error`
   (exit 70), and the daemon goes on.
 
-Where: `$RUNTIME_DIRECTORY/control.sock` under systemd (a directory only the unit's user can
-enter), else next to the state database (`<state.db>.sock`). Mode 0600, and the peer's
+Where (decided by poolkeeper.state.identity, with the daemon's lock): `$RUNTIME_DIRECTORY/
+control.sock` under systemd (a directory only the unit's user can enter), else next to the state
+database (`<state.db>.sock`). Mode 0600, and the peer's
 credentials are checked on every connection, so neither the directory nor the mode alone is
 trusted.
 """
