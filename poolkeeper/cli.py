@@ -210,7 +210,7 @@ def _state_unreadable(exc) -> int:
 @_with_config
 def _cmd_history(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import open_readonly, print_history
-    from poolkeeper.state.sqlite import StateUnreadable
+    from poolkeeper.state.store import StateUnreadable
 
     if args.job and args.job not in config.jobs:
         print(
@@ -234,7 +234,7 @@ def _cmd_history(args: argparse.Namespace, config) -> int:
 @_with_config
 def _cmd_status(args: argparse.Namespace, config) -> int:
     from poolkeeper.report import open_readonly, print_status
-    from poolkeeper.state.sqlite import StateUnreadable
+    from poolkeeper.state.store import StateUnreadable
 
     live = _ask_quietly(args.socket, config, {"command": "status"})
     try:
@@ -251,10 +251,10 @@ def _cmd_status(args: argparse.Namespace, config) -> int:
 def _ask_quietly(socket_path: str | None, config, payload: dict) -> dict | None:
     """The running daemon's answer, or None if there is no daemon to ask."""
     from poolkeeper.service import control
-    from poolkeeper.state.sqlite import StateStore
+    from poolkeeper.state import identity
 
     # The config is loaded already: no need to read its state.path again (socket_of_config).
-    path = socket_path or control.socket_path(StateStore.path_for(config))
+    path = socket_path or identity.socket_path(config)
     try:
         reply = None if path is None else control.request(path, payload, timeout=5.0)
     except control.ControlError:

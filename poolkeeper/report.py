@@ -11,7 +11,8 @@ from typing import TextIO
 from poolkeeper.config.durations import format_duration
 from poolkeeper.printable import printable
 from poolkeeper.scheduling.triggers import make_trigger, upcoming, zone
-from poolkeeper.state.sqlite import RunRecord, StateStore
+from poolkeeper.state.identity import open_store
+from poolkeeper.state.store import RunRecord, StateStore
 
 
 def _when(ts: float | None) -> str:
@@ -32,10 +33,8 @@ def _took(record: RunRecord) -> str:
 
 
 def open_readonly(config) -> StateStore:
-    path = StateStore.path_for(config)
-    store = StateStore(path, readonly=True)
-    store.open()
-    return store
+    """The config's store, read-only: raises StateUnreadable, never falls back to memory."""
+    return open_store(config, readonly=True)
 
 
 def print_history(records: Iterable[RunRecord], out: TextIO) -> None:

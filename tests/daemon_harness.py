@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+
+from poolkeeper.state.identity import store_at
 
 TESTS_DIR = Path(__file__).parent
 
@@ -108,12 +109,15 @@ class DaemonProcess:
             raise AssertionError(f"daemon did not exit within {timeout}s:\n{self.log()}") from None
 
     def runs(self) -> list[dict]:
-        con = sqlite3.connect(self.db)
-        con.row_factory = sqlite3.Row
+        """Every run the daemon has written, by start time (not started yet: first), read
+        through the StateStore protocol as `poolkeeper history` reads them."""
+        store = store_at(self.db, readonly=True)
         try:
-            return [dict(r) for r in con.execute("SELECT * FROM runs ORDER BY started")]
+            records = store.history(limit=None)[::-1]  # oldest first
         finally:
-            con.close()
+            store.close()
+        records.sort(key=lambda r: (r.started is not None, r.started or 0.0))
+        return [r._asdict() for r in records]
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from poolkeeper import __version__
-from poolkeeper.state.sqlite import StateStore
+from poolkeeper.state.identity import store_at
 
 
 def pk(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -55,8 +55,7 @@ def spec_with_history(tmp_path):
             every: 5m
         """)
     )
-    store = StateStore(tmp_path / "state.db")
-    store.open()
+    store = store_at(tmp_path / "state.db")
     store.run_ended(
         run_id="r1",
         job="rollup",

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 
 import pytest
 from daemon_harness import TESTS_DIR
+
+from poolkeeper.state.identity import store_at
+from poolkeeper.state.store import StateUnreadable
 
 CLOSED = {
     "stdin": "<&-",
@@ -45,12 +47,12 @@ def _poolkeeper(redirections: str, *args: str, log) -> subprocess.Popen:
 
 def _runs(db) -> list[tuple[str, str]]:
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        store = store_at(db, readonly=True)  # not created yet: no runs
         try:
-            return con.execute("SELECT run_id, outcome FROM runs").fetchall()
+            return [(r.run_id, r.outcome) for r in store.history(limit=None)]
         finally:
-            con.close()
-    except sqlite3.Error:  # not created yet
+            store.close()
+    except StateUnreadable:  # being created
         return []
 
 

@@ -228,10 +228,9 @@ def test_a_failing_before_ready_job_aborts_the_start_with_exit_69(daemon_factory
 
 
 def test_history_older_than_keep_is_pruned_at_start(daemon_factory, tmp_path):
-    from poolkeeper.state.sqlite import StateStore
+    from poolkeeper.state.identity import store_at
 
-    store = StateStore(tmp_path / "state.db")
-    store.open()
+    store = store_at(tmp_path / "state.db")
     now = time.time()
     for run_id, ended in (("old", now - 3 * 86400), ("recent", now - 3600)):
         store.run_ended(

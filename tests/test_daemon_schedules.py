@@ -12,13 +12,12 @@ from datetime import datetime
 import pytest
 from daemon_harness import DaemonProcess
 
-from poolkeeper.state.sqlite import StateStore
+from poolkeeper.state.identity import store_at
 
 
 def _down_since(tmp_path, job: str, seconds: float) -> None:
     """The state of a daemon that last fired `job` `seconds` ago and then stopped."""
-    store = StateStore(tmp_path / "state.db")
-    store.open()
+    store = store_at(tmp_path / "state.db")
     store.set_last_fire(job, time.time() - seconds)
     store.close()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from poolkeeper.state.sqlite import StateStore
+from poolkeeper.state.identity import store_at
 
 # A command that hangs is a failure, not a hung suite: every run has this deadline.
 DEADLINE = 60.0
@@ -174,8 +174,7 @@ def spec(tmp_path: Path) -> Path:
 
 
 def _record_runs(db: Path, count: int) -> None:
-    store = StateStore(db)
-    store.open()
+    store = store_at(db)
     for i in range(count):
         store.run_ended(
             run_id=f"run{i}",

@@ -1,4 +1,6 @@
-"""The state DB on real SQLite files (tmp_path), no mocks."""
+"""The SQLite backend on real files (tmp_path), no mocks: what is SQLite's own (WAL, batches,
+corruption, files it may not write, readers of another user) and the single-instance lock.
+What every backend promises is in test_state_contract.py."""
 
 from __future__ import annotations
 
@@ -16,27 +18,30 @@ from pathlib import Path
 
 import pytest
 
-from poolkeeper.state.sqlite import ABANDONED_ERROR, SCHEMA_VERSION, StateLocked, StateStore
+from poolkeeper.state.identity import InstanceLock, StateLocked, resolve_path
+from poolkeeper.state.sqlite import SCHEMA_VERSION, SqliteStore
 
 T0 = 1_700_000_000.0
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = StateStore(tmp_path / "state.db")
-    s.acquire_lock()
+    lock = InstanceLock(tmp_path / "state.db")
+    lock.acquire()
+    s = SqliteStore(tmp_path / "state.db")
     s.open()
     yield s
     s.close()
+    lock.release()
 
 
-def start(s: StateStore, run_id, job="rollup", at=T0, attempt=1, pid=4242) -> None:
+def start(s: SqliteStore, run_id, job="rollup", at=T0, attempt=1, pid=4242) -> None:
     s.run_started(
         run_id=run_id, job=job, attempt=attempt, scheduled_at=at, started_at=at, worker_pid=pid
     )
 
 
-def end(s: StateStore, run_id, job="rollup", at=T0, outcome="succeeded", **kw) -> None:
+def end(s: SqliteStore, run_id, job="rollup", at=T0, outcome="succeeded", **kw) -> None:
     fields = dict(
         attempt=1,
         scheduled_at=at,
@@ -57,7 +62,7 @@ def rows_on_disk(path: Path) -> int:
 
 def test_round_trip_survives_reopen(tmp_path):
     path = tmp_path / "state.db"
-    s = StateStore(path)
+    s = SqliteStore(path)
     s.open()
     start(s, "r1")
     end(s, "r1", outcome="failed", exit_code=3, error="ValueError: boom")
@@ -65,7 +70,7 @@ def test_round_trip_survives_reopen(tmp_path):
     s.set_last_fire("nightly", T0 + 10)
     s.close()
 
-    s = StateStore(path)
+    s = SqliteStore(path)
     s.open()
     assert s.persistent
     newest, oldest = s.history()
@@ -89,23 +94,9 @@ def test_schema_is_versioned_and_in_wal_mode(store):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_end_without_start_is_recorded(store):
-    end(store, "never-dispatched", outcome="failed", started_at=None, error="no worker")
-    (rec,) = store.history()
-    assert rec.outcome == "failed" and rec.started is None and rec.error == "no worker"
-
-
-def test_end_keeps_start_fields_it_does_not_know(store):
-    start(store, "r1", pid=77)
-    store.flush()
-    end(store, "r1", outcome="lost", signal=9, started_at=None, worker_pid=None)
-    (rec,) = store.history()
-    assert (rec.outcome, rec.signal, rec.started, rec.worker_pid) == ("lost", 9, T0, 77)
-
-
 def test_writes_are_buffered_until_flush_or_batch(tmp_path):
     path = tmp_path / "state.db"
-    s = StateStore(path, batch=100)
+    s = SqliteStore(path, batch=100)
     s.open()
     for i in range(99):
         start(s, i)
@@ -134,59 +125,10 @@ def test_many_tiny_runs_are_fast(store):
     assert store.counts() == {"succeeded": 20_000}
 
 
-def test_history_is_newest_first_and_limited(store):
-    for i in range(10):
-        start(store, i, job="a" if i % 2 else "b")
-        end(store, i, job="a" if i % 2 else "b")
-    assert [r.run_id for r in store.history(limit=3)] == ["9", "8", "7"]
-    assert [r.run_id for r in store.history("a", limit=2)] == ["9", "7"]
-
-
-def test_last_outcomes_and_counts(store):
-    start(store, 1)
-    end(store, 1, outcome="failed")
-    start(store, 2)
-    end(store, 2, outcome="succeeded")
-    start(store, 3, job="ingest")
-    end(store, 3, job="ingest", outcome="timeout")
-    start(store, 4, job="ingest")  # still running: not a last outcome
-    last = store.last_outcomes()
-    assert {job: r.outcome for job, r in last.items()} == {
-        "rollup": "succeeded",
-        "ingest": "timeout",
-    }
-    assert store.counts() == {"failed": 1, "succeeded": 1, "timeout": 1}
-    assert store.counts(overall=True) == {"failed": 1, "succeeded": 1, "timeout": 1}
-
-
-def test_counts_since_open_vs_overall(tmp_path):
-    path = tmp_path / "state.db"
-    s = StateStore(path)
-    s.open()
-    end(s, 1)
-    s.close()
-    s = StateStore(path)
-    s.open()
-    end(s, 2, outcome="failed")
-    assert s.counts() == {"failed": 1}
-    assert s.counts(overall=True) == {"failed": 1, "succeeded": 1}
-    s.close()
-
-
-def test_unknown_outcome_is_a_bug(store):
-    with pytest.raises(ValueError):
-        end(store, 1, outcome="exploded")
-
-
-def test_long_errors_are_truncated(store):
-    end(store, 1, outcome="failed", error="x" * 100_000)
-    assert len(store.history()[0].error) == 2000
-
-
 def test_corrupt_file_is_moved_aside_and_a_new_db_works(tmp_path, caplog):
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not an sqlite database, just garbage " * 100)
-    s = StateStore(path)
+    s = SqliteStore(path)
     with caplog.at_level(logging.ERROR, logger="poolkeeper.state.sqlite"):
         s.open()
     assert s.persistent
@@ -203,9 +145,9 @@ def test_corrupt_file_is_moved_aside_and_a_new_db_works(tmp_path, caplog):
 def test_unwritable_location_falls_back_to_memory(tmp_path, caplog):
     # Tests run as root, so a chmod'ed dir would still be writable: put the DB under a FILE.
     (tmp_path / "afile").write_text("")
-    s = StateStore(tmp_path / "afile" / "db")
+    s = SqliteStore(tmp_path / "afile" / "db")
     with caplog.at_level(logging.WARNING, logger="poolkeeper.state.sqlite"):
-        s.acquire_lock()  # can't create the lock file either: logged, not fatal
+        InstanceLock(s.path).acquire()  # can't create the lock file either: logged, not fatal
         s.open()
     assert not s.persistent
     assert "in memory" in caplog.text and "lock" in caplog.text
@@ -222,7 +164,7 @@ def test_newer_schema_is_left_alone(tmp_path, caplog):
     path = tmp_path / "state.db"
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    s = StateStore(path)
+    s = SqliteStore(path)
     with caplog.at_level(logging.ERROR, logger="poolkeeper.state.sqlite"):
         s.open()
     assert not s.persistent and "newer" in caplog.text
@@ -233,7 +175,7 @@ def test_newer_schema_is_left_alone(tmp_path, caplog):
 
 def test_write_errors_are_logged_once_and_never_raise(tmp_path, caplog):
     path = tmp_path / "state.db"
-    s = StateStore(path, batch=10)
+    s = SqliteStore(path, batch=10)
     s.open()
     with sqlite3.connect(path) as conn:  # someone breaks the table under us
         conn.execute("DROP TABLE runs")
@@ -248,7 +190,7 @@ def test_write_errors_are_logged_once_and_never_raise(tmp_path, caplog):
 
 def test_db_overwritten_under_us_does_not_stop_writes(tmp_path, caplog):
     path = tmp_path / "state.db"
-    s = StateStore(path, batch=5)
+    s = SqliteStore(path, batch=5)
     s.open()
     start(s, "before")
     s.flush()
@@ -291,67 +233,28 @@ def test_lock_held_by_another_process_raises_state_locked(tmp_path):
     holder = _lock_holder(Path(str(path) + ".lock"))
     try:
         with pytest.raises(StateLocked) as info:
-            StateStore(path).acquire_lock()
+            InstanceLock(path).acquire()
         assert info.value.holder == str(holder.pid)
         assert str(holder.pid) in str(info.value)
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)
     # Released by the holder's exit: now we get it, and write our pid.
-    s = StateStore(path)
-    s.acquire_lock()
+    s = InstanceLock(path)
+    s.acquire()
     assert Path(str(path) + ".lock").read_text().strip() == str(__import__("os").getpid())
-    s.close()
+    s.release()
 
 
 def test_second_store_in_process_is_locked_out_until_close(tmp_path):
-    a = StateStore(tmp_path / "state.db")
-    a.acquire_lock()
+    a = InstanceLock(tmp_path / "state.db")
+    a.acquire()
     with pytest.raises(StateLocked):
-        StateStore(tmp_path / "state.db").acquire_lock()
-    a.close()
-    b = StateStore(tmp_path / "state.db")
-    b.acquire_lock()
-    b.close()
-
-
-def test_abandoned_runs_are_marked_lost(tmp_path):
-    path = tmp_path / "state.db"
-    s = StateStore(path)
-    s.open()
-    start(s, 1)
-    end(s, 1)
-    start(s, 2)
-    start(s, 3, job="ingest")
-    s.flush()  # ...and the daemon dies (no close)
-    s2 = StateStore(path)
-    s2.open()
-    assert s2.mark_abandoned(T0 + 50) == 2
-    recs = {r.run_id: r for r in s2.history()}
-    assert recs["1"].outcome == "succeeded"
-    assert recs["2"].outcome == recs["3"].outcome == "lost"
-    assert recs["2"].error == ABANDONED_ERROR and recs["2"].ended == T0 + 50
-    assert {j: r.run_id for j, r in s2.last_outcomes().items()} == {"rollup": "2", "ingest": "3"}
-    assert s2.mark_abandoned(T0 + 60) == 0
-    s2.close()
-
-
-def test_prune_deletes_old_finished_runs_but_keeps_each_jobs_last(store):
-    day = 86400.0
-    for i in range(5):  # rollup ran days 0..4
-        start(store, f"r{i}", at=T0 + i * day)
-        end(store, f"r{i}", at=T0 + i * day)
-    start(store, "old-nightly", job="nightly", at=T0)
-    end(store, "old-nightly", job="nightly", at=T0)
-    start(store, "stuck", at=T0)  # running: never pruned
-    now = T0 + 10 * day
-    # Cut-off at day 3: r0..r2 go; old-nightly stays as nightly's last run.
-    assert store.prune(keep_seconds=7 * day, now=now) == 3
-    left = {r.run_id for r in store.history()}
-    assert left == {"r3", "r4", "old-nightly", "stuck"}
-    assert store.prune(keep_seconds=0, now=now) == 1  # r3; r4 is rollup's last
-    assert {r.run_id for r in store.history()} == {"r4", "old-nightly", "stuck"}
-    assert store.last_outcomes()["nightly"].run_id == "old-nightly"
+        InstanceLock(tmp_path / "state.db").acquire()
+    a.release()
+    b = InstanceLock(tmp_path / "state.db")
+    b.acquire()
+    b.release()
 
 
 def test_concurrent_reader_sees_consistent_snapshots(store):
@@ -376,11 +279,11 @@ def test_readonly_store_reads_a_live_db_and_tolerates_a_missing_one(store, tmp_p
     start(store, 1)
     end(store, 1)
     store.flush()
-    ro = StateStore(store.path, readonly=True)
+    ro = SqliteStore(store.path, readonly=True)
     ro.open()
     assert [r.run_id for r in ro.history()] == ["1"]
     ro.close()
-    missing = StateStore(tmp_path / "nope.db", readonly=True)
+    missing = SqliteStore(tmp_path / "nope.db", readonly=True)
     with caplog.at_level(logging.WARNING, logger="poolkeeper.state.sqlite"):
         missing.open()
     assert missing.history() == [] and caplog.text == ""
@@ -391,18 +294,18 @@ def test_readonly_store_reads_a_live_db_and_tolerates_a_missing_one(store, tmp_p
 def test_resolve_path(tmp_path, monkeypatch):
     cfg = tmp_path / "etc"
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-    assert StateStore.resolve_path("auto", cfg) == str(cfg / ".poolkeeper" / "state.db")
+    assert resolve_path("auto", cfg) == str(cfg / ".poolkeeper" / "state.db")
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/poolkeeper:/var/lib/other")
-    assert StateStore.resolve_path("auto", cfg) == "/var/lib/poolkeeper/poolkeeper.db"
-    assert StateStore.resolve_path("data/s.db", cfg) == str(cfg / "data" / "s.db")
-    assert StateStore.resolve_path("/abs/s.db", cfg) == "/abs/s.db"
+    assert resolve_path("auto", cfg) == "/var/lib/poolkeeper/poolkeeper.db"
+    assert resolve_path("data/s.db", cfg) == str(cfg / "data" / "s.db")
+    assert resolve_path("/abs/s.db", cfg) == "/abs/s.db"
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert StateStore.resolve_path("~/s.db", cfg) == str(tmp_path / "s.db")
+    assert resolve_path("~/s.db", cfg) == str(tmp_path / "s.db")
 
 
 def test_memory_path(tmp_path):
-    s = StateStore(":memory:")
-    s.acquire_lock()
+    InstanceLock(":memory:").acquire()
+    s = SqliteStore(":memory:")
     s.open()
     end(s, 1)
     assert len(s.history()) == 1 and not s.persistent
@@ -481,11 +384,13 @@ def test_state_files_it_cannot_write_still_lock_and_fall_back_to_memory(setup: s
     try:
         os.chmod(directory, 0o755)
         db = directory / "state.db"
-        earlier = StateStore(db)  # what an earlier daemon (as root) left behind
-        earlier.acquire_lock()
+        lock = InstanceLock(db)  # what an earlier daemon (as root) left behind
+        lock.acquire()
+        earlier = SqliteStore(db)
         earlier.open()
         end(earlier, "earlier run")
         earlier.close()
+        lock.release()
         owner, how = SETUPS[setup]
         if owner == "nobody":
             os.chown(directory, NOBODY, NOBODY)
@@ -524,11 +429,13 @@ def test_another_user_reads_the_history_of_a_stopped_daemon() -> None:
     directory = Path(tempfile.mkdtemp(prefix="pk-state-", dir="/tmp"))  # reachable by nobody
     try:
         os.chmod(directory, 0o755)
-        earlier = StateStore(directory / "state.db")
-        earlier.acquire_lock()
+        lock = InstanceLock(directory / "state.db")
+        lock.acquire()
+        earlier = SqliteStore(directory / "state.db")
         earlier.open()
         end(earlier, "earlier-run", error="it broke")
         earlier.close()
+        lock.release()
         spec = directory / "spec.yaml"
         spec.write_text(
             "version: 1\nstate: {path: state.db}\n"
@@ -549,11 +456,11 @@ def test_another_user_reads_the_history_of_a_stopped_daemon() -> None:
 
 def test_a_reader_opens_a_path_with_uri_characters(tmp_path) -> None:
     path = tmp_path / "odd?name#with%20chars.db"
-    s = StateStore(path)
+    s = SqliteStore(path)
     s.open()
     end(s, "r1")
     s.close()
-    ro = StateStore(path, readonly=True)
+    ro = SqliteStore(path, readonly=True)
     ro.open()
     assert [r.run_id for r in ro.history()] == ["r1"]
     ro.close()

@@ -50,7 +50,8 @@ from poolkeeper.service import control
 from poolkeeper.service.logs import event, get_logger
 from poolkeeper.service.notify import MAIN_ONLY_ENV, Notifier
 from poolkeeper.signals import SignalQueue
-from poolkeeper.state.sqlite import StateLocked, StateStore
+from poolkeeper.state.identity import InstanceLock, StateLocked, open_store, socket_path
+from poolkeeper.state.store import StateStore
 
 MAX_WAIT = 1.0  # the loop turns at least this often: status, watchdog, wall-clock jumps
 EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
@@ -110,6 +111,7 @@ class Daemon:
         self.signals = SignalQueue(signals.caught())
         self.control: control.ControlServer | None = None
         self.state: StateStore | None = None
+        self.instance_lock: InstanceLock | None = None  # held from start to the very end
         self.pool: Pool | None = pool
         self.jobs: dict[str, JobRuntime] = {}
         self.phase = "starting"  # starting -> running -> draining -> stopped
@@ -185,7 +187,7 @@ class Daemon:
             count(len(self.jobs), "job"),
             count(cfg.pool.workers, "worker"),
             cfg.pool.start_method,
-            self.state.path,
+            self.state.location,
         )
         # READY=1 once the workers report ready (see _advance_phase).
 
@@ -193,7 +195,7 @@ class Daemon:
         """The socket `poolkeeper reload --wait` talks to (poolkeeper.service.control). Opened after
         the state lock is held: a stale socket of this config can then only be a dead
         daemon's. Without it the daemon still runs, and SIGHUP still reloads."""
-        path = control.socket_path(self.state.path)
+        path = socket_path(self.config)
         if path is None:
             return
         try:
@@ -206,18 +208,17 @@ class Daemon:
             )
 
     def _open_state(self) -> None:
-        path = StateStore.path_for(self.config)
-        self.state = StateStore(path, log=self.log)
+        self.instance_lock = InstanceLock.of(self.config, self.log)
         try:
-            self.state.acquire_lock()
+            self.instance_lock.acquire()
         except StateLocked as exc:
             raise StartupFailed(
-                f"another poolkeeper holds the state database {path} ({exc}); stop it first "
-                "or give this config its own state.path",
+                f"another poolkeeper holds the state database {exc.path} ({exc}); stop it "
+                "first or give this config its own state.path",
                 exitcodes.TEMPFAIL,
                 errno.EBUSY,
             ) from None
-        self.state.open()
+        self.state = open_store(self.config, log=self.log)
         abandoned = self.state.mark_abandoned(time.time())
         if abandoned:
             self.log.warning(
@@ -238,6 +239,10 @@ class Daemon:
             self.state.close()
         if self.control is not None:
             self.control.close()
+        # Last: a daemon that starts once it is released may take over the socket path, which
+        # control.close() above unlinks.
+        if self.instance_lock is not None:
+            self.instance_lock.release()
         helper_processes.remove_main_only_fds(self._main_only_fds)
         self.signals.close()
 
@@ -250,8 +255,10 @@ class Daemon:
         sock = self.notifier.fileno()
         if sock is not None:
             fds.append(sock)
-        if self.state is not None and self.state.path is not None:
-            fds += _fds_open_on(self.state.path)  # the lock file, the DB and its WAL
+        if self.instance_lock is not None:
+            fds += self.instance_lock.fds()
+        if self.state is not None:
+            fds += self.state.fds()  # the DB and its WAL
         return fds
 
     # -- one turn -----------------------------------------------------------------------
@@ -637,23 +644,6 @@ class Daemon:
 
 def _secs(config: Config) -> str:
     return f"{config.shutdown.drain_timeout:g}"
-
-
-def _fds_open_on(path: str) -> list[int]:
-    """This process's descriptors on `path` or a file named after it (`-wal`, `.lock`...)."""
-    base = os.path.realpath(path)
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:  # the listing's own descriptor, closed by now
-            continue
-        if target.startswith(base) and target[len(base) :] in _DB_SUFFIXES:
-            found.append(int(name))
-    return found
-
-
-_DB_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
 
 
 def _wait_for(readers: list, writers: list, timeout: float) -> None:

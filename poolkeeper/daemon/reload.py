@@ -33,6 +33,7 @@ from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.supervisor import pool_for
 from poolkeeper.service.control import refused
 from poolkeeper.service.logs import event
+from poolkeeper.state import identity
 
 if TYPE_CHECKING:
     from poolkeeper.daemon.mainloop import Daemon
@@ -95,12 +96,7 @@ def plan(old: Config, new: Config) -> Plan:
 
 def refusal(old: Config, new: Config) -> str | None:
     """Why `new` cannot be applied by a reload at all, or None."""
-    if old.state.path != new.state.path:
-        return (
-            f"state.path changed ({old.state.path} -> {new.state.path}): a running daemon "
-            "keeps its state database; restart it to apply this (systemctl restart)"
-        )
-    return None
+    return identity.reload_refusal(old, new)
 
 
 class Reloader:

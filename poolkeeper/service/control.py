@@ -31,8 +31,9 @@ reads or writes only what can be at once. What a client gets, whatever it does:
   makes it fail is a bug: it is logged with its traceback and answered `internal error`
   (exit 70), and the daemon goes on.
 
-Where: `$RUNTIME_DIRECTORY/control.sock` under systemd (a directory only the unit's user can
-enter), else next to the state database (`<state.db>.sock`). Mode 0600, and the peer's
+Where (decided by poolkeeper.state.identity, with the daemon's lock): `$RUNTIME_DIRECTORY/
+control.sock` under systemd (a directory only the unit's user can enter), else next to the state
+database (`<state.db>.sock`). Mode 0600, and the peer's
 credentials are checked on every connection, so neither the directory nor the mode alone is
 trusted.
 """
@@ -52,7 +53,6 @@ from typing import Any
 
 from poolkeeper.exitcodes import SOFTWARE, UNAVAILABLE, USAGE
 
-SOCKET_NAME = "control.sock"
 MAX_REQUEST = 4096  # bytes: one JSON line; anything longer is refused
 MAX_REPLY = 1 << 20  # bytes: one JSON line, its newline included; what `request` reads
 MAX_DEPTH = 4  # JSON nesting of a request (one flat object): refused before parsing
@@ -72,27 +72,17 @@ class ControlError(Exception):
     """The socket cannot be reached or the daemon's answer is not one."""
 
 
-def socket_path(state_db: str | None) -> str | None:
-    """Where the daemon of a config listens: $RUNTIME_DIRECTORY/control.sock, else next to
-    its state database; None when there is neither (state.path ':memory:')."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime:
-        return os.path.join(runtime, SOCKET_NAME)
-    if state_db is None or state_db == ":memory:":
-        return None
-    return state_db + ".sock"
-
-
 def socket_of_config(config_path: str) -> str | None:
     """The socket of the daemon running `config_path`, found without validating the file: a
     file that is being fixed (the very reason to reload) may not validate, and it is the
     daemon's job to say why. Only `state.path` is read from it. Raises OSError when the file
     cannot be read (missing, not a regular file) and LoadError when it is too large."""
-    runtime_socket = socket_path(None)
+    from poolkeeper.state import identity  # decides where a daemon's socket is
+
+    runtime_socket = identity.socket_at(None)
     if runtime_socket is not None:
         return runtime_socket
     from poolkeeper.config.yamlload import LoadError, load_yaml, read_config
-    from poolkeeper.state.sqlite import StateStore
 
     # The loader every config read goes through: bounded in size, regular files only (a FIFO
     # would block here for ever), no alias bombs. OSError goes to the caller: no input.
@@ -106,7 +96,7 @@ def socket_of_config(config_path: str) -> str | None:
     if not isinstance(spec_path, str):
         spec_path = "auto"
     config_dir = os.path.dirname(os.path.abspath(config_path))
-    return socket_path(StateStore.resolve_path(spec_path, config_dir))
+    return identity.socket_at(identity.resolve_path(spec_path, config_dir))
 
 
 class BadRequest(ValueError):

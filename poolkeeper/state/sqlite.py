@@ -1,6 +1,7 @@
-"""Run history and last fire times in SQLite (standard library, WAL).
+"""Run history and last fire times in SQLite (standard library, WAL): the first backend of the
+StateStore protocol (poolkeeper.state.store has the contract; docs/state.md the details).
 
-Two promises shape this module (docs/state.md has the details):
+Two promises shape this module:
 - Writes are cheap: `run_started`/`run_ended`/`set_last_fire` only touch in-memory buffers;
   rows reach the disk in batched transactions (`flush()`, or when the buffer fills).
 - The state DB never stops the jobs: a corrupt file is moved aside, an unwritable location
@@ -9,27 +10,22 @@ Two promises shape this module (docs/state.md has the details):
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
 import threading
 import time
-from typing import Any, NamedTuple
+
+from poolkeeper.state.store import ABANDONED_ERROR, MAX_ERROR_CHARS, RunRecord, StateUnreadable
 
 SCHEMA_VERSION = 1
 
 OUTCOMES = ("succeeded", "failed", "timeout", "lost", "killed")
 RUNNING = "running"
 
-ABANDONED_ERROR = "daemon exited while the run was in flight"
-
 # Rows buffered before a write forces a flush. The daemon also flushes from its loop at most
 # every ~0.5 s, so at low rates this only bounds memory.
 DEFAULT_BATCH = 2000
-
-# Error summaries are for a human skimming `history`; tracebacks belong in the journal.
-MAX_ERROR_CHARS = 2000
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -75,51 +71,12 @@ _SQL_LAST_RUN = """INSERT INTO jobs (job, last_run_id) VALUES (?, ?)
     ON CONFLICT(job) DO UPDATE SET last_run_id=excluded.last_run_id"""
 
 
-class StateLocked(RuntimeError):
-    """Another daemon holds the state DB's lock."""
-
-    def __init__(self, path: str, holder: str, *, verified: bool = True):
-        self.path = path
-        self.holder = holder
-        who = f"pid {holder}" if holder else "another process"
-        if holder and not verified:  # a lock file we could only read: maybe not its writer's
-            who = f"another process (the lock file names pid {holder}, maybe an earlier one)"
-        super().__init__(f"state DB {path} is in use by {who} (one daemon per state DB)")
-
-
-class StateUnreadable(RuntimeError):
-    """A reader (`readonly=True`: `history`, `status`) cannot read the state DB. Readers don't
-    fall back to memory like the daemon: an empty answer would pass for 'no runs'."""
-
-    def __init__(self, path: str | None, reason: BaseException | str):
-        self.path = path
-        self.reason = str(reason)
-        super().__init__(f"cannot read the state DB {path}: {self.reason}")
-
-
-class RunRecord(NamedTuple):
-    job: str
-    run_id: str
-    attempt: int
-    scheduled: float | None
-    started: float | None
-    ended: float | None
-    outcome: str
-    exit_code: int | None
-    signal: int | None
-    worker_pid: int | None
-    error: str | None
-
-    @property
-    def duration(self) -> float | None:
-        if self.started is None or self.ended is None:
-            return None
-        return self.ended - self.started
-
-
-class StateStore:
-    """The daemon's state DB. Not process-safe by design (one daemon per DB, see acquire_lock);
-    thread-safe, so a control-socket thread may read while the main loop writes."""
+class SqliteStore:
+    """A StateStore in one SQLite file. One writer per file (the daemon, which holds the
+    single-instance lock of poolkeeper.state.identity) and any number of readers
+    (`readonly=True`), each in its own process. One thread uses it: the daemon's main loop,
+    which serves the control socket too. The mutex only keeps a flush whole should another
+    thread ever call in (a test, a debugger); uncontended it costs nothing measurable."""
 
     def __init__(
         self,
@@ -137,7 +94,6 @@ class StateStore:
         self.readonly = readonly
         self.persistent = False  # True once a file DB is open (False: in-memory fallback)
         self._conn: sqlite3.Connection | None = None
-        self._lock_fd: int | None = None
         self._mutex = threading.RLock()
         # run_id -> (sql, row); dict order is arrival order, and an end replaces its start.
         self._runs: dict[str, tuple[str, tuple]] = {}
@@ -147,32 +103,7 @@ class StateStore:
         self._failing = False  # a write error was logged; stay quiet until writes work again
         self._dropped = 0
 
-    # --- locations ---------------------------------------------------------------------
-
-    @staticmethod
-    def resolve_path(spec_path: str, config_dir: str | os.PathLike[str]) -> str:
-        """Where `state.path` points.
-
-        'auto': `$STATE_DIRECTORY/poolkeeper.db` (the first entry when systemd lists several,
-        colon-separated), else `.poolkeeper/state.db` next to the config file. A relative path
-        is relative to the config file's directory, like `pythonpath`: the DB (and with it the
-        one-daemon lock) must not depend on the directory the daemon was started from.
-        """
-        if spec_path == ":memory:":
-            return spec_path
-        if spec_path == "auto":
-            state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-            if state_dir:
-                return os.path.join(state_dir, "poolkeeper.db")
-            return os.path.join(config_dir, ".poolkeeper", "state.db")
-        return os.path.join(config_dir, os.path.expanduser(spec_path))  # absolute: kept
-
-    @staticmethod
-    def path_for(config: Any) -> str:
-        """Where a settings.Config keeps its run history (`state.path` resolved)."""
-        return StateStore.resolve_path(config.state.path, os.path.dirname(config.path))
-
-    # --- open / lock / close -------------------------------------------------------------
+    # --- open / close -------------------------------------------------------------
 
     def open(self) -> None:
         """Open (creating directories and schema). The daemon's store never raises for a bad
@@ -278,44 +209,16 @@ class StateStore:
         self._conn = conn
         self.persistent = False
 
-    def acquire_lock(self) -> None:
-        """Take `<path>.lock` (flock, released by the kernel if we die). Raises StateLocked
-        when another daemon holds it. flock needs no write access: a lock file this process
-        may only read (another user's, a read-only state directory) is locked all the same.
-        Only where no lock file exists and none can be created does the daemon run unlocked
-        (logged): that location cannot hold a persistent DB either."""
-        if self.path is None or self._lock_fd is not None:
-            return
-        lock_path = self.path + ".lock"
-        try:
-            fd, writable = _open_lock_file(lock_path)
-        except OSError as exc:
-            self.log.warning(
-                "cannot create lock file %s (%s): running without the single-instance lock",
-                lock_path,
-                exc,
-            )
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            raise StateLocked(self.path, holder, verified=writable) from None
-        if writable:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        else:
-            self.log.info(
-                "lock file %s is read-only for this process: locked all the same, but the pid "
-                "in it is not this daemon's",
-                lock_path,
-            )
-        self._lock_fd = fd
+    @property
+    def location(self) -> str | None:
+        return self.path
+
+    def fds(self) -> list[int]:
+        """This process's descriptors on the DB file and its journals."""
+        return [] if self.path is None else _fds_open_on(self.path)
 
     def close(self) -> None:
-        """Flush, close the DB, release the lock. The lock file stays: unlinking a lock file
-        races with a daemon that just opened it."""
+        """Flush, close the DB. Idempotent."""
         with self._mutex:
             self.flush()
             if self._conn is not None:
@@ -324,9 +227,6 @@ class StateStore:
                 except sqlite3.Error:
                     pass
                 self._conn = None
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # closing the description releases the flock
-                self._lock_fd = None
 
     # --- writes (buffered) ------------------------------------------------------------------
 
@@ -451,7 +351,7 @@ class StateStore:
 
     def mark_abandoned(self, now: float) -> int:
         """Runs still 'running' were in flight when a previous daemon died: mark them 'lost'.
-        Call after acquire_lock, before starting runs. Returns how many."""
+        Call with the single-instance lock held, before starting runs. Returns how many."""
         with self._mutex:
             self.flush()
             if self._conn is None:
@@ -503,14 +403,15 @@ class StateStore:
             row = self._query("SELECT last_fire FROM jobs WHERE job = ?", (job,))
             return row[0][0] if row else None
 
-    def history(self, job: str | None = None, limit: int = 50) -> list[RunRecord]:
-        """Runs, newest first (by when they were first recorded, i.e. start order)."""
+    def history(self, job: str | None = None, limit: int | None = 50) -> list[RunRecord]:
+        """Runs, newest first (by when they were first recorded, i.e. start order); at most
+        `limit` (None: all)."""
         where, args = ("WHERE job = ?", (job,)) if job is not None else ("", ())
         with self._mutex:
             self.flush()
             rows = self._query(
                 f"SELECT {_RECORD_COLUMNS} FROM runs {where} ORDER BY rowid DESC LIMIT ?",
-                (*args, limit),
+                (*args, -1 if limit is None else limit),  # LIMIT -1: no limit
             )
         return [RunRecord(*r) for r in rows]
 
@@ -578,18 +479,21 @@ def _runs_of_same_kind(entries):
         yield group_sql, group
 
 
-def _open_lock_file(path: str) -> tuple[int, bool]:
-    """(descriptor, writable): read-write, created if need be; else read-only if the file
-    exists. O_NONBLOCK: a FIFO put in its place must not block the start."""
-    flags = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644), True
-    except OSError as exc:
+def _fds_open_on(path: str) -> list[int]:
+    """This process's descriptors on `path` or a file named after it (`-wal`, `-shm`...)."""
+    base = os.path.realpath(path)
+    found = []
+    for name in os.listdir("/proc/self/fd"):
         try:
-            return os.open(path, os.O_RDONLY | flags), False
-        except OSError:
-            raise exc from None
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target.startswith(base) and target[len(base) :] in _DB_SUFFIXES:
+            found.append(int(name))
+    return found
+
+
+_DB_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
 def _is_corruption(exc: BaseException) -> bool:

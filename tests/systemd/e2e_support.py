@@ -180,12 +180,13 @@ def _message(entry: dict[str, Any]) -> str:
 
 
 def state_runs(sb: Sandbox, db: str) -> list[dict[str, Any]]:
-    """Every row of the runs table of a state DB inside the sandbox (read there, as root)."""
+    """Every run of a state DB inside the sandbox, oldest first (read there, as root, through
+    the StateStore protocol)."""
     code = (
-        "import json, sqlite3, sys\n"
-        "con = sqlite3.connect(f'file:{sys.argv[1]}?mode=ro', uri=True)\n"
-        "con.row_factory = sqlite3.Row\n"
-        "print(json.dumps([dict(r) for r in con.execute('SELECT * FROM runs')]))\n"
+        "import json, sys\n"
+        "from poolkeeper.state.identity import store_at\n"
+        "store = store_at(sys.argv[1], readonly=True)\n"
+        "print(json.dumps([r._asdict() for r in reversed(store.history(limit=None))]))\n"
     )
     out = sb.run(PYTHON, "-c", code, db).stdout
     return json.loads(out)
