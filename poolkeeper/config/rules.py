@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from poolkeeper.config.yamlload import Issue, Pos
+from poolkeeper.pool.context import accepts_ctx, with_ctx
 
 KINDS = ("loop", "every", "cron", "at")
 _EXAMPLES = {
@@ -267,16 +268,15 @@ def target_issues(call: Call, importer: Importer) -> list[Issue]:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature: nothing to check
         return []
-    ctx = signature.parameters.get("ctx")
-    takes_ctx = ctx is not None and ctx.kind not in (ctx.VAR_POSITIONAL, ctx.VAR_KEYWORD)
+    takes_ctx = accepts_ctx(signature)
     if call.loop and not takes_ctx:
         message = f"{target} is a loop job's target but has no 'ctx' parameter, so it cannot see ctx.stopping and would never stop on its own"
         return [Issue.at(where.pos(("target",)), message)]
     if call.args is None or call.kwargs is None:
         return []
     try:
-        # The daemon calls fn(*args, ctx=ctx, **kwargs): bind exactly that.
-        signature.bind(*call.args, **({"ctx": None} if takes_ctx else {}), **call.kwargs)
+        # Bind exactly the call the worker makes.
+        signature.bind(*call.args, **(with_ctx(call.kwargs, None) if takes_ctx else call.kwargs))
     except TypeError as exc:
         reason = _one_line(str(exc))
         if takes_ctx and "'ctx'" in reason:
