@@ -95,7 +95,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: str) -> int:
     """Validate the config in full (and cache the result), then run it."""
     from poolkeeper.config import validation_cache
-    from poolkeeper.pool.prestart import prestart
+    from poolkeeper.config.hints import pool_hints
+    from poolkeeper.pool.prestart import start_forkserver
     from poolkeeper.service import logs
     from poolkeeper.service.notify import Notifier
 
@@ -104,7 +105,8 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
     notifier = Notifier()
     if cache is not None:
         log.info("config %s: validating (%s)", path, why)
-    prestarted = prestart(path)
+    hints = pool_hints(path)
+    prestarted = hints is not None and start_forkserver(*hints)
     inputs = validation_cache.Inputs()
     from poolkeeper.config.loader import ConfigError, load_config
 
