@@ -546,7 +546,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("poolkeeper").debug("internal error", exc_info=True)
         print(
             f"poolkeeper: internal error: {type(exc).__name__}: {printable(exc)} "
-            "(please report it; rerun with --log-level debug for the traceback)",
+            f"(please report it{_traceback_hint(args)})",
             file=sys.stderr,
         )
         return exitcodes.SOFTWARE
+
+
+def _traceback_hint(args: argparse.Namespace) -> str:
+    """How to see the traceback of an internal error: only `run` has --log-level (and sets up
+    the log that the traceback goes to); the other commands log nowhere, so they offer nothing."""
+    if not hasattr(args, "log_level"):
+        return ""
+    return "; rerun with --log-level debug for the traceback"
