@@ -118,3 +118,23 @@ def test_unknown_job_and_bad_config_are_one_line_errors(spec_with_history, tmp_p
     missing = pk("status", "-c", str(tmp_path / "missing.yaml"))
     assert missing.returncode == 66
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, command, has_log_level",
+    [(["run", "spec.yaml"], "_cmd_run", True), (["schema"], "_cmd_schema", False)],
+)
+def test_an_internal_error_hints_only_at_options_the_command_has(
+    monkeypatch, capsys, argv, command, has_log_level
+):
+    """Issue 9: 'rerun with --log-level debug' was printed by commands without that option."""
+    from poolkeeper import cli
+
+    def broken(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, command, broken)
+    assert cli.main(argv) == 70
+    err = capsys.readouterr().err
+    assert err.startswith("poolkeeper: internal error: ZeroDivisionError: a bug (please report it")
+    assert ("--log-level debug" in err) == has_log_level

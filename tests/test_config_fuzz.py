@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poolkeeper.config.rules import check_file
+from poolkeeper.cli import check_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = (ROOT / "config" / "example.yaml").read_text()

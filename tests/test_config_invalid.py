@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from poolkeeper.config.rules import check_file
+from poolkeeper.cli import check_file
 
 JOBS_PY = """
 import sys

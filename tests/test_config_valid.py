@@ -15,10 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from poolkeeper.cli import check_file
 from poolkeeper.config.durations import format_duration, format_size, parse_duration, parse_size
-from poolkeeper.config.model import Config, ConfigError, Issue, cpu_count, load_config
-from poolkeeper.config.rules import check_file
+from poolkeeper.config.loader import ConfigError, load_config
 from poolkeeper.config.schema import json_schema
+from poolkeeper.config.settings import Config
+from poolkeeper.config.validation_cache import cpu_count
+from poolkeeper.config.yamlload import Issue
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "example.yaml"
@@ -413,7 +416,7 @@ def test_check_counts_jobs_in_the_ok_line(tmp_path: Path) -> None:
 
 
 def test_job_names_may_use_unicode_letters(tmp_path):
-    from poolkeeper.config.model import load_config
+    from poolkeeper.config.loader import load_config
 
     spec = tmp_path / "u.yaml"
     spec.write_text(
@@ -429,7 +432,7 @@ def test_the_readme_annotated_spec_is_valid(tmp_path):
     import re
     from pathlib import Path
 
-    from poolkeeper.config.model import load_config
+    from poolkeeper.config.loader import load_config
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     [text] = re.findall(r"## A job spec, annotated\n\n```yaml\n(.*?)```", readme, re.S)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from poolkeeper.config import validation_cache
-from poolkeeper.config.model import load_config
+from poolkeeper.config.loader import load_config
 from poolkeeper.config.settings import Config
 
 SPEC = """\

@@ -130,7 +130,7 @@ def test_a_cached_validation_of_a_file_now_a_fifo_does_not_block_the_start(
     env = {"CACHE_DIRECTORY": str(tmp_path / "cache")}
     # Stored by a process with the environment of the start below, as a first start would.
     store = (
-        "import os, sys; from poolkeeper.config import validation_cache; from poolkeeper.config.model import "
+        "import os, sys; from poolkeeper.config import validation_cache; from poolkeeper.config.loader import "
         "load_config; i = validation_cache.Inputs(); "
         "sys.exit(validation_cache.store(load_config(sys.argv[1], inputs=i), i, "
         "validation_cache.cache_dir()))"

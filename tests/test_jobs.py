@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from poolkeeper.config.model import load_config
+from poolkeeper.config.loader import load_config
 from poolkeeper.daemon.jobs import JobRuntime
 from poolkeeper.pool.supervisor import RunEnded
 

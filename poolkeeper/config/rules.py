@@ -1,6 +1,6 @@
-"""`poolkeeper check FILE`, and the checks that need more than one field or the outside world:
-one schedule per job, keys that do not apply to a job's kind, pool room for loop replicas,
-importing targets and binding their arguments.
+"""The checks of a job spec that need more than one field or the outside world: one schedule
+per job, keys that do not apply to a job's kind, pool room for loop replicas, importing targets
+and binding their arguments. A library of loader.py; the `check` command is in cli.py.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import sysconfig
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any
 
-from poolkeeper import exitcodes
 from poolkeeper.config.yamlload import Issue, Pos
-from poolkeeper.printable import printable
-
-if TYPE_CHECKING:
-    from poolkeeper.config.model import Job
+from poolkeeper.pool.context import accepts_ctx, with_ctx
 
 KINDS = ("loop", "every", "cron", "at")
 _EXAMPLES = {
@@ -50,7 +46,7 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Where:  # the protocol spec._Where implements
+class _Where:  # the protocol messages.Where implements
     def pos(self, rel: tuple[Any, ...], *, key: bool = False) -> Pos: ...
 
 
@@ -125,12 +121,13 @@ def job_shape_issues(
 
 
 def capacity_issues(
-    jobs: Mapping[str, Job], workers: int, wheres: Mapping[str, _Where]
+    loop_replicas: Mapping[str, int | None], workers: int, wheres: Mapping[str, _Where]
 ) -> list[Issue]:
     """Loop replicas hold a worker each for their whole life: they must leave one worker for
-    the scheduled jobs (if any), or those would never run."""
-    loops = [(job.name, job.loop.replicas) for job in jobs.values() if job.loop is not None]
-    scheduled = sum(1 for job in jobs.values() if job.loop is None)
+    the scheduled jobs (if any), or those would never run. `loop_replicas`: per job name, its
+    loop's replicas, or None for a scheduled job."""
+    loops = [(name, count) for name, count in loop_replicas.items() if count is not None]
+    scheduled = sum(1 for count in loop_replicas.values() if count is None)
     room = workers - 1 if scheduled else workers
     total = 0
     for name, replicas in loops:
@@ -197,7 +194,7 @@ class Importer:
         except SystemExit as exc:
             return f"importing module '{module}' called sys.exit({exc.code!r})"
         except BaseException as exc:  # noqa: B036 - job code may raise anything; report, don't die
-            return f"importing module '{module}' raised {_exception_line(exc)}"
+            return f"importing module '{module}' raised {exception_line(exc)}"
         return None
 
     def resolve(self, target: str) -> tuple[Any, str | None]:
@@ -215,7 +212,7 @@ class Importer:
             except AttributeError:
                 return None, f"'{walked}' has no attribute '{attr}'"
             except BaseException as exc:  # noqa: B036 - a module __getattr__ may raise anything
-                return None, f"getting '{attr}' from '{walked}' raised {_exception_line(exc)}"
+                return None, f"getting '{attr}' from '{walked}' raised {exception_line(exc)}"
             walked += f"{'.' if ':' in walked else ':'}{attr}"
         return obj, None
 
@@ -271,16 +268,15 @@ def target_issues(call: Call, importer: Importer) -> list[Issue]:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature: nothing to check
         return []
-    ctx = signature.parameters.get("ctx")
-    takes_ctx = ctx is not None and ctx.kind not in (ctx.VAR_POSITIONAL, ctx.VAR_KEYWORD)
+    takes_ctx = accepts_ctx(signature)
     if call.loop and not takes_ctx:
         message = f"{target} is a loop job's target but has no 'ctx' parameter, so it cannot see ctx.stopping and would never stop on its own"
         return [Issue.at(where.pos(("target",)), message)]
     if call.args is None or call.kwargs is None:
         return []
     try:
-        # The daemon calls fn(*args, ctx=ctx, **kwargs): bind exactly that.
-        signature.bind(*call.args, **({"ctx": None} if takes_ctx else {}), **call.kwargs)
+        # Bind exactly the call the worker makes.
+        signature.bind(*call.args, **(with_ctx(call.kwargs, None) if takes_ctx else call.kwargs))
     except TypeError as exc:
         reason = _one_line(str(exc))
         if takes_ctx and "'ctx'" in reason:
@@ -299,7 +295,8 @@ def _quiet() -> Any:
         yield
 
 
-def _exception_line(exc: BaseException) -> str:
+def exception_line(exc: BaseException) -> str:
+    """'Type: message (at file:line)' of an exception raised by job code (or by us)."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     text = _one_line(str(exc))
@@ -335,34 +332,11 @@ def _is_installed(name: str, module: Any, installed: tuple[str, ...]) -> bool:
     return os.path.realpath(str(origin)).startswith(installed)
 
 
-# --- The command -------------------------------------------------------------------------------
-
-
-def check_file(path: str, out: TextIO, err: TextIO) -> int:
-    """`poolkeeper check FILE`: 'FILE: ok, N jobs' and 0, or every problem and 78 (66 when the
-    file cannot be read). Never a traceback: an internal bug is one line and 70."""
-    from poolkeeper.config.model import ConfigError, load_config
-
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue, file=err)
-        return exc.exit_code
-    except Exception as exc:  # a bug of ours; the fuzz tests keep this unreachable
-        problem = printable(f"{path}: internal error: {_exception_line(exc)}")
-        print(f"{problem}; please report this bug", file=err)
-        return exitcodes.SOFTWARE
-    count = len(config.jobs)
-    print(f"{printable(path)}: ok, {count} job{'' if count == 1 else 's'}", file=out)
-    return exitcodes.OK
-
-
 __all__ = [
     "Importer",
     "KINDS",
     "capacity_issues",
-    "check_file",
+    "exception_line",
     "job_shape_issues",
     "merge_defaults",
     "target_issues",

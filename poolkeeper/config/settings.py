@@ -1,9 +1,9 @@
 """The validated config as plain immutable records: what the daemon runs.
 
-`spec.py` reads the YAML, validates it with pydantic (which also gives the JSON Schema and the
+`loader.py` reads the YAML, validates it with pydantic (which also gives the JSON Schema and the
 `file:line:col` messages) and hands back these. They are kept apart from the pydantic models
 because the daemon's start must not pay for pydantic (~150 ms on a small machine) when
-`configcache.py` already holds the result of validating the very same inputs: these
+`validation_cache.py` already holds the result of validating the very same inputs: these
 records round-trip through JSON without it. Equality compares every setting.
 """
 
@@ -16,7 +16,7 @@ KINDS = ("loop", "every", "cron", "at")
 
 # NamedTuples rather than frozen dataclasses: the same immutable records, built in ~0.2 ms each
 # instead of ~1.3 ms (the daemon creates ~20 record classes on its way to READY=1). No field
-# has a default: spec.py owns the defaults, and everything here is built from complete data.
+# has a default: model.py owns the defaults, and everything here is built from complete data.
 
 
 class Loop(NamedTuple):

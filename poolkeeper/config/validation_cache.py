@@ -260,7 +260,7 @@ def _digest(data: bytes) -> str:
 
 def cpu_count() -> int:
     """CPUs this process may run on (honours systemd's CPUAffinity= and taskset): what
-    `workers: auto` means. Here, not in spec.py, because a cache check must count alike."""
+    `workers: auto` means. Here, not in model.py, because a cache check must count alike."""
     try:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):

@@ -145,7 +145,7 @@ class Reloader:
     def _read_config_again(self) -> tuple[Config | None, list[str]]:
         """The file validated exactly as `poolkeeper check` does it (never from the cache),
         or why it cannot be applied."""
-        from poolkeeper.config.model import ConfigError, load_config
+        from poolkeeper.config.loader import ConfigError, load_config
 
         config = self.daemon.config
         try:

@@ -2,7 +2,9 @@
 
 A RunContext only lives inside a worker process, for the duration of one run. It is built by
 `poolkeeper.pool.worker` and handed to the job as the `ctx` keyword when the job's function declares
-a parameter of that name.
+a parameter of that name: the rule is `accepts_ctx` and the call `with_ctx`, here once for the
+worker that calls and for `poolkeeper check` (config/rules.py) that checks the call. Light on
+purpose: the config package may import this module, and every worker does.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import logging
 import math
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["RunContext", "Stopping"]
+if TYPE_CHECKING:
+    import inspect  # not at run time: kept off the start of the main process and of every worker
+
+__all__ = ["RunContext", "Stopping", "accepts_ctx", "with_ctx"]
 
 _MAX_POLL_MS = 2**31 - 1  # poll(2)'s timeout is a C int
 
@@ -105,3 +111,16 @@ class RunContext:
             f"RunContext(job={self.job!r}, run_id={self.run_id!r}, attempt={self.attempt}, "
             f"scheduled_at={self.scheduled_at})"
         )
+
+
+def accepts_ctx(signature: inspect.Signature) -> bool:
+    """Whether a job's callable is passed `ctx`: it declares a parameter named ctx (positional
+    or keyword, but not `*ctx` or `**ctx`)."""
+    param = signature.parameters.get("ctx")
+    return param is not None and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+
+
+def with_ctx(kwargs: Mapping[str, Any], ctx: Any) -> dict[str, Any]:
+    """The keyword arguments of a call to a callable that accepts ctx: the call is always
+    fn(*args, ctx=ctx, **kwargs), ctx passed as a keyword (the spec may not set a 'ctx' kwarg)."""
+    return {"ctx": ctx, **kwargs}

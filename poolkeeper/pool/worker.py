@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from poolkeeper import signals
 from poolkeeper.pool import reaper
-from poolkeeper.pool.context import RunContext, Stopping
+from poolkeeper.pool.context import RunContext, Stopping, accepts_ctx, with_ctx
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.service.notify import MAIN_ONLY_ENV
 
@@ -503,12 +503,7 @@ class _Worker:
         import inspect  # here: kept off the start of the main process and of every worker
 
         try:
-            param = inspect.signature(obj).parameters.get("ctx")
-            # Same rule as `poolkeeper check`: the call is fn(*args, ctx=ctx, **kwargs).
-            wants_ctx = param is not None and param.kind not in (
-                param.VAR_POSITIONAL,
-                param.VAR_KEYWORD,
-            )
+            wants_ctx = accepts_ctx(inspect.signature(obj))  # the rule `poolkeeper check` applies
         except (TypeError, ValueError):  # builtins without a signature
             wants_ctx = False
         self.targets[target] = (obj, wants_ctx)
@@ -532,7 +527,7 @@ class _Worker:
                     stopping=self.stopping,
                     heartbeat=self.heartbeat,
                 )
-                kwargs = {"ctx": ctx, **kwargs}
+                kwargs = with_ctx(kwargs, ctx)
             result = fn(*args, **kwargs)
             result_repr = _safe_repr(result)
             del result
