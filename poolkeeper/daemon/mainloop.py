@@ -34,6 +34,7 @@ from poolkeeper.daemon.handlers import ByHand
 from poolkeeper.daemon.jobs import JobRuntime, PendingRun
 from poolkeeper.daemon.reload import Reloading
 from poolkeeper.daemon.status import count, state_dump, status_line
+from poolkeeper.outcomes import Outcome
 from poolkeeper.pool import helper_processes, reaper
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.supervisor import (
@@ -46,7 +47,7 @@ from poolkeeper.pool.supervisor import (
     pool_for,
 )
 from poolkeeper.service import control
-from poolkeeper.service.logs import event, get_logger
+from poolkeeper.service.logs import ended_event, event, get_logger
 from poolkeeper.service.notify import Notifier
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state.sqlite import StateLocked, StateStore
@@ -61,14 +62,6 @@ ENV_FOR_MAIN_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 # say) fails the start: READY=1 would never come, and EXTEND_TIMEOUT_USEC would keep
 # systemd waiting for ever.
 START_UNHEALTHY_GRACE = 1.0
-
-OUTCOME_LEVELS = {
-    "succeeded": logging.INFO,
-    "failed": logging.ERROR,
-    "timeout": logging.ERROR,
-    "lost": logging.ERROR,
-    "killed": logging.WARNING,
-}
 
 
 class StartupFailed(Exception):
@@ -390,7 +383,7 @@ class Daemon(Reloading, ByHand):
                     ", ".join(sorted({t.job for t in left})),
                 )
                 why = f"killed at the drain deadline (drain_timeout {_secs(self.config)}s)"
-                for ev in self.pool.kill_runs("killed", reason=why):
+                for ev in self.pool.kill_runs(Outcome.KILLED, reason=why):
                     self._on_ended(ev)
                 self.phase = "stopped"
 
@@ -474,13 +467,13 @@ class Daemon(Reloading, ByHand):
         # The message goes without args: the journal handler would copy args into
         # CODE_ARGS, storing every traceback twice.
         self.log.log(
-            OUTCOME_LEVELS.get(ev.outcome, logging.INFO),
+            ev.outcome.level,
             message,
-            extra=event(f"run_{ev.outcome}", **_run_fields(task, ev.worker_pid)),
+            extra=ended_event(ev.outcome, **_run_fields(task, ev.worker_pid)),
         )
         if retired is not None:
             self._start_held()
-        if job is not None and job.spec.before_ready and ev.outcome != "succeeded":
+        if job is not None and job.spec.before_ready and ev.outcome != Outcome.SUCCEEDED:
             if self.phase == "starting" and not job.pending:
                 raise StartupFailed(
                     f"before_ready job '{task.job}' did not succeed ({ev.outcome}"
@@ -581,20 +574,20 @@ class Daemon(Reloading, ByHand):
 
     def _fast_stop(self, why: str) -> None:
         self.log.warning("%s: fast stop, killing every run in flight", why)
-        for ev in self.pool.kill_runs("killed", reason=f"killed by a fast stop ({why})"):
+        for ev in self.pool.kill_runs(Outcome.KILLED, reason=f"killed by a fast stop ({why})"):
             self._on_ended(ev)
         self.phase = "stopped"
 
     def _log_drain_summary(self) -> None:
         took = time.monotonic() - self.drain_started
-        done = {k: v for k, v in self.drain_outcomes.items() if k != "killed"}
+        done = {k: v for k, v in self.drain_outcomes.items() if k != Outcome.KILLED}
         summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(done.items()))
         self.log.info(
             "drain finished in %.2fs: %d runs were in flight; drained: %s; killed: %d",
             took,
             self.drained_in_flight,
             summary or "none",
-            self.drain_outcomes.get("killed", 0),
+            self.drain_outcomes.get(Outcome.KILLED, 0),
             extra=event("drain_finished"),
         )
 

@@ -30,6 +30,7 @@ from poolkeeper import exitcodes
 from poolkeeper.config.settings import Config
 from poolkeeper.daemon.jobs import JobRuntime
 from poolkeeper.daemon.status import count, first_of
+from poolkeeper.outcomes import Outcome
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.supervisor import pool_for
 from poolkeeper.service.control import refused
@@ -230,7 +231,7 @@ class Reloading:
                 f"killed: still running {self.config.shutdown.drain_timeout:g}s after its job "
                 "was reloaded or paused (shutdown.drain_timeout)"
             )
-            for ev in self.pool.kill_runs("killed", overdue, reason=why):
+            for ev in self.pool.kill_runs(Outcome.KILLED, overdue, reason=why):
                 self._on_ended(ev)
 
     def _replace_pool(self) -> None:

@@ -4,6 +4,6 @@ forkserver and resource tracker: helper_processes.py, prestart.py), and the kill
 job left behind (reaper.py).
 
 Code here may run in a child process, so it imports little: the standard library,
-`poolkeeper.signals`, `poolkeeper.service.logs`. Never `daemon` or `config` (a worker must not
-pay for pydantic, nor see the main loop's state).
+`poolkeeper.signals`, `poolkeeper.outcomes`, `poolkeeper.service.logs`. Never `daemon` or
+`config` (a worker must not pay for pydantic, nor see the main loop's state).
 """

@@ -17,10 +17,9 @@ import threading
 import time
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 1
+from poolkeeper.outcomes import RUNNING, Outcome
 
-OUTCOMES = ("succeeded", "failed", "timeout", "lost", "killed")
-RUNNING = "running"
+SCHEMA_VERSION = 1
 
 ABANDONED_ERROR = "daemon exited while the run was in flight"
 
@@ -366,14 +365,13 @@ class StateStore:
         scheduled_at: float | None,
         started_at: float | None,
         ended_at: float,
-        outcome: str,
+        outcome: Outcome,
         exit_code: int | None = None,
         signal: int | None = None,
         worker_pid: int | None = None,
         error: str | None = None,
     ) -> None:
-        if outcome not in OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+        outcome = Outcome(outcome)  # a plain string from a careless caller: ValueError, not a row
         if error is not None and len(error) > MAX_ERROR_CHARS:
             error = error[: MAX_ERROR_CHARS - 1] + "…"
         row = (
@@ -462,8 +460,8 @@ class StateStore:
                         "SELECT job, run_id FROM runs WHERE outcome = ? ORDER BY rowid", (RUNNING,)
                     ).fetchall()
                     self._conn.execute(
-                        "UPDATE runs SET outcome='lost', ended=?, error=? WHERE outcome=?",
-                        (now, ABANDONED_ERROR, RUNNING),
+                        "UPDATE runs SET outcome=?, ended=?, error=? WHERE outcome=?",
+                        (Outcome.LOST, now, ABANDONED_ERROR, RUNNING),
                     )
                     # They are now each job's newest finished runs (`status`'s last outcome);
                     # dict() keeps the last run_id per job.
