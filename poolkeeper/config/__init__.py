@@ -7,5 +7,5 @@ validation cache that lets a restart skip pydantic, and the JSON Schema.
 May import: the standard library, PyYAML, pydantic (this is the only package that does, and
 only model.py, rules.py and schema.py: a cached start never imports them), croniter and
 zoneinfo for schedule checks, and `poolkeeper.scheduling`, `poolkeeper.printable`,
-`poolkeeper.exitcodes`. Nothing of `daemon`, `pool`, `state` or `service`.
+`poolkeeper.exitcodes`, `poolkeeper.kinds`. Nothing of `daemon`, `pool`, `state` or `service`.
 """

@@ -57,6 +57,7 @@ from poolkeeper.config.yamlload import (
     read_config,
     trap_message,
 )
+from poolkeeper.kinds import JobKind
 
 __all__ = [
     "Backoff", "Config", "ConfigError", "ConfigFile", "Issue", "Job", "JobSpec", "Loop", "Pool",
@@ -468,10 +469,10 @@ class JobSpec(_Model):
     )
 
     @property
-    def kind(self) -> Literal["loop", "every", "cron", "at"]:
-        for kind in rules.KINDS:
+    def kind(self) -> JobKind:
+        for kind in JobKind:
             if getattr(self, kind) is not None:
-                return kind  # type: ignore[return-value]
+                return kind
         raise AssertionError("a validated job has a schedule")
 
 
