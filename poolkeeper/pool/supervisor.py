@@ -574,8 +574,9 @@ class Pool:
         if slot is not None and not slot.reported:
             if slot.started_clock is None:  # ran although cancelled: it started after all
                 self._events.append(RunStarted(slot.task, w.pid, started))
+            outcome = Outcome.SUCCEEDED if ok else Outcome.FAILED
             self._events.append(
-                RunEnded(slot.task, Outcome.SUCCEEDED if ok else Outcome.FAILED, started, ended, w.pid,
+                RunEnded(slot.task, outcome, started, ended, w.pid,
                          None, None, error, tb, result_repr)
             )  # fmt: skip
         w.done += 1
