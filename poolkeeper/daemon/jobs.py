@@ -14,8 +14,14 @@ from collections import deque
 from typing import NamedTuple
 
 from poolkeeper.config.settings import Job
+from poolkeeper.outcomes import Outcome
 from poolkeeper.pool.supervisor import RunEnded, Task
-from poolkeeper.scheduling.backoff import Backoff, FailureTracker, Retry, should_restart
+from poolkeeper.scheduling.backoff import (
+    BackoffDelays,
+    FailureTracker,
+    RetryDecider,
+    should_restart,
+)
 from poolkeeper.scheduling.triggers import JobSchedule, make_schedule
 
 
@@ -44,7 +50,7 @@ class JobRuntime:
         self.pending: deque[PendingRun] = deque()
         self.running: dict[str, Task] = {}
         self.paused = False
-        self.retry: Retry | None = None
+        self.retry: RetryDecider | None = None
         self.replica_failures: dict[int, FailureTracker] = {}
         self.backing_off_until: float | None = None  # monotonic, for STATUS and `status`
         self.replica_of: dict[str, int | None] = {}  # run id -> loop replica
@@ -67,7 +73,7 @@ class JobRuntime:
                 self.replica_failures[replica] = FailureTracker(_backoff(spec.backoff), self.rng)
                 self.pending.append(PendingRun(spec.name, 1, now_wall, now_mono, replica))
             return
-        self.retry = Retry(spec.retry.attempts, _backoff(spec.retry), self.rng)
+        self.retry = RetryDecider(spec.retry.attempts, _backoff(spec.retry), self.rng)
         self.schedule = make_schedule(spec, now=now_wall, last_fire=last_fire, rng=self.rng)
 
     @property
@@ -161,12 +167,12 @@ class JobRuntime:
     def ended(self, ev: RunEnded, now_wall: float, now_mono: float, draining: bool) -> str:
         """Book a finished run; returns what happens next, for the log."""
         replica = self._forget(ev.task)
-        if draining or ev.outcome == "killed":
+        if draining or ev.outcome == Outcome.KILLED:
             return ""
         if self.paused:
             if self.is_loop:
                 return "paused: not restarted"
-            return "paused: not retried" if ev.outcome != "succeeded" else ""
+            return "paused: not retried" if ev.outcome != Outcome.SUCCEEDED else ""
         if self.is_loop:
             return self._after_loop_run(ev, replica, now_wall, now_mono)
         return self._after_run(ev, now_mono)
@@ -175,7 +181,7 @@ class JobRuntime:
         delay = self.retry.should_retry(ev.outcome, ev.task.attempt)
         if delay is None:
             self.backing_off_until = None
-            failed = ev.outcome != "succeeded" and ev.task.attempt > 1
+            failed = ev.outcome != Outcome.SUCCEEDED and ev.task.attempt > 1
             return f"gave up after {ev.task.attempt} attempts" if failed else ""
         due = now_mono + delay
         self.backing_off_until = due
@@ -237,7 +243,7 @@ class JobRuntime:
         return self.backing_off_until - now_mono
 
 
-def _backoff(policy) -> Backoff:
-    return Backoff(
+def _backoff(policy) -> BackoffDelays:
+    return BackoffDelays(
         initial=policy.initial, factor=policy.factor, max=policy.max, jitter=policy.jitter
     )

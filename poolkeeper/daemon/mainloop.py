@@ -34,6 +34,7 @@ from poolkeeper.daemon.jobs import JobRuntime, PendingRun
 from poolkeeper.daemon.reload import Reloader
 from poolkeeper.daemon.retiring import Retiring
 from poolkeeper.daemon.status import count, state_dump, status_line
+from poolkeeper.outcomes import Outcome
 from poolkeeper.pool import helper_processes, reaper
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.supervisor import (
@@ -47,7 +48,7 @@ from poolkeeper.pool.supervisor import (
     pool_for,
 )
 from poolkeeper.service import control
-from poolkeeper.service.logs import event, get_logger
+from poolkeeper.service.logs import ended_event, event, get_logger
 from poolkeeper.service.notify import MAIN_ONLY_ENV, Notifier
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state.identity import InstanceLock, StateLocked, open_store, socket_path
@@ -62,14 +63,6 @@ PRUNE_EVERY = 3600.0  # run history retention (state.keep) is enforced hourly
 # say) fails the start: READY=1 would never come, and EXTEND_TIMEOUT_USEC would keep
 # systemd waiting for ever.
 START_UNHEALTHY_GRACE = 1.0
-
-OUTCOME_LEVELS = {
-    "succeeded": logging.INFO,
-    "failed": logging.ERROR,
-    "timeout": logging.ERROR,
-    "lost": logging.ERROR,
-    "killed": logging.WARNING,
-}
 
 
 class StartupFailed(Exception):
@@ -394,7 +387,7 @@ class Daemon:
                     ", ".join(sorted({t.job for t in left})),
                 )
                 why = f"killed at the drain deadline (drain_timeout {_secs(self.config)}s)"
-                for ev in self.pool.kill_runs("killed", reason=why):
+                for ev in self.pool.kill_runs(Outcome.KILLED, reason=why):
                     self._on_ended(ev)
                 self.phase = "stopped"
 
@@ -478,13 +471,13 @@ class Daemon:
         # The message goes without args: the journal handler would copy args into
         # CODE_ARGS, storing every traceback twice.
         self.log.log(
-            OUTCOME_LEVELS.get(ev.outcome, logging.INFO),
+            ev.outcome.level,
             message,
-            extra=event(f"run_{ev.outcome}", **_run_fields(task, ev.worker_pid)),
+            extra=ended_event(ev.outcome, **_run_fields(task, ev.worker_pid)),
         )
         if retired is not None:
             self.reloader.start_held()
-        if job is not None and job.spec.before_ready and ev.outcome != "succeeded":
+        if job is not None and job.spec.before_ready and ev.outcome != Outcome.SUCCEEDED:
             if self.phase == "starting" and not job.pending:
                 raise StartupFailed(
                     f"before_ready job '{task.job}' did not succeed ({ev.outcome}"
@@ -584,20 +577,20 @@ class Daemon:
 
     def _fast_stop(self, why: str) -> None:
         self.log.warning("%s: fast stop, killing every run in flight", why)
-        for ev in self.pool.kill_runs("killed", reason=f"killed by a fast stop ({why})"):
+        for ev in self.pool.kill_runs(Outcome.KILLED, reason=f"killed by a fast stop ({why})"):
             self._on_ended(ev)
         self.phase = "stopped"
 
     def _log_drain_summary(self) -> None:
         took = time.monotonic() - self.drain_started
-        done = {k: v for k, v in self.drain_outcomes.items() if k != "killed"}
+        done = {k: v for k, v in self.drain_outcomes.items() if k != Outcome.KILLED}
         summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(done.items()))
         self.log.info(
             "drain finished in %.2fs: %d runs were in flight; drained: %s; killed: %d",
             took,
             self.drained_in_flight,
             summary or "none",
-            self.drain_outcomes.get("killed", 0),
+            self.drain_outcomes.get(Outcome.KILLED, 0),
             extra=event("drain_finished"),
         )
 
@@ -625,7 +618,7 @@ class Daemon:
                 f"killed: still running {self.config.shutdown.drain_timeout:g}s after its job "
                 "was reloaded or paused (shutdown.drain_timeout)"
             )
-            for ev in self.pool.kill_runs("killed", overdue, reason=why):
+            for ev in self.pool.kill_runs(Outcome.KILLED, overdue, reason=why):
                 self._on_ended(ev)
 
     # -- health and status ---------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from poolkeeper.outcomes import Outcome
+
 
 def count(n: int, noun: str) -> str:
     """`1 job`, `2 jobs`, `1,204 runs`."""
@@ -18,8 +20,8 @@ def status_line(daemon, now: float) -> str:
     """e.g. `6 jobs, 4/4 workers busy, 1 backing off (rollup, 8s); 1,204 runs ok, 3 failed`."""
     pool = daemon.pool
     outcomes = daemon.outcomes
-    ok = outcomes.get("succeeded", 0)
-    bad = sum(v for k, v in outcomes.items() if k != "succeeded")
+    ok = outcomes.get(Outcome.SUCCEEDED, 0)
+    bad = sum(v for k, v in outcomes.items() if k != Outcome.SUCCEEDED)
     tail = f"{ok:,} runs ok, {bad:,} failed"
     if daemon.phase == "draining":
         left = len(pool.in_flight())

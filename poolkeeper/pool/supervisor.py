@@ -62,6 +62,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from poolkeeper.outcomes import Outcome
 from poolkeeper.pool import helper_processes, reaper
 from poolkeeper.pool.worker import (
     PICKLE_PROTOCOL,
@@ -136,7 +137,7 @@ class Task(NamedTuple):
 
 class RunEnded(NamedTuple):
     task: Task
-    outcome: str  # 'succeeded' | 'failed' | 'timeout' | 'lost' | 'killed'
+    outcome: Outcome
     started_at: float | None
     ended_at: float
     worker_pid: int | None
@@ -202,7 +203,7 @@ class _Worker:
         self.done = 0
         self.last_heartbeat = now
         self.kill_at: float | None = None  # SIGKILL the group at this clock time
-        self.kill_outcome: str | None = None  # ... and end the running task with this
+        self.kill_outcome: Outcome | None = None  # ... and end the running task with this
         self.kill_error: str | None = None
         self.born = now
         self.state_since = now
@@ -310,7 +311,7 @@ class Pool:
             now = self._clock()
             if deadline is not None and now >= deadline and not killed:
                 killed = True
-                self._kill_all("killed", "killed at shutdown: drain timeout")
+                self._kill_all(Outcome.KILLED, "killed at shutdown: drain timeout")
             wake = self.next_deadline()
             if deadline is not None and not killed:
                 wake = deadline if wake is None else min(wake, deadline)
@@ -385,7 +386,7 @@ class Pool:
             raise
         except Exception as exc:  # unpicklable args: this run fails, no worker is touched
             self._events.append(
-                RunEnded(task, "failed", None, time.time(), None, None, None,
+                RunEnded(task, Outcome.FAILED, None, time.time(), None, None, None,
                          f"cannot send arguments: {one_line(exc)}", format_tb(exc))
             )  # fmt: skip
             return
@@ -429,7 +430,7 @@ class Pool:
 
     def kill_runs(
         self,
-        outcome: str = "killed",
+        outcome: Outcome = Outcome.KILLED,
         tasks: Sequence[Task] | None = None,
         reason: str | None = None,
     ) -> list[RunEnded]:
@@ -573,8 +574,9 @@ class Pool:
         if slot is not None and not slot.reported:
             if slot.started_clock is None:  # ran although cancelled: it started after all
                 self._events.append(RunStarted(slot.task, w.pid, started))
+            outcome = Outcome.SUCCEEDED if ok else Outcome.FAILED
             self._events.append(
-                RunEnded(slot.task, "succeeded" if ok else "failed", started, ended, w.pid,
+                RunEnded(slot.task, outcome, started, ended, w.pid,
                          None, None, error, tb, result_repr)
             )  # fmt: skip
         w.done += 1
@@ -587,7 +589,7 @@ class Pool:
     def _pop(self, w: _Worker, seq: int) -> _Slot | None:
         if not w.queue or w.queue[0].seq != seq:  # cannot happen unless the worker is broken
             log.error("worker %d answered for task %s out of order; killing it", w.pid, seq)
-            self._kill(w, "lost", "protocol error")
+            self._kill(w, Outcome.LOST, "protocol error")
             return None
         w.kill_at = None
         return w.queue.popleft()
@@ -650,7 +652,7 @@ class Pool:
                 self._events.append(NotStarted(slot.task, f"worker {w.pid} failed to start"))
             elif slot.started_clock is not None or slot.cancelled and slot is w.queue[0]:
                 self._events.append(
-                    RunEnded(slot.task, "lost", slot.started_at, now, w.pid, exit_code, sig,
+                    RunEnded(slot.task, Outcome.LOST, slot.started_at, now, w.pid, exit_code, sig,
                              f"worker died: {how}", None)
                 )  # fmt: skip
             else:
@@ -722,7 +724,7 @@ class Pool:
                 continue
             task = slot.task
             if task.timeout is not None and now >= slot.started_clock + task.timeout:
-                self._kill(w, "timeout", f"timed out after {task.timeout:g}s")
+                self._kill(w, Outcome.TIMEOUT, f"timed out after {task.timeout:g}s")
             elif (
                 task.heartbeat_timeout is not None
                 and now >= w.last_heartbeat + task.heartbeat_timeout
@@ -748,9 +750,9 @@ class Pool:
         except ProcessLookupError:
             pass
         w.kill_at = now + STACK_DUMP_GRACE
-        w.kill_outcome, w.kill_error = "timeout", f"no heartbeat for {secs:g}s"
+        w.kill_outcome, w.kill_error = Outcome.TIMEOUT, f"no heartbeat for {secs:g}s"
 
-    def _kill(self, w: _Worker, outcome: str | None, error: str | None,
+    def _kill(self, w: _Worker, outcome: Outcome | None, error: str | None,
               ids: set[str] | None = None, emit: bool = True) -> list[RunEnded]:  # fmt: skip
         """SIGKILL the worker now, with every process below it and its process group. Its running task ends with `outcome`
         (None: it was already reported); queued ones are handed back, or end with `outcome`
@@ -788,13 +790,13 @@ class Pool:
             self._events.extend(out)
         return out
 
-    def _kill_all(self, outcome: str, error: str) -> None:
+    def _kill_all(self, outcome: Outcome, error: str) -> None:
         for w in list(self._workers):
             if w.state != DYING:
                 self._kill(w, outcome, error, ids=None)
 
     @staticmethod
-    def _ended_unstarted(slot: _Slot, outcome: str, pid: int, error: str) -> RunEnded:
+    def _ended_unstarted(slot: _Slot, outcome: Outcome, pid: int, error: str) -> RunEnded:
         return RunEnded(slot.task, outcome, None, time.time(), pid, None, None, error, None)
 
     # -- drain ----------------------------------------------------------------------------------
@@ -1053,7 +1055,7 @@ class Pool:
         runs (multiprocessing's own atexit join would hang on workers that survive SIGTERM)."""
         if self._started and not self._closed:
             self._closing = True
-            self._kill_all("killed", "killed at exit")
+            self._kill_all(Outcome.KILLED, "killed at exit")
             self.close(timeout=0)
 
     def __repr__(self) -> str:

@@ -2,5 +2,6 @@
 cron, one-shot), and how long to wait after a failure (backoff.py). No sleeping, no reading of
 clocks, no I/O.
 
-May import: the standard library, croniter and zoneinfo (lazily). Nothing of poolkeeper's.
+May import: the standard library, croniter and zoneinfo (lazily), `poolkeeper.outcomes`. Nothing
+else of poolkeeper's.
 """

@@ -11,17 +11,18 @@ import math
 import random
 from typing import Any, NamedTuple
 
+from poolkeeper.outcomes import Outcome
+
 # The shortest delay ever returned. Full jitter can draw ~0 and `initial` may be configured as
 # 0; without a floor a crash-looping job would restart as fast as the pool can spawn it.
 MIN_DELAY = 0.1
 
 JITTER_MODES = ("full", "equal", "none")
 
-# Outcomes of a run (see state.OUTCOMES). 'killed' is absent on purpose: it only happens when
-# the daemon itself stops a run (drain deadline, fast stop), and retrying it would start work
-# during shutdown.
-RETRYABLE_OUTCOMES = frozenset({"failed", "timeout", "lost"})
-FAILURE_OUTCOMES = RETRYABLE_OUTCOMES
+# From the outcome table (poolkeeper.outcomes). As sets, so that any other string (a run still
+# 'running', say) is simply neither retried nor a failure.
+RETRYABLE_OUTCOMES = frozenset(outcome for outcome in Outcome if outcome.retried)
+FAILURE_OUTCOMES = frozenset(outcome for outcome in Outcome if outcome.failure)
 
 RESTART_POLICIES = ("always", "on-failure", "never")
 
@@ -38,7 +39,7 @@ class _BackoffFields(NamedTuple):
     floor: float = MIN_DELAY
 
 
-class Backoff(_BackoffFields):
+class BackoffDelays(_BackoffFields):
     """Exponential backoff: the n-th consecutive failure waits about initial * factor**(n-1).
 
     An immutable record (a NamedTuple: ~0.2 ms to build at import, a dataclass ~1 ms) that
@@ -46,7 +47,7 @@ class Backoff(_BackoffFields):
 
     __slots__ = ()
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Backoff:
+    def __new__(cls, *args: Any, **kwargs: Any) -> BackoffDelays:
         self = super().__new__(cls, *args, **kwargs)
         if self.initial < 0 or self.max < 0 or self.floor < 0:
             raise ValueError("backoff durations must not be negative")
@@ -78,13 +79,14 @@ class Backoff(_BackoffFields):
         return max(self.floor, drawn)
 
 
-class Retry:
-    """The retry decision for interval, cron and one-shot runs (`retry: {attempts: N, ...}`).
+class RetryDecider:
+    """The retry decision for interval, cron and one-shot runs (`retry: {attempts: N, ...}`):
+    the policy's attempts and delays, with the RNG their jitter draws from.
 
     `attempts` counts every try, the first included: 1 means no retry.
     """
 
-    def __init__(self, attempts: int, backoff: Backoff, rng: random.Random | None = None):
+    def __init__(self, attempts: int, backoff: BackoffDelays, rng: random.Random | None = None):
         if attempts < 1:
             raise ValueError(f"retry attempts must be >= 1, got {attempts}")
         self.attempts = attempts
@@ -109,7 +111,7 @@ def should_restart(policy: str, outcome: str) -> bool:
     """
     if policy not in RESTART_POLICIES:
         raise ValueError(f"restart policy must be one of {', '.join(RESTART_POLICIES)}")
-    if outcome == "killed" or policy == "never":
+    if outcome == Outcome.KILLED or policy == "never":
         return False
     if policy == "always":
         return True
@@ -131,7 +133,7 @@ class FailureTracker:
 
     def __init__(
         self,
-        backoff: Backoff,
+        backoff: BackoffDelays,
         rng: random.Random | None = None,
         *,
         stable_after: float | None = None,

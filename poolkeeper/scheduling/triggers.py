@@ -108,7 +108,7 @@ class _IntervalFields(NamedTuple):
 
 class IntervalTrigger(_IntervalFields):
     """`every: 5m`, `jitter: 10s`. Elapsed-time semantics: the wall clock's date is irrelevant.
-    An immutable record (see backoff.Backoff) that checks its fields when made."""
+    An immutable record (see backoff.BackoffDelays) that checks its fields when made."""
 
     __slots__ = ()
 

@@ -4,5 +4,5 @@ server and client (control.py).
 
 May import: the standard library, python-systemd or sdnotify, `poolkeeper.state` (where a
 config's socket lives), `poolkeeper.config.yamlload` (to find it without validating),
-`poolkeeper.printable`, `poolkeeper.exitcodes`.
+`poolkeeper.printable`, `poolkeeper.exitcodes`, `poolkeeper.outcomes`.
 """

@@ -20,19 +20,17 @@ import sys
 import time
 from typing import Any
 
+from poolkeeper.outcomes import Outcome
 from poolkeeper.printable import printable
 
 LOGGER_NAME = "poolkeeper"
 JOB_FIELDS = ("JOB", "RUN_ID", "ATTEMPT", "WORKER_PID")
 
 # One fixed 128-bit id per event kind (like systemd's catalog ids): stable across releases.
+# A run's end has the id of its outcome (poolkeeper.outcomes): `run_failed`, `run_lost`, ...
 MESSAGE_IDS: dict[str, str] = {
     "run_started": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a01",
-    "run_succeeded": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a02",
-    "run_failed": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a03",
-    "run_timeout": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a04",
-    "run_lost": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a05",
-    "run_killed": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a06",
+    **{f"run_{outcome}": outcome.message_id for outcome in Outcome},
     "worker_replaced": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a07",
     "reload_applied": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a08",
     "reload_rejected": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a09",
@@ -150,6 +148,14 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
     """`extra=` for an event record: its MESSAGE_ID plus the given journal fields."""
     extra = {key: value for key, value in fields.items() if value is not None}
     extra["MESSAGE_ID"] = MESSAGE_IDS[kind]
+    return extra
+
+
+def ended_event(outcome: Outcome, **fields: Any) -> dict[str, Any]:
+    """`extra=` for the record of a run that ended with `outcome`: its outcome's MESSAGE_ID
+    plus the given journal fields. Every Outcome has one, so this cannot fail."""
+    extra = {key: value for key, value in fields.items() if value is not None}
+    extra["MESSAGE_ID"] = outcome.message_id
     return extra
 
 

@@ -4,5 +4,5 @@ identity, decided from its config (identity.py): where its state is, the single-
 (one daemon per state), where its control socket listens, and `open_store`, the factory every
 other package gets a store from. Readers (`status`, `history`) open the same store read-only.
 
-May import: the standard library. Nothing of poolkeeper's other packages.
+May import: the standard library, `poolkeeper.outcomes`. Nothing of poolkeeper's other packages.
 """

@@ -16,12 +16,10 @@ import sqlite3
 import threading
 import time
 
+from poolkeeper.outcomes import RUNNING, Outcome
 from poolkeeper.state.store import ABANDONED_ERROR, MAX_ERROR_CHARS, RunRecord, StateUnreadable
 
 SCHEMA_VERSION = 1
-
-OUTCOMES = ("succeeded", "failed", "timeout", "lost", "killed")
-RUNNING = "running"
 
 # Rows buffered before a write forces a flush. The daemon also flushes from its loop at most
 # every ~0.5 s, so at low rates this only bounds memory.
@@ -266,14 +264,13 @@ class SqliteStore:
         scheduled_at: float | None,
         started_at: float | None,
         ended_at: float,
-        outcome: str,
+        outcome: Outcome,
         exit_code: int | None = None,
         signal: int | None = None,
         worker_pid: int | None = None,
         error: str | None = None,
     ) -> None:
-        if outcome not in OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+        outcome = Outcome(outcome)  # a plain string from a careless caller: ValueError, not a row
         if error is not None and len(error) > MAX_ERROR_CHARS:
             error = error[: MAX_ERROR_CHARS - 1] + "…"
         row = (
@@ -362,8 +359,8 @@ class SqliteStore:
                         "SELECT job, run_id FROM runs WHERE outcome = ? ORDER BY rowid", (RUNNING,)
                     ).fetchall()
                     self._conn.execute(
-                        "UPDATE runs SET outcome='lost', ended=?, error=? WHERE outcome=?",
-                        (now, ABANDONED_ERROR, RUNNING),
+                        "UPDATE runs SET outcome=?, ended=?, error=? WHERE outcome=?",
+                        (Outcome.LOST, now, ABANDONED_ERROR, RUNNING),
                     )
                     # They are now each job's newest finished runs (`status`'s last outcome);
                     # dict() keeps the last run_id per job.
