@@ -38,11 +38,11 @@ from poolkeeper.pool import helper_processes, reaper
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.supervisor import (
     NotStarted,
-    Pool,
     PoolFull,
     RunEnded,
     RunStarted,
     WorkerEvent,
+    WorkerPool,
     pool_for,
 )
 from poolkeeper.service import control
@@ -89,7 +89,7 @@ class Daemon(Reloading, ByHand):
         log_target: str = "stderr",
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
-        pool: Pool | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         """`pool`: the config's pool, possibly started already (cli.py starts it early when
         the config comes from the cache; the state lock is then taken after it, and a second
@@ -108,7 +108,7 @@ class Daemon(Reloading, ByHand):
         self.signals = SignalQueue(signals.caught())
         self.control: control.ControlServer | None = None
         self.state: StateStore | None = None
-        self.pool: Pool | None = pool
+        self.pool: WorkerPool | None = pool
         self.jobs: dict[str, JobRuntime] = {}
         self.phase = "starting"  # starting -> running -> draining -> stopped
         self.outcomes: Counter[str] = Counter()
