@@ -15,6 +15,7 @@ import os
 import pickle
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from poolkeeper.pool import protocol, reaper
@@ -28,6 +29,13 @@ STARTING, READY, RETIRING, DYING = "starting", "ready", "retiring", "dying"
 # After SIGUSR1 (faulthandler dumps the hung run's stack), give the dump this long to reach
 # stderr before the SIGKILL.
 STACK_DUMP_GRACE = 0.3
+# A worker told to exit (pool closing, recycling) that has no run left gets this long to do
+# so; then its process group is killed. A worker exits without waiting for its job's
+# threads, so only something wedged (a log handler that blocks, say) ever takes this long.
+WORKER_EXIT_GRACE = 5.0
+# What popen_forkserver reports for a worker whose forkserver died before it: the forkserver
+# was to send the exit status, and there is none.
+_NO_STATUS_FROM_FORKSERVER = 255
 # A run cancelled by kill_runs() that reached its worker anyway gets this long to be refused
 # ("N") before the worker is killed.
 VERDICT_GRACE = 0.05
@@ -157,6 +165,74 @@ class WorkerHandle:
             os.kill(self.pid, signal.SIGKILL)  # in case it has not made itself a group leader yet
         except ProcessLookupError:
             pass
+
+    def overdue(self, now: float) -> tuple[str | None, str | None] | None:
+        """Whether the supervisor must kill it now: None, or the (outcome, error) its running
+        task ends with (outcome None: nothing left to report). A run without heartbeats has its
+        stack dumped first, and is due STACK_DUMP_GRACE later."""
+        exit_by = self.exit_by
+        if exit_by is not None and now >= exit_by and self.state != DYING and not self.exited:
+            log.warning(
+                "worker %d did not exit within %gs of being told to (its last run left "
+                "something that blocks the exit?): killing its process group",
+                self.pid, WORKER_EXIT_GRACE,
+            )  # fmt: skip
+            return None, None
+        if self.state == DYING or not self.queue:
+            return None
+        if self.kill_at is not None:
+            return (self.kill_outcome, self.kill_error) if now >= self.kill_at else None
+        slot = self.queue[0]
+        if slot.started_clock is None:
+            return None
+        task = slot.task
+        if task.timeout is not None and now >= slot.started_clock + task.timeout:
+            return "timeout", f"timed out after {task.timeout:g}s"
+        if (
+            task.heartbeat_timeout is not None
+            and now >= self.last_heartbeat + task.heartbeat_timeout
+        ):
+            self.dump_stack_then_kill(slot, now)
+        return None
+
+    def tell_to_exit(self, now: float) -> None:
+        """Send None: the worker exits once its queue is done, within WORKER_EXIT_GRACE."""
+        self.send(None)
+        self.told_to_exit = True
+        self.start_exit_clock(now)
+
+    def start_exit_clock(self, now: float) -> None:
+        """A worker told to exit, with nothing left to run, has WORKER_EXIT_GRACE to go."""
+        if self.told_to_exit and not self.queue and self.exit_by is None:
+            self.exit_by = now + WORKER_EXIT_GRACE
+
+    def exit_status(
+        self, code: int, forkserver_dead: Callable[[int | None], bool]
+    ) -> tuple[int | None, int | None, str]:
+        """(exit code, signal, in words) of its exit status `code` (Process.exitcode)."""
+        sig = -code if code < 0 else None
+        exit_code = code if code >= 0 else None
+        how = f"exit code {code}" if sig is None else signame(sig)
+        if code == _NO_STATUS_FROM_FORKSERVER and forkserver_dead(self.forkserver):
+            exit_code, how = None, f"exit status unknown: its forkserver ({self.forkserver}) died"
+        return exit_code, sig, how
+
+    def end_unstarted(self, outcome: str, ids: set[str] | None, now: float) -> list[RunEnded]:
+        """End its queued tasks of `ids` (all if None) with `outcome` before they start
+        (kill_runs), and tell the worker not to start them."""
+        out: list[RunEnded] = []
+        head = self.queue[0]
+        for slot in self.queue:
+            if slot.reported or (ids is not None and slot.task.run_id not in ids):
+                continue
+            out.append(ended_unstarted(slot, outcome, self.pid, f"{outcome} before start"))
+            slot.reported = True
+            if not slot.cancelled:
+                slot.cancelled = True
+                self.send(("C", slot.seq))
+            if slot is head and head.started_clock is None and self.state == READY:
+                self.kill_at, self.kill_outcome = now + VERDICT_GRACE, None
+        return out
 
     def read(self) -> list[Any] | None:
         """Every complete message its pipe holds now; None once its end is closed."""
@@ -301,6 +377,29 @@ def start_worker(
     except ProcessLookupError:  # already gone (forkserver reaped it)
         pidfd = None
     return WorkerHandle(proc, parent, pidfd, stop_w, now)
+
+
+def pick(
+    workers: list[WorkerHandle], loop: bool, big: bool, prefetch: int, max_runs: int
+) -> WorkerHandle | None:
+    """The worker a task goes to: an idle ready one first, then one still starting, then (not
+    for a loop task) one with room in its queue; None if none fits. A `big` task only goes to
+    a worker that reads its pipe now."""
+    best = None
+    for w in workers:
+        room = w.room(prefetch, max_runs)
+        if not room:
+            continue
+        if not w.queue:
+            if w.state == READY:
+                return w
+            if best is None or best.queue:
+                best = w
+        elif best is None and not loop:
+            best = w
+    if best is None or (big and not best.awaits()) or (loop and best.queue):
+        return None
+    return best
 
 
 def ended_unstarted(slot: Slot, outcome: str, pid: int, error: str) -> RunEnded:

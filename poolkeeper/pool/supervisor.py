@@ -54,12 +54,10 @@ from poolkeeper.pool.handle import (
     READY,
     RETIRING,
     STARTING,
-    VERDICT_GRACE,
     Slot,
     WorkerHandle,
-    ended_unstarted,
     killpg,
-    signame,
+    pick,
     start_worker,
 )
 from poolkeeper.pool.protocol import (
@@ -96,15 +94,8 @@ BUFFERED_MAX = 32 * 1024
 # does not go away.
 OVERDUE = 2.0
 DYING_TOO_LONG = 10.0
-# A worker told to exit (pool closing, recycling) that has no run left gets this long to do
-# so; then its process group is killed. A worker exits without waiting for its job's
-# threads, so only something wedged (a log handler that blocks, say) ever takes this long.
-WORKER_EXIT_GRACE = 5.0
 
 _CONN, _PIDFD, _SENTINEL, _FORKSERVER = 0, 1, 2, 3
-# What popen_forkserver reports for a worker whose forkserver died before it: the forkserver
-# was to send the exit status, and there is none.
-_NO_STATUS_FROM_FORKSERVER = 255
 
 
 class PoolFull(Exception):
@@ -196,7 +187,7 @@ class WorkerPool:
         self._drain_queued()
         for w in self._workers:
             if w.state != DYING:
-                self._tell_to_exit(w)
+                w.tell_to_exit(self._clock())
                 if w.state != STARTING:
                     self._set_state(w, RETIRING)
         deadline = None if timeout is None else self._clock() + timeout
@@ -347,16 +338,7 @@ class WorkerPool:
                 targets = {s.task.run_id for s in w.queue} if ids is None else ids
                 out.extend(self._kill(w, outcome, why, targets, emit=False))
                 continue
-            for slot in w.queue:
-                if slot.reported or (ids is not None and slot.task.run_id not in ids):
-                    continue
-                out.append(ended_unstarted(slot, outcome, w.pid, f"{outcome} before start"))
-                slot.reported = True
-                if not slot.cancelled:
-                    slot.cancelled = True
-                    w.send(("C", slot.seq))
-                if slot is head and head.started_clock is None and w.state == READY:
-                    w.kill_at, w.kill_outcome = now + VERDICT_GRACE, None
+            out.extend(w.end_unstarted(outcome, ids, now))
         return out
 
     def drain(self) -> None:
@@ -489,7 +471,7 @@ class WorkerPool:
         if w.queue:
             self._promote(w, self._clock())
         else:
-            self._start_exit_clock(w)
+            w.start_exit_clock(self._clock())
 
     def _promote(self, w: WorkerHandle, now: float, wall: float | None = None) -> None:
         started = w.promote(now, wall)
@@ -517,11 +499,7 @@ class WorkerPool:
         # The job's grandchildren share the worker's process group; the group id stays
         # reserved until they are all gone, so this cannot hit an unrelated process.
         killpg(w.pid)
-        sig = -code if code < 0 else None
-        exit_code = code if code >= 0 else None
-        how = f"exit code {code}" if sig is None else signame(sig)
-        if code == _NO_STATUS_FROM_FORKSERVER and self._forkserver.is_dead(w.forkserver):
-            exit_code, how = None, f"exit status unknown: its forkserver ({w.forkserver}) died"
+        exit_code, sig, how = w.exit_status(code, self._forkserver.is_dead)
         never_ready = w.state == STARTING or w.init_error is not None
         self._events.extend(w.end_runs_at_exit(never_ready, exit_code, sig, how))
         expected = w.state in (DYING, RETIRING) or self._closing
@@ -548,33 +526,9 @@ class WorkerPool:
 
     def _enforce_deadlines(self, now: float) -> None:
         for w in list(self._workers):
-            if w.exit_by is not None and now >= w.exit_by and w.state != DYING and not w.exited:
-                self._kill_for_not_exiting(w)
-            if w.state == DYING or not w.queue:
-                continue
-            if w.kill_at is not None:
-                if now >= w.kill_at:
-                    self._kill(w, w.kill_outcome, w.kill_error)
-                continue
-            slot = w.queue[0]
-            if slot.started_clock is None:
-                continue
-            task = slot.task
-            if task.timeout is not None and now >= slot.started_clock + task.timeout:
-                self._kill(w, "timeout", f"timed out after {task.timeout:g}s")
-            elif (
-                task.heartbeat_timeout is not None
-                and now >= w.last_heartbeat + task.heartbeat_timeout
-            ):
-                w.dump_stack_then_kill(slot, now)
-
-    def _kill_for_not_exiting(self, w: WorkerHandle) -> None:
-        log.warning(
-            "worker %d did not exit within %gs of being told to (its last run left "
-            "something that blocks the exit?): killing its process group",
-            w.pid, WORKER_EXIT_GRACE,
-        )  # fmt: skip
-        self._kill(w, None, None)
+            kill = w.overdue(now)
+            if kill is not None:
+                self._kill(w, *kill)
 
     def _kill(self, w: WorkerHandle, outcome: str | None, error: str | None,
               ids: set[str] | None = None, emit: bool = True) -> list[RunEnded]:  # fmt: skip
@@ -614,19 +568,8 @@ class WorkerPool:
         w.retire_reason = why
         self._set_state(w, RETIRING)
         w.cancel_queued()  # queued behind the last run: hand back (a fresh worker takes it)
-        self._tell_to_exit(w)
+        w.tell_to_exit(self._clock())
         self._events.append(WorkerEvent("recycled", w.pid, why))
-
-    def _tell_to_exit(self, w: WorkerHandle) -> None:
-        """Send None: the worker exits once its queue is done, within WORKER_EXIT_GRACE."""
-        w.send(None)
-        w.told_to_exit = True
-        self._start_exit_clock(w)
-
-    def _start_exit_clock(self, w: WorkerHandle) -> None:
-        """A worker told to exit, with nothing left to run, has WORKER_EXIT_GRACE to go."""
-        if w.told_to_exit and not w.queue and w.exit_by is None:
-            w.exit_by = self._clock() + WORKER_EXIT_GRACE
 
     def _replacing(self) -> bool:
         """Whether dead workers are replaced: not once the pool drains or closes."""
@@ -684,21 +627,10 @@ class WorkerPool:
     # -- helpers ----------------------------------------------------------------------------
 
     def _pick(self, loop: bool, big: bool) -> WorkerHandle:
-        best = None
-        for w in self._workers:
-            room = w.room(self.prefetch, self.max_runs)
-            if not room:
-                continue
-            if not w.queue:
-                if w.state == READY:
-                    return w
-                if best is None or best.queue:
-                    best = w
-            elif best is None and not loop:
-                best = w
-        if best is None or (big and not best.awaits()) or (loop and best.queue):
+        w = pick(self._workers, loop, big, self.prefetch, self.max_runs)
+        if w is None:
             raise PoolFull("no worker can take a task now")
-        return best
+        return w
 
     def _set_state(self, w: WorkerHandle, state: str) -> None:
         if w.state != state:
