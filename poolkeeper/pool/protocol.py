@@ -19,9 +19,10 @@ Messages, each a pickled tuple framed like multiprocessing.Connection (4-byte le
                      ("N", seq, reason)      seq was cancelled before it started
 
 Why no "started" message: a worker runs its queue in order, so the main process knows a task
-starts when the previous result arrives (or at once for an idle worker). Each worker holds at
-most one task beyond the running one (prefetch), so a worker never waits for the main process
-between two runs; a prefetched task whose worker dies is handed back as NotStarted.
+starts when the previous result arrives (or at once for an idle worker). A worker holds at
+most `prefetch` tasks beyond the running one (the daemon's pool: none), and runs them without
+waiting for the main process in between; a prefetched task whose worker dies is handed back as
+NotStarted.
 """
 
 from __future__ import annotations
