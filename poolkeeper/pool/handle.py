@@ -1,10 +1,10 @@
 """One worker as the supervisor (poolkeeper.pool.supervisor) sees it: its process, its end of the
 pipe and its stop pipe, the tasks handed to it (a Slot each, from submit() to its terminal
-event), its state and its deadlines.
+event), its state, its deadlines, and what its kill or exit means for each of its tasks.
 
-Everything here runs in the main process and concerns a single worker. What the pool decides
-across workers (which one takes a task, what an exit means for its runs, when to respawn)
-stays in the supervisor.
+Everything here runs in the main process and looks at one worker at a time (pick() only
+compares them). The supervisor decides for the pool: when a worker is killed, retired or
+replaced, and which events its caller sees.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from poolkeeper.pool.worker import PassFd, WorkerConfig, worker_main
 
 log = logging.getLogger("poolkeeper.pool.supervisor")
 
+# A worker's states: STARTING until its "R", READY (takes tasks), RETIRING (told to exit once
+# its run is done: recycling, close), DYING (SIGKILLed, waiting to be reaped).
 STARTING, READY, RETIRING, DYING = "starting", "ready", "retiring", "dying"
 
 # After SIGUSR1 (faulthandler dumps the hung run's stack), give the dump this long to reach
@@ -93,27 +95,7 @@ class WorkerHandle:
         self.exit_by: float | None = None  # ... and is killed if still there at this time
         self.forkserver: int | None = None  # pid of the forkserver that started it
 
-    def deadline(self) -> float | None:
-        """The clock time at which the supervisor must act on this worker, if any: a kill
-        already decided, the end of its exit grace, its running task's timeout or heartbeat
-        timeout."""
-        if self.kill_at is not None:
-            return self.kill_at
-        if self.exit_by is not None and self.state != DYING:
-            return self.exit_by
-        if not self.queue or self.state == DYING:
-            return None
-        slot = self.queue[0]
-        if slot.started_clock is None:
-            return None
-        task = slot.task
-        best = None
-        if task.timeout is not None:
-            best = slot.started_clock + task.timeout
-        if task.heartbeat_timeout is not None:
-            t = self.last_heartbeat + task.heartbeat_timeout
-            best = t if best is None else min(best, t)
-        return best
+    # -- taking tasks, talking to it -------------------------------------------------------
 
     def room(self, prefetch: int, max_runs: int) -> int:
         """How many more tasks it can take now."""
@@ -143,96 +125,6 @@ class WorkerHandle:
         except OSError:  # it died; its pidfd will tell
             self.broken = True
             return False
-
-    def signal_stop(self) -> None:
-        """Set the worker's ctx.stopping: one byte that nobody reads, so it stays set."""
-        if not self.stop_set:
-            self.stop_set = True
-            try:
-                os.write(self.stop_w, b"!")
-            except OSError:  # cannot happen with an empty pipe; the worker ends either way
-                pass
-
-    def kill(self) -> None:
-        """SIGKILL the worker now, with every process below it and its process group."""
-        q = self.queue
-        run = q[0].task if q and q[0].started_clock is not None else None
-        reaper.kill_below(
-            self.pid, f"below worker {self.pid}" + (f" (running {run.job})" if run else "")
-        )
-        killpg(self.pid)
-        try:
-            os.kill(self.pid, signal.SIGKILL)  # in case it has not made itself a group leader yet
-        except ProcessLookupError:
-            pass
-
-    def overdue(self, now: float) -> tuple[str | None, str | None] | None:
-        """Whether the supervisor must kill it now: None, or the (outcome, error) its running
-        task ends with (outcome None: nothing left to report). A run without heartbeats has its
-        stack dumped first, and is due STACK_DUMP_GRACE later."""
-        exit_by = self.exit_by
-        if exit_by is not None and now >= exit_by and self.state != DYING and not self.exited:
-            log.warning(
-                "worker %d did not exit within %gs of being told to (its last run left "
-                "something that blocks the exit?): killing its process group",
-                self.pid, WORKER_EXIT_GRACE,
-            )  # fmt: skip
-            return None, None
-        if self.state == DYING or not self.queue:
-            return None
-        if self.kill_at is not None:
-            return (self.kill_outcome, self.kill_error) if now >= self.kill_at else None
-        slot = self.queue[0]
-        if slot.started_clock is None:
-            return None
-        task = slot.task
-        if task.timeout is not None and now >= slot.started_clock + task.timeout:
-            return "timeout", f"timed out after {task.timeout:g}s"
-        if (
-            task.heartbeat_timeout is not None
-            and now >= self.last_heartbeat + task.heartbeat_timeout
-        ):
-            self.dump_stack_then_kill(slot, now)
-        return None
-
-    def tell_to_exit(self, now: float) -> None:
-        """Send None: the worker exits once its queue is done, within WORKER_EXIT_GRACE."""
-        self.send(None)
-        self.told_to_exit = True
-        self.start_exit_clock(now)
-
-    def start_exit_clock(self, now: float) -> None:
-        """A worker told to exit, with nothing left to run, has WORKER_EXIT_GRACE to go."""
-        if self.told_to_exit and not self.queue and self.exit_by is None:
-            self.exit_by = now + WORKER_EXIT_GRACE
-
-    def exit_status(
-        self, code: int, forkserver_dead: Callable[[int | None], bool]
-    ) -> tuple[int | None, int | None, str]:
-        """(exit code, signal, in words) of its exit status `code` (Process.exitcode)."""
-        sig = -code if code < 0 else None
-        exit_code = code if code >= 0 else None
-        how = f"exit code {code}" if sig is None else signame(sig)
-        if code == _NO_STATUS_FROM_FORKSERVER and forkserver_dead(self.forkserver):
-            exit_code, how = None, f"exit status unknown: its forkserver ({self.forkserver}) died"
-        return exit_code, sig, how
-
-    def end_unstarted(self, outcome: str, ids: set[str] | None, now: float) -> list[RunEnded]:
-        """End its queued tasks of `ids` (all if None) with `outcome` before they start
-        (kill_runs), and tell the worker not to start them."""
-        out: list[RunEnded] = []
-        head = self.queue[0]
-        for slot in self.queue:
-            if slot.reported or (ids is not None and slot.task.run_id not in ids):
-                continue
-            out.append(ended_unstarted(slot, outcome, self.pid, f"{outcome} before start"))
-            slot.reported = True
-            if not slot.cancelled:
-                slot.cancelled = True
-                self.send(("C", slot.seq))
-            if slot is head and head.started_clock is None and self.state == READY:
-                self.kill_at, self.kill_outcome = now + VERDICT_GRACE, None
-        return out
 
     def read(self) -> list[Any] | None:
         """Every complete message its pipe holds now; None once its end is closed."""
@@ -271,6 +163,85 @@ class WorkerHandle:
                     slot.cancelled = True
                     self.send(("C", slot.seq))
 
+    def end_unstarted(self, outcome: str, ids: set[str] | None, now: float) -> list[RunEnded]:
+        """End its queued tasks of `ids` (all if None) with `outcome` before they start
+        (kill_runs), and tell the worker not to start them."""
+        out: list[RunEnded] = []
+        head = self.queue[0]
+        for slot in self.queue:
+            if slot.reported or (ids is not None and slot.task.run_id not in ids):
+                continue
+            out.append(ended_unstarted(slot, outcome, self.pid, f"{outcome} before start"))
+            slot.reported = True
+            if not slot.cancelled:
+                slot.cancelled = True
+                self.send(("C", slot.seq))
+            if slot is head and head.started_clock is None and self.state == READY:
+                self.kill_at, self.kill_outcome = now + VERDICT_GRACE, None
+        return out
+
+    def signal_stop(self) -> None:
+        """Set the worker's ctx.stopping: one byte that nobody reads, so it stays set."""
+        if not self.stop_set:
+            self.stop_set = True
+            try:
+                os.write(self.stop_w, b"!")
+            except OSError:  # cannot happen with an empty pipe; the worker ends either way
+                pass
+
+    # -- its deadlines ---------------------------------------------------------------------
+
+    def deadline(self) -> float | None:
+        """The clock time at which the supervisor must act on this worker, if any: a kill
+        already decided, the end of its exit grace, its running task's timeout or heartbeat
+        timeout."""
+        if self.kill_at is not None:
+            return self.kill_at
+        if self.exit_by is not None and self.state != DYING:
+            return self.exit_by
+        if not self.queue or self.state == DYING:
+            return None
+        slot = self.queue[0]
+        if slot.started_clock is None:
+            return None
+        task = slot.task
+        best = None
+        if task.timeout is not None:
+            best = slot.started_clock + task.timeout
+        if task.heartbeat_timeout is not None:
+            t = self.last_heartbeat + task.heartbeat_timeout
+            best = t if best is None else min(best, t)
+        return best
+
+    def overdue(self, now: float) -> tuple[str | None, str | None] | None:
+        """Whether the supervisor must kill it now: None, or the (outcome, error) its running
+        task ends with (outcome None: nothing left to report). A run without heartbeats has its
+        stack dumped first, and is due STACK_DUMP_GRACE later."""
+        exit_by = self.exit_by
+        if exit_by is not None and now >= exit_by and self.state != DYING and not self.exited:
+            log.warning(
+                "worker %d did not exit within %gs of being told to (its last run left "
+                "something that blocks the exit?): killing its process group",
+                self.pid, WORKER_EXIT_GRACE,
+            )  # fmt: skip
+            return None, None
+        if self.state == DYING or not self.queue:
+            return None
+        if self.kill_at is not None:
+            return (self.kill_outcome, self.kill_error) if now >= self.kill_at else None
+        slot = self.queue[0]
+        if slot.started_clock is None:
+            return None
+        task = slot.task
+        if task.timeout is not None and now >= slot.started_clock + task.timeout:
+            return "timeout", f"timed out after {task.timeout:g}s"
+        if (
+            task.heartbeat_timeout is not None
+            and now >= self.last_heartbeat + task.heartbeat_timeout
+        ):
+            self.dump_stack_then_kill(slot, now)
+        return None
+
     def dump_stack_then_kill(self, slot: Slot, now: float) -> None:
         secs = slot.task.heartbeat_timeout
         log.warning(
@@ -283,6 +254,32 @@ class WorkerHandle:
             pass
         self.kill_at = now + STACK_DUMP_GRACE
         self.kill_outcome, self.kill_error = "timeout", f"no heartbeat for {secs:g}s"
+
+    def tell_to_exit(self, now: float) -> None:
+        """Send None: the worker exits once its queue is done, within WORKER_EXIT_GRACE."""
+        self.send(None)
+        self.told_to_exit = True
+        self.start_exit_clock(now)
+
+    def start_exit_clock(self, now: float) -> None:
+        """A worker told to exit, with nothing left to run, has WORKER_EXIT_GRACE to go."""
+        if self.told_to_exit and not self.queue and self.exit_by is None:
+            self.exit_by = now + WORKER_EXIT_GRACE
+
+    # -- its end ---------------------------------------------------------------------------
+
+    def kill(self) -> None:
+        """SIGKILL the worker now, with every process below it and its process group."""
+        q = self.queue
+        run = q[0].task if q and q[0].started_clock is not None else None
+        reaper.kill_below(
+            self.pid, f"below worker {self.pid}" + (f" (running {run.job})" if run else "")
+        )
+        killpg(self.pid)
+        try:
+            os.kill(self.pid, signal.SIGKILL)  # in case it has not made itself a group leader yet
+        except ProcessLookupError:
+            pass
 
     def end_runs_at_kill(
         self, outcome: str | None, error: str | None, ids: set[str] | None
@@ -311,6 +308,17 @@ class WorkerHandle:
         self.queue.clear()
         self.kill_at = None
         return out, handed_back
+
+    def exit_status(
+        self, code: int, forkserver_dead: Callable[[int | None], bool]
+    ) -> tuple[int | None, int | None, str]:
+        """(exit code, signal, in words) of its exit status `code` (Process.exitcode)."""
+        sig = -code if code < 0 else None
+        exit_code = code if code >= 0 else None
+        how = f"exit code {code}" if sig is None else signame(sig)
+        if code == _NO_STATUS_FROM_FORKSERVER and forkserver_dead(self.forkserver):
+            exit_code, how = None, f"exit status unknown: its forkserver ({self.forkserver}) died"
+        return exit_code, sig, how
 
     def end_runs_at_exit(
         self, never_ready: bool, exit_code: int | None, sig: int | None, how: str

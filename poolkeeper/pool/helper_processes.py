@@ -230,8 +230,9 @@ def _describe_status(status: int) -> str:
 
 
 def prestart_forkserver(preload: Sequence[str]) -> None:
-    """Boot the forkserver now (preloading `preload`), ahead of any WorkerPool. A later WorkerPool.start()
-    finds it running; the last WorkerPool.close() (or stop_prestarted()) stops it."""
+    """Boot the forkserver now (preloading `preload`), ahead of any WorkerPool. A later
+    WorkerPool.start() finds it running; the last WorkerPool.close() (or stop_prestarted())
+    stops it."""
     if forkserver_running():
         return
     tracker_was_running = resource_tracker._resource_tracker._fd is not None

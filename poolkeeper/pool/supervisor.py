@@ -4,10 +4,11 @@ Processes, pipes and messages::
 
     main process (the daemon's single loop)                     worker (one per slot)
     +---------------------------------------+                  +----------------------------+
-    | WorkerPool                            |  duplex pipe     | worker_main()              |
-    |   submit(task) --------------------------("T", ...)---->  |   set up: own pgid, ignore |
-    |                                       |  ("C", seq)  ->  |   SIGTERM/SIGINT, preload, |
-    |                                       |  None (stop) ->  |   faulthandler, watcher    |
+    | WorkerPool                            |  duplex pipe     | worker_main() (worker.py): |
+    |   one WorkerHandle per worker         |  (protocol.py)   |   a _WorkerLoop            |
+    |   submit(task) --------------------------("T", ...)---->  |   set up: own pgid,        |
+    |                                       |  ("C", seq)  ->  |   subreaper, signals,      |
+    |                                       |  None (stop) ->  |   preload, faulthandler    |
     |   poll():                             |                  |   loop: recv, run, send    |
     |     1. read all ready messages  <--------("R"|"I"|"H"|    |                            |
     |     2. reap exited workers      <--+  |   "D"|"N", ...)  |   thread: poll(main pidfd) |
@@ -21,10 +22,12 @@ Processes, pipes and messages::
     stop pipe: one per worker, its read end is the job's ctx.stopping; the main process writes
     a byte into every one to drain, or into one to stop that worker's run (stop_runs())
 
-The messages on the pipe, their framing, and the records poll() returns are in
-poolkeeper/pool/protocol.py (both ends import it); one worker as seen from here (its process,
-pipe, queued tasks, state, deadlines) is a WorkerHandle (poolkeeper/pool/handle.py); the
-forkserver's death is noticed by poolkeeper/pool/forkserver_watch.py.
+Where each part lives: the messages on the pipe, their framing, and the records poll() returns
+in poolkeeper/pool/protocol.py (both ends import it); one worker as seen from here (its
+process, pipe, queued tasks, state, deadlines, what its death or kill means for each task) in
+poolkeeper/pool/handle.py; the forkserver's death in poolkeeper/pool/forkserver_watch.py; the
+respawn backoff in poolkeeper/pool/respawns.py. This module decides across workers: which one
+takes a task, when to kill, retire and respawn, and what its caller is told.
 
 Why not multiprocessing.Pool / ProcessPoolExecutor / billiard / pebble / loky: see
 docs/design.md ("Pool"): they lose results of killed workers, wedge on a lock held by a killed
@@ -68,8 +71,8 @@ from poolkeeper.pool.protocol import (
     Task,
     WorkerEvent,
 )
+from poolkeeper.pool.respawns import Respawns
 from poolkeeper.pool.worker import WorkerConfig, format_tb, one_line
-from poolkeeper.scheduling.backoff import Backoff
 
 __all__ = [
     "NotStarted",
@@ -84,9 +87,6 @@ __all__ = [
 
 log = logging.getLogger("poolkeeper.pool.supervisor")
 
-# Respawn backoff after a worker fails to initialise: 0.25 s, doubling, at most 30 s; no jitter
-# (one pool, nothing to spread out).
-RESPAWN_BACKOFF = Backoff(initial=0.25, factor=2.0, max=30.0, jitter="none", floor=0.0)
 # A task this big is only sent to a worker known to be reading its pipe, never queued behind a
 # run: a full socket buffer would block the main process in send().
 BUFFERED_MAX = 32 * 1024
@@ -139,10 +139,7 @@ class WorkerPool:
         self._main_pidfd: int | None = None
         self._events: list[Event] = []
         self._seq = itertools.count(1)
-        self._respawn_at = 0.0
-        self._init_failures = 0
-        self._last_init_error = ""
-        self._replaces: list[int] = []  # pids of dead workers whose replacement is owed
+        self._respawns = Respawns()
         self._closing = False
         self._closed = False
         self._started = False
@@ -312,7 +309,7 @@ class WorkerPool:
                 t = self._clock() + 0.01
                 best = t if best is None else min(best, t)
         if self._replacing() and self.size() < self.target_size:
-            best = self._respawn_at if best is None else min(best, self._respawn_at)
+            best = self._respawns.at if best is None else min(best, self._respawns.at)
         return best
 
     def kill_runs(
@@ -375,16 +372,13 @@ class WorkerPool:
             if t is not None and now - t > OVERDUE and w.queue:
                 task = w.queue[0].task
                 return False, f"run {task.run_id} ({task.job}) is {now - t:.1f}s past its deadline"
-        if self._init_failures:
-            wait = max(0.0, self._respawn_at - now)
-            return False, (
-                f"workers fail to start ({self._init_failures} in a row): "
-                f"{self._last_init_error}; next attempt in {wait:.1f}s"
-            )
+        trouble = self._respawns.trouble(now)
+        if trouble is not None:
+            return False, trouble
         if (
             self._replacing()
             and self.size() < self.target_size
-            and now - self._respawn_at > OVERDUE
+            and now - self._respawns.at > OVERDUE
         ):
             return False, f"{self.size()}/{self.target_size} workers and no respawn under way"
         return True, "ok"
@@ -430,7 +424,7 @@ class WorkerPool:
                 self._events.append(NotStarted(slot.task, msg[2]))
             self._after_run(w)
         elif kind == "R":
-            self._init_failures = 0
+            self._respawns.failures = 0
             if w.state == STARTING:
                 self._set_state(w, READY)
                 ready_in = self._clock() - w.born
@@ -438,7 +432,7 @@ class WorkerPool:
             self._promote(w, self._clock())
         elif kind == "I":
             w.init_error = msg[1]
-            self._last_init_error = msg[1]
+            self._respawns.last_error = msg[1]
             log.error("worker %d failed to initialise: %s\n%s", w.pid, msg[1], msg[2])
             self._events.append(WorkerEvent("init_failed", w.pid, msg[1]))
 
@@ -507,12 +501,10 @@ class WorkerPool:
             log.warning("worker %d died: %s", w.pid, how)
         self._events.append(WorkerEvent("exited", w.pid, how))
         if never_ready and not self._closing:
-            self._init_failures += 1
-            if w.init_error is None:
-                self._last_init_error = f"worker died during initialisation: {how}"
-            self._respawn_at = self._clock() + RESPAWN_BACKOFF.base(self._init_failures)
+            error = f"worker died during initialisation: {how}" if w.init_error is None else None
+            self._respawns.failed(self._clock(), error)
         elif w.state == READY and self._replacing():
-            self._replaces.append(w.pid)
+            self._respawns.owed.append(w.pid)
         self._forget(w)
 
     def _forget(self, w: WorkerHandle) -> None:
@@ -532,14 +524,15 @@ class WorkerPool:
 
     def _kill(self, w: WorkerHandle, outcome: str | None, error: str | None,
               ids: set[str] | None = None, emit: bool = True) -> list[RunEnded]:  # fmt: skip
-        """SIGKILL the worker now, with every process below it and its process group. Its running task ends with `outcome`
-        (None: it was already reported); queued ones are handed back, or end with `outcome`
-        too if they are in `ids`. The worker is reaped when its pidfd fires."""
+        """SIGKILL the worker now, with every process below it and its process group. Its
+        running task ends with `outcome` (None: it was already reported); queued ones are
+        handed back, or end with `outcome` too if they are in `ids`. The worker is reaped when
+        its pidfd fires."""
         w.kill()
         out, handed_back = w.end_runs_at_kill(outcome, error, ids)
         self._events.extend(handed_back)
         if self._replacing() and w.state in (STARTING, READY):
-            self._replaces.append(w.pid)
+            self._respawns.owed.append(w.pid)
         self._set_state(w, DYING)
         if emit:
             self._events.extend(out)
@@ -579,16 +572,16 @@ class WorkerPool:
         if not self._replacing():
             return
         missing = self.target_size - self.size()
-        if missing <= 0 or now < self._respawn_at:
+        if missing <= 0 or now < self._respawns.at:
             return
-        if self._init_failures:  # probing: one at a time until one comes up
+        if self._respawns.failures:  # probing: one at a time until one comes up
             if any(w.state == STARTING for w in self._workers):
                 return
             missing = 1
         for _ in range(missing):
             new = self._spawn(now)
-            if new is not None and self._replaces:
-                old = self._replaces.pop(0)
+            if new is not None and self._respawns.owed:
+                old = self._respawns.owed.pop(0)
                 self._events.append(WorkerEvent("replaced", old, f"by worker {new.pid}"))
 
     def _spawn(self, now: float) -> WorkerHandle | None:
@@ -606,11 +599,10 @@ class WorkerPool:
         try:
             w = start_worker(self._ctx, cfg, self._main_pidfd, inherited, now)
         except Exception as exc:  # e.g. the forkserver itself died on a bad preload
-            self._init_failures += 1
-            self._last_init_error = f"cannot start a worker: {one_line(exc)}"
-            self._respawn_at = now + RESPAWN_BACKOFF.base(self._init_failures)
-            log.error("%s", self._last_init_error)
-            self._events.append(WorkerEvent("init_failed", 0, self._last_init_error))
+            error = f"cannot start a worker: {one_line(exc)}"
+            self._respawns.failed(now, error)
+            log.error("%s", error)
+            self._events.append(WorkerEvent("init_failed", 0, error))
             return None
         if self.start_method == "forkserver":
             w.forkserver = self._forkserver.follow()

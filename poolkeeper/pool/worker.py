@@ -4,8 +4,9 @@ Everything here runs in the worker. The messages are described in `poolkeeper/po
 the main-process side at the top of `poolkeeper/pool/supervisor.py`. A worker never decides
 anything about its own life: it runs what it is sent, reports what happened as plain strings
 (never job objects: they might not pickle), and exits when told to, when its pipe reaches EOF,
-or (killing its whole process group) when the main process dies. It is a child subreaper, so whatever a job detaches stays
-below it, and it kills all of that when it exits (poolkeeper/pool/reaper.py).
+or (killing its whole process group) when the main process dies. It is a child subreaper, so
+whatever a job detaches stays below it, and it kills all of that when it exits
+(poolkeeper/pool/reaper.py).
 """
 
 from __future__ import annotations
