@@ -42,7 +42,8 @@ def raw_pool(method: str, n: int) -> float:
 
 
 def our_pool(method: str, n: int, prefetch: int) -> float:
-    """Runs per second through poolkeeper.pool.supervisor.WorkerPool, driven like the daemon's main loop."""
+    """Runs per second through poolkeeper.pool.supervisor.WorkerPool, driven like the daemon's
+    main loop."""
     pool = WorkerPool(
         workers=WORKERS,
         start_method=method,

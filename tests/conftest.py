@@ -59,8 +59,8 @@ def no_stray_processes(request):
 
 @pytest.fixture
 def make_pool():
-    """Start a pool in this process (`make(method, **WorkerPool kwargs)` -> a jobs_for_tests.Driver);
-    every pool is closed, its workers joined, when the test ends."""
+    """Start a pool in this process (`make(method, **WorkerPool kwargs)` -> a
+    jobs_for_tests.Driver); every pool is closed, its workers joined, when the test ends."""
     from jobs_for_tests import TESTS_DIR, Driver
 
     from poolkeeper.pool.supervisor import WorkerPool

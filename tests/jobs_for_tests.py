@@ -254,7 +254,7 @@ def drive(spec_json: str) -> None:
             return
 
 
-# -- a test-side driver for a WorkerPool running inside pytest --------------------------------------
+# -- a test-side driver for a WorkerPool running inside pytest -------------------------------------
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
