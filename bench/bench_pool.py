@@ -1,6 +1,6 @@
 """Pool benchmarks, each a ratio against a baseline measured in the same process.
 
-1. Throughput: N no-op runs through poolkeeper's Pool (2 workers, fork and forkserver), driven
+1. Throughput: N no-op runs through poolkeeper's WorkerPool (2 workers, fork and forkserver), driven
    the way the daemon drives it (wait on waitables() until next_deadline(), poll(), submit),
    against raw `multiprocessing.Pool(2).imap_unordered(chunksize=1)`. Goal: >= 0.9x.
 2. Recovery: time from SIGKILL of an idle worker to its replacement reporting ready, against
@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from poolkeeper.pool.supervisor import Pool, RunEnded, Task, WorkerEvent
+from poolkeeper.pool.supervisor import RunEnded, Task, WorkerEvent, WorkerPool
 
 WORKERS = 2
 
@@ -42,8 +42,9 @@ def raw_pool(method: str, n: int) -> float:
 
 
 def our_pool(method: str, n: int, prefetch: int) -> float:
-    """Runs per second through poolkeeper.pool.supervisor.Pool, driven like the daemon's main loop."""
-    pool = Pool(
+    """Runs per second through poolkeeper.pool.supervisor.WorkerPool, driven like the daemon's
+    main loop."""
+    pool = WorkerPool(
         workers=WORKERS,
         start_method=method,
         pythonpath=[os.path.dirname(__file__)],
@@ -61,7 +62,7 @@ def our_pool(method: str, n: int, prefetch: int) -> float:
     return n / took
 
 
-def _drive(pool: Pool, task: Task, n: int) -> None:
+def _drive(pool: WorkerPool, task: Task, n: int) -> None:
     submitted = ended = 0
     wait = multiprocessing.connection.wait
     waitables = pool.waitables()
@@ -83,7 +84,7 @@ def _drive(pool: Pool, task: Task, n: int) -> None:
 def recovery(method: str, rounds: int) -> tuple[float, float]:
     """(median seconds from SIGKILL of an idle worker to its replacement's 'started',
     median seconds for a worker to become ready at pool start)."""
-    pool = Pool(workers=WORKERS, start_method=method, pythonpath=[os.path.dirname(__file__)])
+    pool = WorkerPool(workers=WORKERS, start_method=method, pythonpath=[os.path.dirname(__file__)])
     t_start = time.monotonic()
     pool.start()
     starts: list[float] = []
@@ -102,7 +103,7 @@ def recovery(method: str, rounds: int) -> tuple[float, float]:
     return statistics.median(times), statistics.median(starts)
 
 
-def _until(pool: Pool, pred, count: int, on_event=None) -> None:
+def _until(pool: WorkerPool, pred, count: int, on_event=None) -> None:
     seen = 0
     limit = time.monotonic() + 30
     while seen < count:

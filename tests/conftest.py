@@ -59,18 +59,18 @@ def no_stray_processes(request):
 
 @pytest.fixture
 def make_pool():
-    """Start a pool in this process (`make(method, **Pool kwargs)` -> a jobs_for_tests.Driver);
-    every pool is closed, its workers joined, when the test ends."""
+    """Start a pool in this process (`make(method, **WorkerPool kwargs)` -> a
+    jobs_for_tests.Driver); every pool is closed, its workers joined, when the test ends."""
     from jobs_for_tests import TESTS_DIR, Driver
 
-    from poolkeeper.pool.supervisor import Pool
+    from poolkeeper.pool.supervisor import WorkerPool
 
     pools = []
 
     def make(method: str = "fork", **kw) -> Driver:
         kw.setdefault("workers", 2)
         kw.setdefault("pythonpath", [TESTS_DIR])
-        pool = Pool(start_method=method, **kw)
+        pool = WorkerPool(start_method=method, **kw)
         pools.append(pool)
         pool.start()
         return Driver(pool)

@@ -197,7 +197,7 @@ def setup_log_file(path: str) -> None:
 
 
 def drive(spec_json: str) -> None:
-    """Run a Pool in this process (a test's driver subprocess) and print events as JSON lines.
+    """Run a WorkerPool in this process (a test's driver subprocess) and print events as JSON lines.
 
     spec: {"method", "workers", "tasks": [Task kwargs...], "pythonpath": [...]}. Prints
     {"pids": {...}} once every task has started, then keeps the pool running until killed
@@ -206,10 +206,10 @@ def drive(spec_json: str) -> None:
     import multiprocessing.connection
     from multiprocessing import forkserver, resource_tracker
 
-    from poolkeeper.pool.supervisor import Pool, RunEnded, RunStarted, Task
+    from poolkeeper.pool.supervisor import RunEnded, RunStarted, Task, WorkerPool
 
     spec = json.loads(spec_json)
-    pool = Pool(workers=spec["workers"], start_method=spec["method"],
+    pool = WorkerPool(workers=spec["workers"], start_method=spec["method"],
                 pythonpath=spec.get("pythonpath", []))  # fmt: skip
     pool.start()
     tasks = [Task(**t) for t in spec["tasks"]]
@@ -254,13 +254,13 @@ def drive(spec_json: str) -> None:
             return
 
 
-# -- a test-side driver for a Pool running inside pytest --------------------------------------
+# -- a test-side driver for a WorkerPool running inside pytest -------------------------------------
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class Driver:
-    """Drives a Pool like the daemon's loop does, collecting events."""
+    """Drives a WorkerPool like the daemon's loop does, collecting events."""
 
     def __init__(self, pool) -> None:
         self.pool = pool

@@ -11,12 +11,12 @@ from jobs_for_tests import TESTS_DIR, Driver
 
 from poolkeeper.pool.supervisor import (
     NotStarted,
-    Pool,
     PoolFull,
     RunEnded,
     RunStarted,
     Task,
     WorkerEvent,
+    WorkerPool,
 )
 
 METHODS = ["fork", "forkserver", "spawn"]
@@ -183,7 +183,7 @@ def test_prefetch_and_drain_hand_back_queued_tasks(make_pool):
 
 
 def test_close_joins_everything_and_kills_busy_workers_at_the_timeout(tmp_path):
-    pool = Pool(workers=2, start_method="fork", pythonpath=[TESTS_DIR])
+    pool = WorkerPool(workers=2, start_method="fork", pythonpath=[TESTS_DIR])
     pool.start()
     d = Driver(pool)
     d.wait_ready()

@@ -9,11 +9,11 @@ import time
 
 from jobs_for_tests import TESTS_DIR, Driver
 
-from poolkeeper.pool.supervisor import NotStarted, Pool, RunEnded, RunStarted, Task
+from poolkeeper.pool.supervisor import NotStarted, RunEnded, RunStarted, Task, WorkerPool
 
 
 def test_sigkill_a_busy_worker_100_times_in_a_row():
-    pool = Pool(workers=2, start_method="fork", pythonpath=[TESTS_DIR])
+    pool = WorkerPool(workers=2, start_method="fork", pythonpath=[TESTS_DIR])
     pool.start()
     d = Driver(pool)
     try:
@@ -36,7 +36,7 @@ def test_sigkill_a_busy_worker_100_times_in_a_row():
 def test_chaos_every_run_ends_exactly_once_and_no_fd_leaks():
     rng = random.Random(1234)
     fds_before = len(os.listdir("/proc/self/fd"))
-    pool = Pool(workers=2, start_method="fork", pythonpath=[TESTS_DIR])
+    pool = WorkerPool(workers=2, start_method="fork", pythonpath=[TESTS_DIR])
     pool.start()
     d = Driver(pool)
     total = 10_000

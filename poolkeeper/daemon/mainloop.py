@@ -39,12 +39,12 @@ from poolkeeper.pool import helper_processes, reaper
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.supervisor import (
     NotStarted,
-    Pool,
     PoolFull,
     RunEnded,
     RunStarted,
     Task,
     WorkerEvent,
+    WorkerPool,
     pool_for,
 )
 from poolkeeper.service import control
@@ -85,7 +85,7 @@ class Daemon:
         log_target: str = "stderr",
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
-        pool: Pool | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         """`pool`: the config's pool, possibly started already (cli.py starts it early when
         the config comes from the cache; the state lock is then taken after it, and a second
@@ -105,7 +105,7 @@ class Daemon:
         self.control: control.ControlServer | None = None
         self.state: StateStore | None = None
         self.instance_lock: InstanceLock | None = None  # held from start to the very end
-        self.pool: Pool | None = pool
+        self.pool: WorkerPool | None = pool
         self.jobs: dict[str, JobRuntime] = {}
         self.phase = "starting"  # starting -> running -> draining -> stopped
         self.outcomes: Counter[str] = Counter()

@@ -27,7 +27,8 @@ from typing import Any, NoReturn
 
 from poolkeeper import signals
 
-open_pools: weakref.WeakSet[Any] = weakref.WeakSet()  # poolkeeper.pool.supervisor.Pool objects
+# poolkeeper.pool.supervisor.WorkerPool objects
+open_pools: weakref.WeakSet[Any] = weakref.WeakSet()
 _started_by_us = {"forkserver": False, "resource_tracker": False}
 log = logging.getLogger("poolkeeper.pool.supervisor")
 
@@ -117,7 +118,7 @@ def start_spawned_forkserver() -> None:
 
 
 def start_helpers(start_method: str) -> None:
-    """Pool.start(): the helpers a pool of `start_method` needs, started now and shielded from
+    """WorkerPool.start(): the helpers a pool of `start_method` needs, started now and shielded from
     signals, rather than by multiprocessing at the first worker's start."""
     if start_method == "forkserver":
         start_spawned_forkserver()
@@ -229,8 +230,9 @@ def _describe_status(status: int) -> str:
 
 
 def prestart_forkserver(preload: Sequence[str]) -> None:
-    """Boot the forkserver now (preloading `preload`), ahead of any Pool. A later Pool.start()
-    finds it running; the last Pool.close() (or stop_prestarted()) stops it."""
+    """Boot the forkserver now (preloading `preload`), ahead of any WorkerPool. A later
+    WorkerPool.start() finds it running; the last WorkerPool.close() (or stop_prestarted())
+    stops it."""
     if forkserver_running():
         return
     tracker_was_running = resource_tracker._resource_tracker._fd is not None

@@ -4,10 +4,11 @@ Processes, pipes and messages::
 
     main process (the daemon's single loop)                     worker (one per slot)
     +---------------------------------------+                  +----------------------------+
-    | Pool                                  |  duplex pipe     | worker_main()              |
-    |   submit(task) --------------------------("T", ...)---->  |   set up: own pgid, ignore |
-    |                                       |  ("C", seq)  ->  |   SIGTERM/SIGINT, preload, |
-    |                                       |  None (stop) ->  |   faulthandler, watcher    |
+    | WorkerPool                            |  duplex pipe     | worker_main() (worker.py): |
+    |   one WorkerHandle per worker         |  (protocol.py)   |   a _WorkerLoop            |
+    |   submit(task) --------------------------("T", ...)---->  |   set up: own pgid,        |
+    |                                       |  ("C", seq)  ->  |   subreaper, signals,      |
+    |                                       |  None (stop) ->  |   preload, faulthandler    |
     |   poll():                             |                  |   loop: recv, run, send    |
     |     1. read all ready messages  <--------("R"|"I"|"H"|    |                            |
     |     2. reap exited workers      <--+  |   "D"|"N", ...)  |   thread: poll(main pidfd) |
@@ -21,22 +22,12 @@ Processes, pipes and messages::
     stop pipe: one per worker, its read end is the job's ctx.stopping; the main process writes
     a byte into every one to drain, or into one to stop that worker's run (stop_runs())
 
-Messages, each a pickled tuple framed like multiprocessing.Connection (4-byte length):
-
-    main -> worker   ("T", seq, target, args, kwargs, job, run_id, attempt, scheduled_at, env,
-                      check_cancel)          run this (check_cancel: it was queued, not awaited)
-                     ("C", seq)              cancel seq if not started yet (drain / kill_runs)
-                     None                    exit when the queue is done
-    worker -> main   ("R", pid)              initialised, ready
-                     ("I", error, traceback) initialisation failed; the worker exits
-                     ("H",)                  heartbeat of the current run (rate-limited)
-                     ("D", seq, ok, started, ended, result_repr, error, traceback, rss)
-                     ("N", seq, reason)      seq was cancelled before it started
-
-Why no "started" message: a worker runs its queue in order, so the main process knows a task
-starts when the previous result arrives (or at once for an idle worker). Each worker holds at
-most one task beyond the running one (prefetch), so a worker never waits for the main process
-between two runs; a prefetched task whose worker dies is handed back as NotStarted.
+Where each part lives: the messages on the pipe, their framing, and the records poll() returns
+in poolkeeper/pool/protocol.py (both ends import it); one worker as seen from here (its
+process, pipe, queued tasks, state, deadlines, what its death or kill means for each task) in
+poolkeeper/pool/handle.py; the forkserver's death in poolkeeper/pool/forkserver_watch.py; the
+respawn backoff in poolkeeper/pool/respawns.py. This module decides across workers: which one
+takes a task, when to kill, retire and respawn, and what its caller is told.
 
 Why not multiprocessing.Pool / ProcessPoolExecutor / billiard / pebble / loky: see
 docs/design.md ("Pool"): they lose results of killed workers, wedge on a lock held by a killed
@@ -48,53 +39,55 @@ runs that worker held, and nothing is ever shared that a dying process could lea
 from __future__ import annotations
 
 import atexit
-import collections
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
 import select
-import signal
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from poolkeeper.outcomes import Outcome
-from poolkeeper.pool import helper_processes, reaper
-from poolkeeper.pool.worker import (
-    PICKLE_PROTOCOL,
-    PassFd,
-    WorkerConfig,
-    format_tb,
-    one_line,
-    take_messages,
-    worker_main,
+from poolkeeper.pool import helper_processes, protocol
+from poolkeeper.pool.forkserver_watch import ForkserverWatch
+from poolkeeper.pool.handle import (
+    DYING,
+    READY,
+    RETIRING,
+    STARTING,
+    Slot,
+    WorkerHandle,
+    killpg,
+    pick,
+    start_worker,
 )
+from poolkeeper.pool.protocol import (
+    Event,
+    NotStarted,
+    RunEnded,
+    RunStarted,
+    Task,
+    WorkerEvent,
+)
+from poolkeeper.pool.respawns import Respawns
+from poolkeeper.pool.worker import WorkerConfig, format_tb, one_line
 
 __all__ = [
     "NotStarted",
-    "Pool",
     "PoolFull",
     "RunEnded",
     "RunStarted",
     "Task",
     "WorkerEvent",
+    "WorkerPool",
+    "pool_for",
 ]
 
 log = logging.getLogger("poolkeeper.pool.supervisor")
 
-# After SIGUSR1 (faulthandler dumps the hung run's stack), give the dump this long to reach
-# stderr before the SIGKILL.
-STACK_DUMP_GRACE = 0.3
-# A run cancelled by kill_runs() that reached its worker anyway gets this long to be refused
-# ("N") before the worker is killed.
-VERDICT_GRACE = 0.05
-# Respawn backoff after a worker fails to initialise: initial, factor 2, ceiling.
-RESPAWN_BACKOFF_INITIAL = 0.25
-RESPAWN_BACKOFF_MAX = 30.0
 # A task this big is only sent to a worker known to be reading its pipe, never queued behind a
 # run: a full socket buffer would block the main process in send().
 BUFFERED_MAX = 32 * 1024
@@ -102,124 +95,15 @@ BUFFERED_MAX = 32 * 1024
 # does not go away.
 OVERDUE = 2.0
 DYING_TOO_LONG = 10.0
-# A worker told to exit (pool closing, recycling) that has no run left gets this long to do
-# so; then its process group is killed. A worker exits without waiting for its job's
-# threads, so only something wedged (a log handler that blocks, say) ever takes this long.
-WORKER_EXIT_GRACE = 5.0
 
-STARTING, READY, RETIRING, DYING = "starting", "ready", "retiring", "dying"
 _CONN, _PIDFD, _SENTINEL, _FORKSERVER = 0, 1, 2, 3
-# What popen_forkserver reports for a worker whose forkserver died before it: the forkserver
-# was to send the exit status, and there is none.
-_NO_STATUS_FROM_FORKSERVER = 255
 
 
 class PoolFull(Exception):
     """submit() found no worker that can take the task now."""
 
 
-_NONE: dict[str, Any] = {}  # the default kwargs and env of a Task; nothing mutates a task's
-
-
-class Task(NamedTuple):
-    run_id: str
-    job: str
-    target: str  # "pkg.module:func" or "module:obj.attr"
-    args: tuple = ()
-    kwargs: dict = _NONE
-    attempt: int = 1
-    scheduled_at: float = 0.0
-    timeout: float | None = None  # hard wall-clock limit from the actual start
-    heartbeat_timeout: float | None = None  # no ctx.heartbeat() this long = hung
-    env: dict[str, str] = _NONE  # set for the run, restored after
-    loop: bool = False  # a loop replica: long-lived, never queued behind or ahead of anything
-
-
-class RunEnded(NamedTuple):
-    task: Task
-    outcome: Outcome
-    started_at: float | None
-    ended_at: float
-    worker_pid: int | None
-    exit_code: int | None
-    signal: int | None
-    error: str | None
-    traceback: str | None
-    result_repr: str | None = None
-
-
-class RunStarted(NamedTuple):
-    task: Task
-    worker_pid: int
-    started_at: float
-
-
-class NotStarted(NamedTuple):
-    task: Task
-    reason: str
-
-
-class WorkerEvent(NamedTuple):
-    kind: str  # 'started' | 'exited' | 'replaced' | 'recycled' | 'init_failed'
-    pid: int
-    detail: str
-
-
-Event = RunStarted | RunEnded | NotStarted | WorkerEvent
-
-
-class _Slot:
-    """A task handed to a worker, from submit() until its terminal event."""
-
-    __slots__ = ("task", "seq", "started_at", "started_clock", "cancelled", "reported")
-
-    def __init__(self, task: Task, seq: int) -> None:
-        self.task = task
-        self.seq = seq
-        self.started_at: float | None = None  # epoch, as inferred by the main process
-        self.started_clock: float | None = None
-        self.cancelled = False  # a cancel was sent: wait for the worker's verdict
-        self.reported = False  # its terminal event was already emitted (kill_runs)
-
-
-class _Worker:
-    __slots__ = (
-        "proc", "pid", "conn", "fd", "pidfd", "state", "queue", "buf", "assigned", "done",
-        "last_heartbeat", "kill_at", "kill_outcome", "kill_error", "born", "state_since",
-        "init_error", "exited", "sentinel_watched", "retire_reason", "broken", "stop_w",
-        "stop_set", "told_to_exit", "exit_by", "forkserver",
-    )  # fmt: skip
-
-    def __init__(self, proc: Any, conn: Any, pidfd: int | None, stop_w: int, now: float) -> None:
-        self.proc = proc
-        self.pid: int = proc.pid
-        self.conn = conn
-        self.fd: int = conn.fileno()
-        self.pidfd = pidfd
-        self.state = STARTING
-        self.queue: collections.deque[_Slot] = collections.deque()
-        self.buf = bytearray()
-        self.assigned = 0  # tasks ever handed to it (recycling counts these)
-        self.done = 0
-        self.last_heartbeat = now
-        self.kill_at: float | None = None  # SIGKILL the group at this clock time
-        self.kill_outcome: Outcome | None = None  # ... and end the running task with this
-        self.kill_error: str | None = None
-        self.born = now
-        self.state_since = now
-        self.init_error: str | None = None
-        self.exited = False  # its pidfd fired; reaping may wait for the exit status
-        self.sentinel_watched = False
-        self.retire_reason: str | None = None
-        self.broken = False  # a send failed: it is dying, give it nothing more
-        self.stop_w = stop_w  # write end of its stop pipe (ctx.stopping)
-        self.stop_set = False
-        self.told_to_exit = False  # None was sent: it exits once its queue is done
-        self.exit_by: float | None = None  # ... and is killed if still there at this time
-        self.forkserver: int | None = None  # pid of the forkserver that started it
-
-
-class Pool:
+class WorkerPool:
     """A fixed-size pool of supervised worker processes. Never blocks, never sleeps: the
     caller waits on waitables() until next_deadline(), then calls poll()."""
 
@@ -250,24 +134,25 @@ class Pool:
         self.prefetch = max(0, prefetch)
         helper_processes.note_new_pool(start_method)
         self._stopping = False  # drain() or close(): every worker's stop pipe is written
-        self._workers: list[_Worker] = []  # every process not yet reaped, in start order
-        self._fdmap: dict[int, tuple[_Worker, int]] = {}
+        self._workers: list[WorkerHandle] = []  # every process not yet reaped, in start order
+        self._fdmap: dict[int, tuple[WorkerHandle, int]] = {}
         self._epoll: select.epoll | None = None
         self._main_pidfd: int | None = None
         self._events: list[Event] = []
         self._seq = itertools.count(1)
-        self._respawn_at = 0.0
-        self._init_failures = 0
-        self._last_init_error = ""
-        self._replaces: list[int] = []  # pids of dead workers whose replacement is owed
+        self._respawns = Respawns()
         self._closing = False
         self._closed = False
         self._started = False
         # The forkserver our workers come from, watched: a job can kill it (SIGTERM to its
         # parent), and the exit status of every worker it started is lost with it.
-        self._forkserver_pid: int | None = None
-        self._forkserver_pidfd: int | None = None
-        self._dead_forkservers: set[int] = set()
+        self._forkserver = ForkserverWatch(
+            watch=lambda fd: self._watch(fd, None, _FORKSERVER),
+            unwatch=self._unwatch,
+            alive=lambda pid: sum(
+                1 for w in self._workers if w.forkserver == pid and w.state != DYING
+            ),
+        )
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -300,7 +185,7 @@ class Pool:
         self._drain_queued()
         for w in self._workers:
             if w.state != DYING:
-                self._tell_to_exit(w)
+                w.tell_to_exit(self._clock())
                 if w.state != STARTING:
                     self._set_state(w, RETIRING)
         deadline = None if timeout is None else self._clock() + timeout
@@ -325,7 +210,7 @@ class Pool:
 
     def _release(self) -> None:
         self._closed = True
-        self._unwatch_forkserver()
+        self._forkserver.stop()
         if self._epoll is not None:
             self._epoll.close()
         if self._main_pidfd is not None:
@@ -360,17 +245,17 @@ class Pool:
     def free_slots(self) -> int:
         if self._closing:
             return 0
-        room = self._room
+        prefetch, max_runs = self.prefetch, self.max_runs
         n = 0
         for w in self._workers:
-            n += room(w)
+            n += w.room(prefetch, max_runs)
         return n
 
     def idle_slots(self) -> int:
         """Workers with nothing to do: where a loop task (never queued) can go."""
         if self._closing:
             return 0
-        return sum(1 for w in self._workers if self._room(w) and not w.queue)
+        return sum(1 for w in self._workers if w.room(self.prefetch, self.max_runs) and not w.queue)
 
     def submit(self, task: Task) -> None:
         if self._closing or not self._started:
@@ -378,10 +263,10 @@ class Pool:
         w = self._pick(task.loop, big=False)
         seq = next(self._seq)
         try:
-            payload = self._encode(task, seq, w)
-            if len(payload) > BUFFERED_MAX and not self._awaits(w):
+            payload = protocol.encode_task(task, seq, not w.awaits())
+            if len(payload) > BUFFERED_MAX and not w.awaits():
                 w = self._pick(task.loop, big=True)
-                payload = self._encode(task, seq, w)
+                payload = protocol.encode_task(task, seq, not w.awaits())
         except PoolFull:
             raise
         except Exception as exc:  # unpicklable args: this run fails, no worker is touched
@@ -391,10 +276,10 @@ class Pool:
             )  # fmt: skip
             return
         sent_at = time.time()
-        if not self._send(w, payload):
+        if not w.send(payload):
             self._events.append(NotStarted(task, f"worker {w.pid} went away"))
             return
-        slot = _Slot(task, seq)
+        slot = Slot(task, seq)
         w.queue.append(slot)
         w.assigned += 1
         if len(w.queue) == 1 and w.state == READY:
@@ -418,14 +303,14 @@ class Pool:
             return self._clock()
         best: float | None = None
         for w in self._workers:
-            t = self._deadline_of(w)
+            t = w.deadline()
             if t is not None and (best is None or t < best):
                 best = t
             if w.exited:  # exit status not in yet (forkserver reports it a bit later)
                 t = self._clock() + 0.01
                 best = t if best is None else min(best, t)
         if self._replacing() and self.size() < self.target_size:
-            best = self._respawn_at if best is None else min(best, self._respawn_at)
+            best = self._respawns.at if best is None else min(best, self._respawns.at)
         return best
 
     def kill_runs(
@@ -451,16 +336,7 @@ class Pool:
                 targets = {s.task.run_id for s in w.queue} if ids is None else ids
                 out.extend(self._kill(w, outcome, why, targets, emit=False))
                 continue
-            for slot in w.queue:
-                if slot.reported or (ids is not None and slot.task.run_id not in ids):
-                    continue
-                out.append(self._ended_unstarted(slot, outcome, w.pid, f"{outcome} before start"))
-                slot.reported = True
-                if not slot.cancelled:
-                    slot.cancelled = True
-                    self._send(w, ("C", slot.seq))
-                if slot is head and head.started_clock is None and w.state == READY:
-                    w.kill_at, w.kill_outcome = now + VERDICT_GRACE, None
+            out.extend(w.end_unstarted(outcome, ids, now))
         return out
 
     def drain(self) -> None:
@@ -481,10 +357,10 @@ class Pool:
                 continue
             head = w.queue[0]
             if head.started_clock is not None and head.task.run_id in ids:
-                self._signal_stop(w)
+                w.signal_stop()
                 if w.state != RETIRING:
                     self._retire(w, f"its run {head.task.run_id} ({head.task.job}) was stopped")
-            self._cancel_queued(w, ids)
+            w.cancel_queued(ids)
 
     def healthy(self) -> tuple[bool, str]:
         if self._closed:
@@ -493,27 +369,24 @@ class Pool:
         for w in self._workers:
             if w.state == DYING and now - w.state_since > DYING_TOO_LONG:
                 return False, f"worker {w.pid} still alive {now - w.state_since:.0f}s after SIGKILL"
-            t = self._deadline_of(w)
+            t = w.deadline()
             if t is not None and now - t > OVERDUE and w.queue:
                 task = w.queue[0].task
                 return False, f"run {task.run_id} ({task.job}) is {now - t:.1f}s past its deadline"
-        if self._init_failures:
-            wait = max(0.0, self._respawn_at - now)
-            return False, (
-                f"workers fail to start ({self._init_failures} in a row): "
-                f"{self._last_init_error}; next attempt in {wait:.1f}s"
-            )
+        trouble = self._respawns.trouble(now)
+        if trouble is not None:
+            return False, trouble
         if (
             self._replacing()
             and self.size() < self.target_size
-            and now - self._respawn_at > OVERDUE
+            and now - self._respawns.at > OVERDUE
         ):
             return False, f"{self.size()}/{self.target_size} workers and no respawn under way"
         return True, "ok"
 
     # -- poll, step 1: messages -------------------------------------------------------------
 
-    def _read_messages(self) -> list[_Worker]:
+    def _read_messages(self) -> list[WorkerHandle]:
         exited = []
         for fd, _ in self._epoll.poll(0):
             entry = self._fdmap.get(fd)
@@ -521,7 +394,7 @@ class Pool:
                 continue
             w, kind = entry
             if kind == _FORKSERVER:
-                self._forkserver_died()
+                self._forkserver.died()
             elif kind == _CONN:
                 self._read(w)
             elif kind == _PIDFD:
@@ -532,19 +405,15 @@ class Pool:
                 exited.append(w)
         return exited
 
-    def _read(self, w: _Worker) -> None:
-        try:
-            data = os.read(w.fd, 1 << 16)
-        except OSError:
-            data = b""
-        if not data:  # the worker's end is closed: it exited (its pidfd tells us the rest)
+    def _read(self, w: WorkerHandle) -> None:
+        messages = w.read()
+        if messages is None:  # the worker's end is closed: it exited (its pidfd tells us the rest)
             self._unwatch(w.fd)
             return
-        w.buf += data
-        for msg in take_messages(w.buf):
+        for msg in messages:
             self._on_message(w, msg)
 
-    def _on_message(self, w: _Worker, msg: tuple[Any, ...]) -> None:
+    def _on_message(self, w: WorkerHandle, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "D":
             self._on_done(w, msg)
@@ -556,7 +425,7 @@ class Pool:
                 self._events.append(NotStarted(slot.task, msg[2]))
             self._after_run(w)
         elif kind == "R":
-            self._init_failures = 0
+            self._respawns.failures = 0
             if w.state == STARTING:
                 self._set_state(w, READY)
                 ready_in = self._clock() - w.born
@@ -564,20 +433,19 @@ class Pool:
             self._promote(w, self._clock())
         elif kind == "I":
             w.init_error = msg[1]
-            self._last_init_error = msg[1]
+            self._respawns.last_error = msg[1]
             log.error("worker %d failed to initialise: %s\n%s", w.pid, msg[1], msg[2])
             self._events.append(WorkerEvent("init_failed", w.pid, msg[1]))
 
-    def _on_done(self, w: _Worker, msg: tuple[Any, ...]) -> None:
+    def _on_done(self, w: WorkerHandle, msg: tuple[Any, ...]) -> None:
         _, seq, ok, started, ended, result_repr, error, tb, rss = msg
         slot = self._pop(w, seq)
         if slot is not None and not slot.reported:
             if slot.started_clock is None:  # ran although cancelled: it started after all
                 self._events.append(RunStarted(slot.task, w.pid, started))
-            outcome = Outcome.SUCCEEDED if ok else Outcome.FAILED
             self._events.append(
-                RunEnded(slot.task, outcome, started, ended, w.pid,
-                         None, None, error, tb, result_repr)
+                RunEnded(slot.task, Outcome.SUCCEEDED if ok else Outcome.FAILED, started, ended,
+                         w.pid, None, None, error, tb, result_repr)
             )  # fmt: skip
         w.done += 1
         if self.max_memory and rss > self.max_memory and w.state == READY:
@@ -586,7 +454,7 @@ class Pool:
             self._retire(w, f"{w.done} runs")
         self._after_run(w)
 
-    def _pop(self, w: _Worker, seq: int) -> _Slot | None:
+    def _pop(self, w: WorkerHandle, seq: int) -> Slot | None:
         if not w.queue or w.queue[0].seq != seq:  # cannot happen unless the worker is broken
             log.error("worker %d answered for task %s out of order; killing it", w.pid, seq)
             self._kill(w, Outcome.LOST, "protocol error")
@@ -594,32 +462,20 @@ class Pool:
         w.kill_at = None
         return w.queue.popleft()
 
-    def _after_run(self, w: _Worker) -> None:
+    def _after_run(self, w: WorkerHandle) -> None:
         if w.queue:
             self._promote(w, self._clock())
         else:
-            self._start_exit_clock(w)
+            w.start_exit_clock(self._clock())
 
-    def _promote(self, w: _Worker, now: float, wall: float | None = None) -> None:
-        """The head of a ready worker's queue is running from now on (the worker runs its
-        queue in order and never waits for us in between)."""
-        if not w.queue or w.state not in (READY, RETIRING):
-            return
-        slot = w.queue[0]
-        if slot.started_clock is not None:
-            return
-        if slot.cancelled:  # the worker decides; for a killed task, enforce it shortly
-            if slot.reported:
-                w.kill_at, w.kill_outcome = now + VERDICT_GRACE, None
-            return
-        slot.started_clock = now
-        slot.started_at = time.time() if wall is None else wall
-        w.last_heartbeat = now
-        self._events.append(RunStarted(slot.task, w.pid, slot.started_at))
+    def _promote(self, w: WorkerHandle, now: float, wall: float | None = None) -> None:
+        started = w.promote(now, wall)
+        if started is not None:
+            self._events.append(started)
 
     # -- poll, step 2: reap -----------------------------------------------------------------
 
-    def _reap(self, exited: list[_Worker]) -> None:
+    def _reap(self, exited: list[WorkerHandle]) -> None:
         for w in exited:
             if w not in self._workers:
                 continue
@@ -634,157 +490,50 @@ class Pool:
                 continue  # next_deadline() brings us back shortly
             self._finish(w, code)
 
-    def _finish(self, w: _Worker, code: int) -> None:
+    def _finish(self, w: WorkerHandle, code: int) -> None:
         # The job's grandchildren share the worker's process group; the group id stays
         # reserved until they are all gone, so this cannot hit an unrelated process.
-        _killpg(w.pid)
-        sig = -code if code < 0 else None
-        exit_code = code if code >= 0 else None
-        how = f"exit code {code}" if sig is None else _signame(sig)
-        if code == _NO_STATUS_FROM_FORKSERVER and self._forkserver_dead(w.forkserver):
-            exit_code, how = None, f"exit status unknown: its forkserver ({w.forkserver}) died"
-        now = time.time()
+        killpg(w.pid)
+        exit_code, sig, how = w.exit_status(code, self._forkserver.is_dead)
         never_ready = w.state == STARTING or w.init_error is not None
-        for slot in w.queue:
-            if slot.reported:
-                continue
-            if never_ready:
-                self._events.append(NotStarted(slot.task, f"worker {w.pid} failed to start"))
-            elif slot.started_clock is not None or slot.cancelled and slot is w.queue[0]:
-                self._events.append(
-                    RunEnded(slot.task, Outcome.LOST, slot.started_at, now, w.pid, exit_code, sig,
-                             f"worker died: {how}", None)
-                )  # fmt: skip
-            else:
-                self._events.append(
-                    NotStarted(slot.task, f"worker {w.pid} died ({how}) before starting it")
-                )
-        w.queue.clear()
+        self._events.extend(w.end_runs_at_exit(never_ready, exit_code, sig, how))
         expected = w.state in (DYING, RETIRING) or self._closing
         if not expected:
             log.warning("worker %d died: %s", w.pid, how)
         self._events.append(WorkerEvent("exited", w.pid, how))
         if never_ready and not self._closing:
-            self._init_failures += 1
-            if w.init_error is None:
-                self._last_init_error = f"worker died during initialisation: {how}"
-            delay = min(
-                RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_INITIAL * 2 ** (self._init_failures - 1)
-            )
-            self._respawn_at = self._clock() + delay
+            error = f"worker died during initialisation: {how}" if w.init_error is None else None
+            self._respawns.failed(self._clock(), error)
         elif w.state == READY and self._replacing():
-            self._replaces.append(w.pid)
+            self._respawns.owed.append(w.pid)
         self._forget(w)
 
-    def _forget(self, w: _Worker) -> None:
+    def _forget(self, w: WorkerHandle) -> None:
         for fd in (w.fd, w.pidfd, w.proc.sentinel if w.sentinel_watched else None):
             if fd is not None:
                 self._unwatch(fd)
-        w.conn.close()
-        os.close(w.stop_w)
-        if w.pidfd is not None:
-            os.close(w.pidfd)
-        w.proc.join(0)
-        w.proc.close()
+        w.release()
         self._workers.remove(w)
 
     # -- poll, step 3: deadlines ------------------------------------------------------------
 
-    def _deadline_of(self, w: _Worker) -> float | None:
-        if w.kill_at is not None:
-            return w.kill_at
-        if w.exit_by is not None and w.state != DYING:
-            return w.exit_by
-        if not w.queue or w.state == DYING:
-            return None
-        slot = w.queue[0]
-        if slot.started_clock is None:
-            return None
-        task = slot.task
-        best = None
-        if task.timeout is not None:
-            best = slot.started_clock + task.timeout
-        if task.heartbeat_timeout is not None:
-            t = w.last_heartbeat + task.heartbeat_timeout
-            best = t if best is None else min(best, t)
-        return best
-
     def _enforce_deadlines(self, now: float) -> None:
         for w in list(self._workers):
-            if w.exit_by is not None and now >= w.exit_by and w.state != DYING and not w.exited:
-                self._kill_for_not_exiting(w)
-            if w.state == DYING or not w.queue:
-                continue
-            if w.kill_at is not None:
-                if now >= w.kill_at:
-                    self._kill(w, w.kill_outcome, w.kill_error)
-                continue
-            slot = w.queue[0]
-            if slot.started_clock is None:
-                continue
-            task = slot.task
-            if task.timeout is not None and now >= slot.started_clock + task.timeout:
-                self._kill(w, Outcome.TIMEOUT, f"timed out after {task.timeout:g}s")
-            elif (
-                task.heartbeat_timeout is not None
-                and now >= w.last_heartbeat + task.heartbeat_timeout
-            ):
-                self._dump_stack_then_kill(w, slot, now)
+            kill = w.overdue(now)
+            if kill is not None:
+                self._kill(w, *kill)
 
-    def _kill_for_not_exiting(self, w: _Worker) -> None:
-        log.warning(
-            "worker %d did not exit within %gs of being told to (its last run left "
-            "something that blocks the exit?): killing its process group",
-            w.pid, WORKER_EXIT_GRACE,
-        )  # fmt: skip
-        self._kill(w, None, None)
-
-    def _dump_stack_then_kill(self, w: _Worker, slot: _Slot, now: float) -> None:
-        secs = slot.task.heartbeat_timeout
-        log.warning(
-            "run %s (%s) sent no heartbeat for %gs: dumping its stack (worker %d, stderr), "
-            "killing it", slot.task.run_id, slot.task.job, secs, w.pid,
-        )  # fmt: skip
-        try:
-            os.kill(w.pid, signal.SIGUSR1)  # faulthandler in the worker prints every thread
-        except ProcessLookupError:
-            pass
-        w.kill_at = now + STACK_DUMP_GRACE
-        w.kill_outcome, w.kill_error = Outcome.TIMEOUT, f"no heartbeat for {secs:g}s"
-
-    def _kill(self, w: _Worker, outcome: Outcome | None, error: str | None,
+    def _kill(self, w: WorkerHandle, outcome: Outcome | None, error: str | None,
               ids: set[str] | None = None, emit: bool = True) -> list[RunEnded]:  # fmt: skip
-        """SIGKILL the worker now, with every process below it and its process group. Its running task ends with `outcome`
-        (None: it was already reported); queued ones are handed back, or end with `outcome`
-        too if they are in `ids`. The worker is reaped when its pidfd fires."""
-        run = w.queue[0].task if w.queue and w.queue[0].started_clock is not None else None
-        reaper.kill_below(w.pid, f"below worker {w.pid}" + (f" (running {run.job})" if run else ""))
-        _killpg(w.pid)
-        try:
-            os.kill(w.pid, signal.SIGKILL)  # in case it has not made itself a group leader yet
-        except ProcessLookupError:
-            pass
-        now = time.time()
-        out: list[RunEnded] = []
-        for slot in w.queue:
-            if slot.reported:
-                continue
-            if outcome is not None and slot.started_clock is not None:
-                out.append(
-                    RunEnded(slot.task, outcome, slot.started_at, now, w.pid, None,
-                             int(signal.SIGKILL), error, None)
-                )  # fmt: skip
-            elif outcome is not None and ids is not None and slot.task.run_id in ids:
-                out.append(self._ended_unstarted(slot, outcome, w.pid, f"{outcome} before start"))
-            else:
-                self._events.append(
-                    NotStarted(slot.task, f"worker {w.pid} was killed before starting it")
-                )
-            slot.reported = True
-        w.queue.clear()
-        w.kill_at = None
+        """SIGKILL the worker now, with every process below it and its process group. Its
+        running task ends with `outcome` (None: it was already reported); queued ones are
+        handed back, or end with `outcome` too if they are in `ids`. The worker is reaped when
+        its pidfd fires."""
+        w.kill()
+        out, handed_back = w.end_runs_at_kill(outcome, error, ids)
+        self._events.extend(handed_back)
         if self._replacing() and w.state in (STARTING, READY):
-            self._replaces.append(w.pid)
+            self._respawns.owed.append(w.pid)
         self._set_state(w, DYING)
         if emit:
             self._events.extend(out)
@@ -795,10 +544,6 @@ class Pool:
             if w.state != DYING:
                 self._kill(w, outcome, error, ids=None)
 
-    @staticmethod
-    def _ended_unstarted(slot: _Slot, outcome: Outcome, pid: int, error: str) -> RunEnded:
-        return RunEnded(slot.task, outcome, None, time.time(), pid, None, None, error, None)
-
     # -- drain ----------------------------------------------------------------------------------
 
     def _drain_queued(self) -> None:
@@ -807,38 +552,18 @@ class Pool:
         begun it, in which case it simply runs to completion."""
         for w in self._workers:
             if w.state != DYING:
-                self._cancel_queued(w)
-
-    def _cancel_queued(self, w: _Worker, ids: set[str] | None = None) -> None:
-        """Ask `w` not to start the tasks it holds but has not begun (only those of `ids`, if
-        given); it answers "N" (NotStarted) for each, unless it had already begun it."""
-        for slot in w.queue:
-            if slot.started_clock is None and not slot.cancelled:
-                if ids is None or slot.task.run_id in ids:
-                    slot.cancelled = True
-                    self._send(w, ("C", slot.seq))
+                w.cancel_queued()
 
     # -- poll, step 4: recycle and respawn ---------------------------------------------------
 
-    def _retire(self, w: _Worker, why: str) -> None:
+    def _retire(self, w: WorkerHandle, why: str) -> None:
         """Replace a healthy worker (max runs, memory): it gets no more tasks, finishes the
         run it is in, hands back what is queued, and exits; its replacement starts now."""
         w.retire_reason = why
         self._set_state(w, RETIRING)
-        self._cancel_queued(w)  # queued behind the last run: hand back (a fresh worker takes it)
-        self._tell_to_exit(w)
+        w.cancel_queued()  # queued behind the last run: hand back (a fresh worker takes it)
+        w.tell_to_exit(self._clock())
         self._events.append(WorkerEvent("recycled", w.pid, why))
-
-    def _tell_to_exit(self, w: _Worker) -> None:
-        """Send None: the worker exits once its queue is done, within WORKER_EXIT_GRACE."""
-        self._send(w, None)
-        w.told_to_exit = True
-        self._start_exit_clock(w)
-
-    def _start_exit_clock(self, w: _Worker) -> None:
-        """A worker told to exit, with nothing left to run, has WORKER_EXIT_GRACE to go."""
-        if w.told_to_exit and not w.queue and w.exit_by is None:
-            w.exit_by = self._clock() + WORKER_EXIT_GRACE
 
     def _replacing(self) -> bool:
         """Whether dead workers are replaced: not once the pool drains or closes."""
@@ -848,186 +573,64 @@ class Pool:
         if not self._replacing():
             return
         missing = self.target_size - self.size()
-        if missing <= 0 or now < self._respawn_at:
+        if missing <= 0 or now < self._respawns.at:
             return
-        if self._init_failures:  # probing: one at a time until one comes up
+        if self._respawns.failures:  # probing: one at a time until one comes up
             if any(w.state == STARTING for w in self._workers):
                 return
             missing = 1
         for _ in range(missing):
             new = self._spawn(now)
-            if new is not None and self._replaces:
-                old = self._replaces.pop(0)
+            if new is not None and self._respawns.owed:
+                old = self._respawns.owed.pop(0)
                 self._events.append(WorkerEvent("replaced", old, f"by worker {new.pid}"))
 
-    def _spawn(self, now: float) -> _Worker | None:
-        parent, child = self._ctx.Pipe(duplex=True)
-        stop_r, stop_w = os.pipe()
-        close_fds: tuple[int, ...] = ()
+    def _spawn(self, now: float) -> WorkerHandle | None:
+        inherited = None
         if self.start_method == "fork":  # what the child would otherwise inherit from us
-            mine = [self._epoll.fileno(), parent.fileno(), stop_w]
-            mine += [fd for fd in self._fdmap if fd != child.fileno()]
-            mine += [w.stop_w for w in self._workers]
-            mine += helper_processes.main_only_fds()  # the daemon's: state lock and DB, sockets...
-            close_fds = tuple(mine)
+            inherited = [self._epoll.fileno(), *self._fdmap, *(w.stop_w for w in self._workers)]
+            inherited += helper_processes.main_only_fds()  # the daemon's: state lock, sockets...
         cfg = WorkerConfig(
             main_pid=os.getpid(),
             pythonpath=self.pythonpath,
             preload=self.preload,
             worker_setup=self.worker_setup,
             max_memory=self.max_memory,
-            close_fds=close_fds,
-        )
-        proc = self._ctx.Process(
-            target=worker_main,
-            args=(child, PassFd(self._main_pidfd), PassFd(stop_r), cfg),
-            name="poolkeeper-worker",
         )
         try:
-            proc.start()
+            w = start_worker(self._ctx, cfg, self._main_pidfd, inherited, now)
         except Exception as exc:  # e.g. the forkserver itself died on a bad preload
-            parent.close()
-            child.close()
-            os.close(stop_r)
-            os.close(stop_w)
-            self._init_failures += 1
-            self._last_init_error = f"cannot start a worker: {one_line(exc)}"
-            delay = min(
-                RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_INITIAL * 2 ** (self._init_failures - 1)
-            )
-            self._respawn_at = now + delay
-            log.error("%s", self._last_init_error)
-            self._events.append(WorkerEvent("init_failed", 0, self._last_init_error))
+            error = f"cannot start a worker: {one_line(exc)}"
+            self._respawns.failed(now, error)
+            log.error("%s", error)
+            self._events.append(WorkerEvent("init_failed", 0, error))
             return None
-        child.close()
-        os.close(stop_r)  # the child has its own (inherited, or passed by start())
-        try:
-            pidfd: int | None = os.pidfd_open(proc.pid)
-        except ProcessLookupError:  # already gone (forkserver reaped it)
-            pidfd = None
-        w = _Worker(proc, parent, pidfd, stop_w, now)
         if self.start_method == "forkserver":
-            w.forkserver = self._watch_forkserver()
+            w.forkserver = self._forkserver.follow()
         self._workers.append(w)
         if self._stopping:
-            self._signal_stop(w)
+            w.signal_stop()
         self._watch(w.fd, w, _CONN)
-        if pidfd is not None:
-            self._watch(pidfd, w, _PIDFD)
+        if w.pidfd is not None:
+            self._watch(w.pidfd, w, _PIDFD)
         else:
             w.exited = True
         return w
 
-    # -- the forkserver ---------------------------------------------------------------------
-
-    def _watch_forkserver(self) -> int | None:
-        """Watch the forkserver that started our latest worker (a new one after a death)."""
-        pid = helper_processes.forkserver_pid()
-        if pid is not None and pid != self._forkserver_pid:
-            # A new one: multiprocessing found the old one dead before its pidfd told us.
-            self._forkserver_dead(self._forkserver_pid)
-            self._unwatch_forkserver()
-            try:
-                self._forkserver_pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:  # dead already: its workers' deaths will say so
-                self._dead_forkservers.add(pid)
-                return pid
-            self._forkserver_pid = pid
-            self._epoll.register(self._forkserver_pidfd, select.EPOLLIN)
-            self._fdmap[self._forkserver_pidfd] = (None, _FORKSERVER)
-        return pid
-
-    def _unwatch_forkserver(self) -> None:
-        if self._forkserver_pidfd is not None:
-            self._unwatch(self._forkserver_pidfd)
-            os.close(self._forkserver_pidfd)
-            self._forkserver_pidfd = self._forkserver_pid = None
-
-    def _forkserver_died(self) -> None:
-        pid = self._forkserver_pid
-        self._unwatch_forkserver()
-        if pid is None:
-            return
-        self._dead_forkservers.add(pid)
-        how = helper_processes.forget_dead_forkserver(pid) or "reaped elsewhere"
-        alive = sum(1 for w in self._workers if w.forkserver == pid and w.state != DYING)
-        log.error(
-            "the forkserver (pid %d) died (%s), killed by a job or by hand? Its %d workers run "
-            "on, but their exit status is lost with it; new workers come from a new forkserver",
-            pid, how, alive,
-        )  # fmt: skip
-
-    def _forkserver_dead(self, pid: int | None) -> bool:
-        if pid is None:
-            return False
-        if pid == self._forkserver_pid and select.select([self._forkserver_pidfd], [], [], 0)[0]:
-            self._forkserver_died()  # it died just now; its pidfd is not in yet
-        return pid in self._dead_forkservers
-
     # -- helpers ----------------------------------------------------------------------------
 
-    def _room(self, w: _Worker) -> int:
-        state = w.state
-        if (state is not READY and state is not STARTING) or w.broken:
-            return 0
-        queue = w.queue
-        n = len(queue)
-        if n and (queue[0].task.loop or queue[0].cancelled):
-            return 0
-        room = 1 + self.prefetch - n
-        if self.max_runs:
-            room = min(room, self.max_runs - w.assigned)
-        return max(0, room)
-
-    def _awaits(self, w: _Worker) -> bool:
-        """The worker is blocked reading its pipe: what we send is consumed at once."""
-        return w.state == READY and not w.queue
-
-    def _pick(self, loop: bool, big: bool) -> _Worker:
-        best = None
-        for w in self._workers:
-            room = self._room(w)
-            if not room:
-                continue
-            if not w.queue:
-                if w.state == READY:
-                    return w
-                if best is None or best.queue:
-                    best = w
-            elif best is None and not loop:
-                best = w
-        if best is None or (big and not self._awaits(best)) or (loop and best.queue):
+    def _pick(self, loop: bool, big: bool) -> WorkerHandle:
+        w = pick(self._workers, loop, big, self.prefetch, self.max_runs)
+        if w is None:
             raise PoolFull("no worker can take a task now")
-        return best
+        return w
 
-    def _encode(self, task: Task, seq: int, w: _Worker) -> bytes:
-        return pickle.dumps(
-            ("T", seq, task.target, task.args, task.kwargs, task.job, task.run_id,
-             task.attempt, task.scheduled_at, task.env, not self._awaits(w)),
-            PICKLE_PROTOCOL,
-        )  # fmt: skip
-
-    def _send(self, w: _Worker, msg: Any) -> bool:
-        data = msg if isinstance(msg, bytes) else pickle.dumps(msg, PICKLE_PROTOCOL)
-        try:
-            # multiprocessing.Connection framing, in one write for the usual small message
-            if len(data) < 0x7FFFFFFF:
-                frame = memoryview(len(data).to_bytes(4, "big") + data)
-            else:
-                frame = memoryview(b"\xff\xff\xff\xff" + len(data).to_bytes(8, "big") + data)
-            while frame:
-                frame = frame[os.write(w.fd, frame) :]
-            return True
-        except OSError:  # it died; its pidfd will tell
-            w.broken = True
-            return False
-
-    def _set_state(self, w: _Worker, state: str) -> None:
+    def _set_state(self, w: WorkerHandle, state: str) -> None:
         if w.state != state:
             w.state = state
             w.state_since = self._clock()
 
-    def _watch(self, fd: int, w: _Worker, kind: int) -> None:
+    def _watch(self, fd: int, w: WorkerHandle, kind: int) -> None:
         self._epoll.register(fd, select.EPOLLIN)
         self._fdmap[fd] = (w, kind)
 
@@ -1038,17 +641,7 @@ class Pool:
     def _stop_all(self) -> None:
         self._stopping = True
         for w in self._workers:
-            self._signal_stop(w)
-
-    @staticmethod
-    def _signal_stop(w: _Worker) -> None:
-        """Set the worker's ctx.stopping: one byte that nobody reads, so it stays set."""
-        if not w.stop_set:
-            w.stop_set = True
-            try:
-                os.write(w.stop_w, b"!")
-            except OSError:  # cannot happen with an empty pipe; the worker ends either way
-                pass
+            w.signal_stop()
 
     def _emergency_stop(self) -> None:
         """At interpreter exit without close(): kill and join everything, without waiting for
@@ -1060,36 +653,22 @@ class Pool:
 
     def __repr__(self) -> str:
         return (
-            f"<Pool {self.start_method} {self.size()}/{self.target_size} workers, "
+            f"<WorkerPool {self.start_method} {self.size()}/{self.target_size} workers, "
             f"{self.busy_count()} busy{', closed' if self._closed else ''}>"
         )
 
 
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _close_at_exit(ref: weakref.ref[Pool]) -> None:
+def _close_at_exit(ref: weakref.ref[WorkerPool]) -> None:
     pool = ref()
     if pool is not None:
         pool._emergency_stop()
 
 
-def _signame(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def pool_for(config: Any, log_target: str, log_level: int | str) -> Pool:
+def pool_for(config: Any, log_target: str, log_level: int | str) -> WorkerPool:
     """The pool `poolkeeper run` runs for a settings.Config (not started yet)."""
     from poolkeeper.service.logs import WorkerLogSetup
 
-    return Pool(
+    return WorkerPool(
         workers=config.pool.workers,
         start_method=config.pool.start_method,
         preload=config.pool.preload,

@@ -1,11 +1,12 @@
 """The worker process: set itself up, then run the tasks the main process sends, one at a time.
 
-Everything here runs in the worker. The protocol and the main-process side are described at
-the top of `poolkeeper/pool/supervisor.py`. A worker never decides anything about its own life: it runs
-what it is sent, reports what happened as plain strings (never job objects: they might not
-pickle), and exits when told to, when its pipe reaches EOF, or (killing its whole process
-group) when the main process dies. It is a child subreaper, so whatever a job detaches stays
-below it, and it kills all of that when it exits (poolkeeper/pool/reaper.py).
+Everything here runs in the worker. The messages are described in `poolkeeper/pool/protocol.py`,
+the main-process side at the top of `poolkeeper/pool/supervisor.py`. A worker never decides
+anything about its own life: it runs what it is sent, reports what happened as plain strings
+(never job objects: they might not pickle), and exits when told to, when its pipe reaches EOF,
+or (killing its whole process group) when the main process dies. It is a child subreaper, so
+whatever a job detaches stays below it, and it kills all of that when it exits
+(poolkeeper/pool/reaper.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from poolkeeper import signals
 from poolkeeper.pool import reaper
 from poolkeeper.pool.context import RunContext, Stopping, accepts_ctx, with_ctx
 from poolkeeper.pool.prestart import add_to_sys_path
+from poolkeeper.pool.protocol import PICKLE_PROTOCOL, take_messages
 from poolkeeper.service.notify import MAIN_ONLY_ENV
 
 # Exit code of a worker whose initialisation (worker_setup, preload) failed.
@@ -43,7 +45,6 @@ RESULT_REPR_MAX = 200
 ERROR_MAX = 500
 TRACEBACK_MAX = 32 * 1024
 TRACEBACK_MESSAGE_MAX = 8 * 1024  # of each exception's message in a traceback
-PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 # How long a worker whose pipe broke waits for the main process's pidfd to confirm its death.
 MAIN_EXIT_WAIT_MS = 5000
 
@@ -97,28 +98,6 @@ def one_line(exc: BaseException) -> str:
     text = head.splitlines()[0] if head else ""
     line = f"{name}: {text}" if text else name
     return line if len(line) <= ERROR_MAX else line[: ERROR_MAX - 3] + "..."
-
-
-def take_messages(buf: bytearray) -> list[Any]:
-    """Unpickle every complete message at the front of `buf` (multiprocessing.Connection's
-    framing: a 4-byte big-endian length, or -1 and an 8-byte length above 2 GiB) and remove
-    them from it; a partial message stays for the next read. Both ends of a worker's pipe read
-    this way, non-blocking, so one slow peer never stalls the other."""
-    messages = []
-    pos, end = 0, len(buf)
-    while end - pos >= 4:
-        size = int.from_bytes(buf[pos : pos + 4], "big", signed=True)
-        head = 4
-        if size == -1:
-            if end - pos < 12:
-                break
-            size, head = int.from_bytes(buf[pos + 4 : pos + 12], "big"), 12
-        if end - pos - head < size:
-            break
-        messages.append(pickle.loads(buf[pos + head : pos + head + size]))
-        pos += head + size
-    del buf[:pos]
-    return messages
 
 
 def format_tb(exc: BaseException) -> str:
@@ -391,7 +370,9 @@ def _own_journal_stream() -> None:
     os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"  # for the jobs' subprocesses
 
 
-class _Worker:
+class _WorkerLoop:
+    """The worker's side of its pipe: receive tasks, run them in order, report each."""
+
     def __init__(self, conn: Any, stopping: Stopping, cfg: WorkerConfig) -> None:
         self.conn = conn
         self.stopping = stopping
@@ -569,7 +550,7 @@ def worker_main(conn: Any, main_pidfd: PassFd, stop_fd: PassFd, cfg: WorkerConfi
             pass
         sys.stderr.flush()
         os._exit(INIT_FAILED_EXIT)
-    worker = _Worker(conn, Stopping(stop_fd.fd), cfg)
+    worker = _WorkerLoop(conn, Stopping(stop_fd.fd), cfg)
     try:
         worker.send(("R", worker.pid))
         worker.serve()

@@ -2,9 +2,10 @@
 
 All times are wall-clock epoch seconds (`time.time()`): cron is defined on the wall clock, and
 the fire times persisted in the state DB must survive a restart. The daemon's loop waits on the
-monotonic clock, so it should ask `JobSchedule.wait_time(time.time())` at each wakeup and sleep
-at most `MAX_SLEEP` seconds: a wall-clock step (NTP, suspend/resume) is then noticed within a
-minute. See docs/state.md, "Scheduling".
+monotonic clock: at every turn it reads `time.time()`, pops each job's due fires
+(`JobSchedule.pop_due`), and counts the next one (`JobSchedule.next.due`) among its deadlines;
+it turns at least once a second (daemon.mainloop.MAX_WAIT), so a wall-clock step (NTP,
+suspend/resume) is noticed within a second. See docs/state.md, "Scheduling".
 
 A trigger's `next_fire(after)` is the *nominal* time (no jitter): it is what `scheduled_at`
 records, what `poolkeeper next` prints and what the state stores as the last fire. Jitter is
@@ -18,9 +19,6 @@ import os
 import random
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, NamedTuple, Protocol
-
-# The longest the daemon should sleep before re-reading the wall clock.
-MAX_SLEEP = 60.0
 
 # How far the wall clock may step backwards before a schedule stops trusting what it already
 # fired. Smaller steps (an NTP correction, the DST-like jumps cron folk know) never re-fire a
@@ -358,11 +356,11 @@ class Fire(NamedTuple):
 class JobSchedule:
     """The next fire of one job, advanced by the daemon's loop. Wall-clock epoch seconds.
 
-    Loop usage, at every wakeup (`now = time.time()`):
+    The daemon's use, at every turn of its loop (`now = time.time()`; daemon/jobs.py):
 
-        fire = sched.pop_due(now)
-        if fire: dispatch(job, scheduled_at=fire.nominal); state.set_last_fire(job, fire.nominal)
-        sleep = min(s.wait_time(now) for all schedules, MAX_SLEEP)
+        while fire := sched.pop_due(now):
+            dispatch(job, scheduled_at=fire.nominal); state.set_last_fire(job, fire.nominal)
+        deadline = now_monotonic + (sched.next.due - now)  # one of the loop's wake-ups
     """
 
     def __init__(
