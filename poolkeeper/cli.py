@@ -7,10 +7,18 @@ import errno
 import logging
 import os
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from poolkeeper import __version__, exitcodes
 from poolkeeper.printable import printable
+
+if TYPE_CHECKING:  # typing only: `run` must not import these on its way to READY=1
+    from collections.abc import Callable
+
+    from poolkeeper.config.loader import ConfigError
+    from poolkeeper.config.settings import Config
+    from poolkeeper.pool.supervisor import WorkerPool
+    from poolkeeper.service.notify import Notifier
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -71,7 +79,7 @@ def default_config_path() -> str:
     return os.path.join(base, "poolkeeper.yaml")
 
 
-def _print_config_errors(exc) -> None:
+def _print_config_errors(exc: ConfigError) -> None:
     for issue in exc.issues:
         print(issue, file=sys.stderr)
 
@@ -132,7 +140,7 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
     return _run_daemon(config, target, notifier)
 
 
-def _run_cached(args: argparse.Namespace, path: str, config, why: str) -> int:
+def _run_cached(args: argparse.Namespace, path: str, config: Config, why: str) -> int:
     """Start from a cached validation. READY=1 waits for the workers, so they are asked for
     as soon as possible: this process imports what the forkserver preloads for poolkeeper,
     forks it (ready at once, it only has the job modules left to import) and starts the
@@ -155,7 +163,9 @@ def _run_cached(args: argparse.Namespace, path: str, config, why: str) -> int:
     return _run_daemon(config, target, Notifier(), pool)
 
 
-def _run_daemon(config, target: str, notifier, pool=None) -> int:
+def _run_daemon(
+    config: Config, target: str, notifier: Notifier, pool: WorkerPool | None = None
+) -> int:
     from poolkeeper.daemon.mainloop import Daemon
 
     code = Daemon(config, log_target=target, notifier=notifier, pool=pool).run()
@@ -176,14 +186,16 @@ def _exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
-def _load_for_reading(path: str | None):
+def _load_for_reading(path: str | None) -> Config:
     """The config, for commands that read state: targets are not imported."""
     from poolkeeper.config.loader import load_config
 
     return load_config(path or default_config_path(), import_targets=False)
 
 
-def _with_config(func):
+def _with_config(
+    func: Callable[[argparse.Namespace, Config], int],
+) -> Callable[[argparse.Namespace], int]:
     """Run a reading command; a bad config is reported like `check` does, exit 78/66."""
 
     def wrapper(args: argparse.Namespace) -> int:
@@ -222,7 +234,7 @@ def _capped(n: int, most: int) -> int:
     return min(n, most)
 
 
-def _state_unreadable(exc) -> int:
+def _state_unreadable(exc: Exception) -> int:
     """One line for a state DB that `history`/`status` cannot read, and EX_IOERR: not an
     empty table, which would pass for 'no runs'."""
     print(f"poolkeeper: {printable(exc)}", file=sys.stderr)
@@ -230,7 +242,7 @@ def _state_unreadable(exc) -> int:
 
 
 @_with_config
-def _cmd_history(args: argparse.Namespace, config) -> int:
+def _cmd_history(args: argparse.Namespace, config: Config) -> int:
     from poolkeeper.report import open_readonly, print_history
     from poolkeeper.state.store import StateUnreadable
 
@@ -254,7 +266,7 @@ def _cmd_history(args: argparse.Namespace, config) -> int:
 
 
 @_with_config
-def _cmd_status(args: argparse.Namespace, config) -> int:
+def _cmd_status(args: argparse.Namespace, config: Config) -> int:
     from poolkeeper.report import open_readonly, print_status
     from poolkeeper.state.store import StateUnreadable
 
@@ -270,7 +282,9 @@ def _cmd_status(args: argparse.Namespace, config) -> int:
     return exitcodes.OK
 
 
-def _ask_quietly(socket_path: str | None, config, payload: dict) -> dict | None:
+def _ask_quietly(
+    socket_path: str | None, config: Config, payload: dict[str, Any]
+) -> dict[str, Any] | None:
     """The running daemon's answer, or None if there is no daemon to ask."""
     from poolkeeper.service import control
     from poolkeeper.state import identity
@@ -295,7 +309,7 @@ def _cmd_by_hand(args: argparse.Namespace) -> int:
     return _ask_daemon(args, {"command": args.command, "job": args.job})
 
 
-def _ask_daemon(args: argparse.Namespace, payload: dict, *, wait: bool = True) -> int:
+def _ask_daemon(args: argparse.Namespace, payload: dict[str, Any], *, wait: bool = True) -> int:
     """Send one request over the control socket (poolkeeper.service.control) and report the reply."""
     from poolkeeper.config.yamlload import LoadError
     from poolkeeper.service import control
@@ -335,7 +349,7 @@ def _ask_daemon(args: argparse.Namespace, payload: dict, *, wait: bool = True) -
 
 
 @_with_config
-def _cmd_next(args: argparse.Namespace, config) -> int:
+def _cmd_next(args: argparse.Namespace, config: Config) -> int:
     from poolkeeper.report import print_next
 
     job = config.jobs.get(args.job)
@@ -389,7 +403,9 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_other_commands(sub) -> None:
+def _add_other_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     p = sub.add_parser("check", help="validate a job spec; exit 0 if valid, 78 if not")
     p.add_argument("config", metavar="CONFIG", help="path to the YAML job spec")
     p.set_defaults(func=_cmd_check)
@@ -536,8 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             print(f"poolkeeper: {printable(problem)}", file=sys.stderr)
             return exitcodes.UNAVAILABLE
+    func: Callable[[argparse.Namespace], int] = args.func  # set by every subparser
     try:
-        return args.func(args)
+        return func(args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from datetime import datetime
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from poolkeeper.config.durations import format_duration
 from poolkeeper.kinds import JobKind
@@ -14,6 +14,12 @@ from poolkeeper.printable import printable
 from poolkeeper.scheduling.triggers import make_trigger, upcoming, zone
 from poolkeeper.state.identity import open_store
 from poolkeeper.state.store import RunRecord, StateStore
+
+if TYPE_CHECKING:
+    from poolkeeper.config.settings import Config, Job
+
+# One line of a table: every cell a string.
+_Row = tuple[str, ...]
 
 
 def _when(ts: float | None) -> str:
@@ -33,13 +39,13 @@ def _took(record: RunRecord) -> str:
     return format_duration(round(took))
 
 
-def open_readonly(config) -> StateStore:
+def open_readonly(config: Config) -> StateStore:
     """The config's store, read-only: raises StateUnreadable, never falls back to memory."""
     return open_store(config, readonly=True)
 
 
 def print_history(records: Iterable[RunRecord], out: TextIO) -> None:
-    rows = [("STARTED", "JOB", "RUN", "ATTEMPT", "OUTCOME", "TOOK", "DETAIL")]
+    rows: list[_Row] = [("STARTED", "JOB", "RUN", "ATTEMPT", "OUTCOME", "TOOK", "DETAIL")]
     for r in records:
         detail = r.error or ""
         if r.signal:
@@ -59,13 +65,18 @@ def print_history(records: Iterable[RunRecord], out: TextIO) -> None:
 
 
 def print_status(
-    config, store: StateStore, out: TextIO, now: float | None = None, live: dict | None = None
+    config: Config,
+    store: StateStore,
+    out: TextIO,
+    now: float | None = None,
+    live: dict[str, Any] | None = None,
 ) -> None:
     """The jobs, their next fire and last outcome. `live`: the running daemon's own answer
     (its jobs as it runs them, what each is doing now); without it, the file's jobs."""
     now = time.time() if now is None else now
     last = store.last_outcomes()
-    rows = [("JOB", "KIND", "SCHEDULE", "NEXT", "NOW", "LAST RUN", "OUTCOME")]
+    rows: list[_Row] = [("JOB", "KIND", "SCHEDULE", "NEXT", "NOW", "LAST RUN", "OUTCOME")]
+    jobs: list[tuple[str, str, str, str, str]]  # name, kind, schedule, next, now
     if live is not None:
         out.write(f"daemon: {printable(live.get('message', ''))}\n")
         jobs = [
@@ -96,7 +107,7 @@ def print_status(
     _table(rows, out)
 
 
-def _next_fire(job, now: float) -> str:
+def _next_fire(job: Job, now: float) -> str:
     trigger = make_trigger(job)
     if trigger is None:
         return "-"
@@ -104,7 +115,7 @@ def _next_fire(job, now: float) -> str:
     return _when(fires[0]) if fires else "-"
 
 
-def print_next(job, n: int, out: TextIO, now: float | None = None) -> int:
+def print_next(job: Job, n: int, out: TextIO, now: float | None = None) -> int:
     """Upcoming fire times of one job; returns how many were printed."""
     trigger = make_trigger(job)
     if trigger is None:
@@ -120,17 +131,19 @@ def print_next(job, n: int, out: TextIO, now: float | None = None) -> int:
     return len(fires)
 
 
-def schedule_text(job) -> str:
+def schedule_text(job: Job) -> str:
     if job.kind == JobKind.LOOP:
+        assert job.loop is not None  # the kind is the one schedule key that is set
         return f"{job.loop.replicas} replica(s)"
     if job.kind == JobKind.EVERY:
+        assert job.every is not None  # likewise
         return f"every {format_duration(job.every)}"
     if job.kind == JobKind.CRON:
         return f"cron '{job.cron}'" + (f" {job.timezone}" if job.timezone else "")
     return f"at {job.at}"
 
 
-def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
+def _table(rows: list[_Row], out: TextIO) -> None:
     """Aligned columns. Every cell is printable(): error texts are the jobs' own words, and
     names and states may come from a daemon's reply."""
     rows = [tuple(printable(cell) for cell in row) for row in rows]

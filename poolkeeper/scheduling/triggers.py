@@ -34,7 +34,9 @@ CATCHUP_MODES = ("none", "once")
 
 
 class Trigger(Protocol):
-    jitter: float
+    @property
+    def jitter(self) -> float:  # read-only: IntervalTrigger's is a NamedTuple field
+        ...
 
     def next_fire(self, after: float) -> float | None:
         """The first nominal fire time strictly after `after`, or None if it never fires again."""
@@ -309,10 +311,12 @@ def make_trigger(spec: object, rng: random.Random | None = None) -> Trigger | No
     jitter is drawn by `JobSchedule` (see make_schedule).
     """
     tz = getattr(spec, "timezone", None)
-    if getattr(spec, "every", None) is not None:
-        return IntervalTrigger(float(spec.every), float(getattr(spec, "jitter", None) or 0.0))
-    if getattr(spec, "cron", None) is not None:
-        return CronTrigger(spec.cron, tz, getattr(spec, "catchup", None) or "none")
+    every = getattr(spec, "every", None)
+    if every is not None:
+        return IntervalTrigger(float(every), float(getattr(spec, "jitter", None) or 0.0))
+    cron = getattr(spec, "cron", None)
+    if cron is not None:
+        return CronTrigger(cron, tz, getattr(spec, "catchup", None) or "none")
     at = getattr(spec, "at", None)
     if at is not None:
         if isinstance(at, str) and at != "startup":
@@ -336,11 +340,12 @@ def upcoming(trigger: Trigger, n: int, after: float) -> list[float]:
     the daemon starts.
     """
     out: list[float] = []
-    t: float | None = after
+    t: float = after
     while len(out) < n:
-        t = trigger.next_fire(t)
-        if t is None:
+        nxt = trigger.next_fire(t)
+        if nxt is None:
             break
+        t = nxt
         out.append(t)
     return out
 

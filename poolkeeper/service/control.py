@@ -58,6 +58,9 @@ MAX_REPLY = 1 << 20  # bytes: one JSON line, its newline included; what `request
 MAX_DEPTH = 4  # JSON nesting of a request (one flat object): refused before parsing
 MAX_TEXT = 256  # characters of a request's string values (a job name has at most 64)
 REQUEST_KEYS = ("command", "job")
+
+# What answers a request (checked by parse_request) in the daemon: ControlServer.serve's `handle`.
+RequestHandler = Callable[[dict[str, str]], dict[str, Any]]
 # Seconds a client has, from its connection, to send its request; then, from the moment the
 # reply is ready, to read it. Past either, the daemon hangs up: a client costs the main loop
 # only the moments when something can be read or written at once.
@@ -153,13 +156,14 @@ class ControlServer:
         by fork closes them, poolkeeper.pool.helper_processes.main_only_fds)."""
         return [self._sock.fileno(), *(conn.fileno() for conn in self._open)]
 
-    def readers(self) -> list:
+    def readers(self) -> list[socket.socket | _Connection]:
         """What the main loop waits to become readable: the listening socket (unless
         accepting is paused) and every client still sending its request."""
+        listening: list[socket.socket | _Connection]
         listening = [self._sock] if self._accept_paused_until is None else []
         return listening + [conn for conn in self._open if conn.reply is None]
 
-    def writers(self) -> list:
+    def writers(self) -> list[_Connection]:
         """What the main loop waits to become writable: clients with a reply to finish."""
         return [conn for conn in self._open if conn.reply is not None]
 
@@ -170,7 +174,7 @@ class ControlServer:
             deadlines.append(self._accept_paused_until)
         return min(deadlines, default=None)
 
-    def serve(self, handle: Callable[[dict[str, str]], dict[str, Any]], now: float) -> None:
+    def serve(self, handle: RequestHandler, now: float) -> None:
         """Accept who is waiting, read what has arrived, answer each complete request with
         `handle(request) -> reply` (a request checked by `parse_request`), write what fits,
         and hang up on clients that are done or out of time. `now`: time.monotonic().
@@ -243,7 +247,7 @@ class ControlServer:
             # (EPIPE) instead of telling it why.
             conn.refusal = refused(f"uid {uid} may not control this daemon", UNAVAILABLE)
 
-    def _read(self, conn: _Connection, handle: Callable, now: float) -> None:
+    def _read(self, conn: _Connection, handle: RequestHandler, now: float) -> None:
         """Whatever has arrived, up to one byte more than MAX_REQUEST; answer a complete
         request (a line, or what came before EOF)."""
         eof = False
@@ -274,7 +278,7 @@ class ControlServer:
             why = f"no complete request within {CONNECTION_TIME:g}s"
             self._queue(conn, conn.refusal or refused(why, UNAVAILABLE), deadline=now)
 
-    def _answer(self, line: bytes, handle: Callable) -> dict[str, Any]:
+    def _answer(self, line: bytes, handle: RequestHandler) -> dict[str, Any]:
         try:
             request = parse_request(line)
         except BadRequest as exc:
@@ -457,7 +461,8 @@ def _read_line(sock: socket.socket, limit: int) -> bytes:
 
 def _peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+    uid: int = struct.unpack("3i", creds)[1]  # struct.unpack's values are Any
+    return uid
 
 
 def _remove_stale(path: str) -> None:

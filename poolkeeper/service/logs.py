@@ -96,7 +96,8 @@ def _journal_handler() -> logging.Handler | None:
         from systemd.journal import JournalHandler
     except ImportError:
         return None
-    return JournalHandler(SYSLOG_IDENTIFIER="poolkeeper")
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="poolkeeper")  # untyped module
+    return handler
 
 
 def resolve_target(target: str) -> str:

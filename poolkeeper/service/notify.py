@@ -255,6 +255,7 @@ class Notifier:
         from systemd import daemon
 
         address = self._address
+        assert address is not None  # checked by _transmit, our only caller
         with _ENV_LOCK:
             previous = os.environ.get("NOTIFY_SOCKET")
             if previous == address:
@@ -298,7 +299,8 @@ class Notifier:
 def _sdnotify_sender() -> type:
     import sdnotify
 
-    class Sender(sdnotify.SystemdNotifier):
+    # sdnotify has no type information (its import is untyped: Any), so its class is Any.
+    class Sender(sdnotify.SystemdNotifier):  # type: ignore[misc]
         """sdnotify's sender on our socket (its constructor would read os.environ instead)."""
 
         def __init__(self, sock: socket.socket) -> None:

@@ -15,6 +15,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from poolkeeper.outcomes import RUNNING, Outcome
 from poolkeeper.state.store import ABANDONED_ERROR, MAX_ERROR_CHARS, RunRecord, StateUnreadable
@@ -24,6 +26,9 @@ SCHEMA_VERSION = 1
 # Rows buffered before a write forces a flush. The daemon also flushes from its loop at most
 # every ~0.5 s, so at low rates this only bounds memory.
 DEFAULT_BATCH = 2000
+
+# The parameters of one statement (sqlite3 adapts each value), and a result row.
+_Row = tuple[Any, ...]
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -94,7 +99,7 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._mutex = threading.RLock()
         # run_id -> (sql, row); dict order is arrival order, and an end replaces its start.
-        self._runs: dict[str, tuple[str, tuple]] = {}
+        self._runs: dict[str, tuple[str, _Row]] = {}
         self._fires: dict[str, float] = {}
         self._last_run: dict[str, str] = {}
         self._counts: dict[str, int] = {}
@@ -264,7 +269,7 @@ class SqliteStore:
         scheduled_at: float | None,
         started_at: float | None,
         ended_at: float,
-        outcome: Outcome,
+        outcome: str,
         exit_code: int | None = None,
         signal: int | None = None,
         worker_pid: int | None = None,
@@ -433,7 +438,7 @@ class SqliteStore:
             )
         return dict(rows)
 
-    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _query(self, sql: str, args: _Row = ()) -> list[_Row]:
         if self._conn is None:
             return []
         try:
@@ -463,16 +468,21 @@ _RECORD_COLUMNS = ", ".join(
 )
 
 
-def _runs_of_same_kind(entries):
+def _runs_of_same_kind(
+    entries: Iterable[tuple[str, _Row]],
+) -> Iterator[tuple[str, list[_Row]]]:
     """Group consecutive buffered rows by statement, keeping arrival order across groups."""
-    group_sql, group = None, []
+    group_sql: str | None = None
+    group: list[_Row] = []
     for sql, row in entries:
         if sql is not group_sql and group:
+            assert group_sql is not None  # set with the group's first row
             yield group_sql, group
             group = []
         group_sql = sql
         group.append(row)
     if group:
+        assert group_sql is not None  # likewise
         yield group_sql, group
 
 
@@ -502,7 +512,7 @@ def _is_corruption(exc: BaseException) -> bool:
 
 
 def _check_version(conn: sqlite3.Connection) -> int:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         # Written by a newer poolkeeper: don't touch it (the caller falls back to memory).
         raise sqlite3.OperationalError(
