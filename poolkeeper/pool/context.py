@@ -89,7 +89,7 @@ class RunContext:
         run_id: str,
         attempt: int,
         scheduled_at: float,
-        log: logging.Logger | logging.LoggerAdapter,
+        log: logging.Logger | logging.LoggerAdapter[Any],
         stopping: Stopping,
         heartbeat: Callable[[], None],
     ) -> None:

@@ -73,6 +73,8 @@ class ForkserverWatch:
     def is_dead(self, pid: int | None) -> bool:
         if pid is None:
             return False
-        if pid == self._forkserver_pid and select.select([self._forkserver_pidfd], [], [], 0)[0]:
-            self.died()  # it died just now; its pidfd is not in yet
+        if pid == self._forkserver_pid:
+            assert self._forkserver_pidfd is not None  # follow() and stop() set both, or neither
+            if select.select([self._forkserver_pidfd], [], [], 0)[0]:
+                self.died()  # it died just now; its pidfd is not in yet
         return pid in self._dead_forkservers

@@ -23,9 +23,44 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import connection, forkserver, resource_tracker, util
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 from poolkeeper import signals
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+
+class ForkServerState(Protocol):
+    """The private attributes of multiprocessing.forkserver.ForkServer this package reads and
+    writes (typeshed declares none of them); see forkserver_state()."""
+
+    _lock: AbstractContextManager[Any]
+    _forkserver_address: str | None
+    _forkserver_alive_fd: int | None
+    _forkserver_pid: int | None
+
+
+class ResourceTrackerState(Protocol):
+    """The private attributes of multiprocessing.resource_tracker.ResourceTracker this module
+    uses (typeshed declares none of them); see _tracker_state()."""
+
+    _lock: AbstractContextManager[Any]
+    _fd: int | None
+    _pid: int | None
+
+
+def forkserver_state() -> ForkServerState:
+    """multiprocessing's forkserver singleton, typed by the private attributes we use: the
+    cast holds as CPython's ForkServer.__init__ sets all four."""
+    return cast(ForkServerState, forkserver._forkserver)
+
+
+def _tracker_state() -> ResourceTrackerState:
+    """multiprocessing's resource tracker singleton, typed likewise: the cast holds as
+    CPython's ResourceTracker.__init__ sets all three."""
+    return cast(ResourceTrackerState, resource_tracker._resource_tracker)
+
 
 # poolkeeper.pool.supervisor.WorkerPool objects
 open_pools: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -86,7 +121,7 @@ def import_own_preload() -> None:
 
 
 def forkserver_running() -> bool:
-    return forkserver._forkserver._forkserver_pid is not None
+    return forkserver_state()._forkserver_pid is not None
 
 
 def note_new_pool(start_method: str) -> None:
@@ -96,7 +131,7 @@ def note_new_pool(start_method: str) -> None:
     if not forkserver_running() and start_method == "forkserver":
         if not any(p.start_method == "forkserver" for p in open_pools):
             _started_by_us["forkserver"] = True
-    if resource_tracker._resource_tracker._fd is None and not open_pools:
+    if _tracker_state()._fd is None and not open_pools:
         _started_by_us["resource_tracker"] = True
 
 
@@ -139,11 +174,12 @@ def stop_if_unused() -> None:
 
 def _stop_forkserver() -> None:
     """ForkServer._stop(), except that the wait for its exit has a deadline."""
-    server = forkserver._forkserver
+    server = forkserver_state()
     with server._lock:
         if server._forkserver_pid is None:
             return
         alive_fd, server._forkserver_alive_fd = server._forkserver_alive_fd, None
+        assert alive_fd is not None  # set and cleared together with _forkserver_pid
         _stop_helper("forkserver", server._forkserver_pid, alive_fd)
         server._forkserver_pid = None
         _unlink_forkserver_address(server)
@@ -151,11 +187,12 @@ def _stop_forkserver() -> None:
 
 def _stop_resource_tracker() -> None:
     """ResourceTracker._stop(), except that the wait for its exit has a deadline."""
-    tracker = resource_tracker._resource_tracker
+    tracker = _tracker_state()
     with tracker._lock:
         if tracker._fd is None:
             return
         fd, tracker._fd = tracker._fd, None
+        assert tracker._pid is not None  # ensure_running() sets _fd and _pid together
         _stop_helper("resource tracker", tracker._pid, fd)
         tracker._pid = None
 
@@ -186,7 +223,7 @@ def _stop_helper(name: str, pid: int, pipe_fd: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _unlink_forkserver_address(server: Any) -> None:
+def _unlink_forkserver_address(server: ForkServerState) -> None:
     address, server._forkserver_address = server._forkserver_address, None
     if address is not None and not util.is_abstract_socket_namespace(address):
         with contextlib.suppress(OSError):
@@ -194,7 +231,7 @@ def _unlink_forkserver_address(server: Any) -> None:
 
 
 def forkserver_pid() -> int | None:
-    return forkserver._forkserver._forkserver_pid
+    return forkserver_state()._forkserver_pid
 
 
 def forget_dead_forkserver(pid: int) -> str | None:
@@ -202,17 +239,19 @@ def forget_dead_forkserver(pid: int) -> str | None:
     reap it and forget it, so that the next worker starts a new one (as
     ForkServer.ensure_running() does when it finds its server dead). Returns how it ended,
     or None if it is not the current forkserver (another pool forgot it already)."""
-    server = forkserver._forkserver
+    server = forkserver_state()
     with server._lock:
         if server._forkserver_pid != pid:
             return None
+        alive_fd = server._forkserver_alive_fd
+        assert alive_fd is not None  # set and cleared together with _forkserver_pid
         try:
             _, status = os.waitpid(pid, 0)  # exited already: this does not block
             how = _describe_status(status)
         except ChildProcessError:
             how = "exit status unknown"
         with contextlib.suppress(OSError):
-            os.close(server._forkserver_alive_fd)
+            os.close(alive_fd)
         server._forkserver_alive_fd = None
         server._forkserver_pid = None
         _unlink_forkserver_address(server)
@@ -235,7 +274,7 @@ def prestart_forkserver(preload: Sequence[str]) -> None:
     stops it."""
     if forkserver_running():
         return
-    tracker_was_running = resource_tracker._resource_tracker._fd is not None
+    tracker_was_running = _tracker_state()._fd is not None
     modules = forkserver_preload(preload)
     multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
     if threading.active_count() == 1:
@@ -257,11 +296,12 @@ def _fork_forkserver(preload: list[str]) -> None:
     it skips the interpreter start and inherits the imports done so far (multiprocessing,
     logging, ...), which is most of a forkserver's ~100 ms of boot on a small machine. The
     child then runs the very same `forkserver.main` a spawned forkserver runs."""
-    server = forkserver._forkserver
+    server = forkserver_state()
     with server._lock:
         start_resource_tracker()
         with socket.socket(socket.AF_UNIX) as listener:
-            address = connection.arbitrary_address("AF_UNIX")
+            # typeshed omits this undocumented helper (ForkServer.ensure_running() calls it)
+            address: str = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
             listener.bind(address)
             os.chmod(address, 0o600)
             listener.listen()

@@ -41,8 +41,8 @@ class Task(NamedTuple):
     run_id: str
     job: str
     target: str  # "pkg.module:func" or "module:obj.attr"
-    args: tuple = ()
-    kwargs: dict = _NONE
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = _NONE
     attempt: int = 1
     scheduled_at: float = 0.0
     timeout: float | None = None  # hard wall-clock limit from the actual start

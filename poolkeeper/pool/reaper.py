@@ -30,7 +30,10 @@ import logging
 import os
 import signal
 from collections.abc import Collection, Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
+
+if TYPE_CHECKING:
+    from poolkeeper.pool.helper_processes import ForkServerState
 
 log = logging.getLogger("poolkeeper.pool.reaper")
 
@@ -59,7 +62,8 @@ def become_subreaper() -> bool:
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        rc: int = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # ctypes' default restype: int
+        return rc == 0
     except (OSError, AttributeError):
         return False
 
@@ -206,7 +210,8 @@ def _mp_children() -> dict[int, str]:
     import multiprocessing.process
 
     out = {}
-    for proc in list(multiprocessing.process._children):
+    # typeshed omits this private set of the Process objects not yet joined
+    for proc in list(multiprocessing.process._children):  # type: ignore[attr-defined]
         popen = getattr(proc, "_popen", None)
         if popen is not None:
             out[popen.pid] = getattr(popen, "method", "")
@@ -220,7 +225,8 @@ def own_helpers() -> set[int]:
     from multiprocessing import forkserver, resource_tracker
 
     pids = {pid for pid, method in _mp_children().items() if method != "forkserver"}
-    pids.add(forkserver._forkserver._forkserver_pid or 0)
+    # cast: typeshed omits ForkServer's private attributes (see helper_processes.ForkServerState)
+    pids.add(cast("ForkServerState", forkserver._forkserver)._forkserver_pid or 0)
     pids.add(getattr(resource_tracker._resource_tracker, "_pid", None) or 0)
     return pids
 

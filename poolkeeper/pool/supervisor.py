@@ -135,7 +135,8 @@ class WorkerPool:
         helper_processes.note_new_pool(start_method)
         self._stopping = False  # drain() or close(): every worker's stop pipe is written
         self._workers: list[WorkerHandle] = []  # every process not yet reaped, in start order
-        self._fdmap: dict[int, tuple[WorkerHandle, int]] = {}
+        # fd -> (its worker, which fd of it); the forkserver's pidfd has no worker
+        self._fdmap: dict[int, tuple[WorkerHandle | None, int]] = {}
         self._epoll: select.epoll | None = None
         self._main_pidfd: int | None = None
         self._events: list[Event] = []
@@ -201,9 +202,14 @@ class WorkerPool:
             if deadline is not None and not killed:
                 wake = deadline if wake is None else min(wake, deadline)
             wait = None if wake is None else max(0.0, wake - self._clock())
-            multiprocessing.connection.wait([self._epoll], timeout=wait)
+            assert self._epoll is not None  # start() made it; only _release() closes it
+            # its fd: typeshed's wait() takes no object with a fileno(), which is all it needs
+            multiprocessing.connection.wait([self._epoll.fileno()], timeout=wait)
             for ev in self.poll():
-                (ended if isinstance(ev, RunEnded) else rest).append(ev)
+                if isinstance(ev, RunEnded):
+                    ended.append(ev)
+                else:
+                    rest.append(ev)
         self._events = rest + self._events
         self._release()
         return ended
@@ -388,6 +394,7 @@ class WorkerPool:
 
     def _read_messages(self) -> list[WorkerHandle]:
         exited = []
+        assert self._epoll is not None  # poll() checked
         for fd, _ in self._epoll.poll(0):
             entry = self._fdmap.get(fd)
             if entry is None:
@@ -395,9 +402,12 @@ class WorkerPool:
             w, kind = entry
             if kind == _FORKSERVER:
                 self._forkserver.died()
-            elif kind == _CONN:
+                continue
+            assert w is not None  # every fd but the forkserver's pidfd is a worker's
+            if kind == _CONN:
                 self._read(w)
             elif kind == _PIDFD:
+                assert w.pidfd is not None  # _spawn() watches it only if it has one
                 self._unwatch(w.pidfd)
                 w.exited = True
                 exited.append(w)
@@ -586,6 +596,8 @@ class WorkerPool:
                 self._events.append(WorkerEvent("replaced", old, f"by worker {new.pid}"))
 
     def _spawn(self, now: float) -> WorkerHandle | None:
+        # start() made both; poll(), the only other caller, runs only before _release()
+        assert self._epoll is not None and self._main_pidfd is not None
         inherited = None
         if self.start_method == "fork":  # what the child would otherwise inherit from us
             inherited = [self._epoll.fileno(), *self._fdmap, *(w.stop_w for w in self._workers)]
@@ -630,12 +642,14 @@ class WorkerPool:
             w.state = state
             w.state_since = self._clock()
 
-    def _watch(self, fd: int, w: WorkerHandle, kind: int) -> None:
+    def _watch(self, fd: int, w: WorkerHandle | None, kind: int) -> None:
+        assert self._epoll is not None  # only _spawn() (after start()) watches
         self._epoll.register(fd, select.EPOLLIN)
         self._fdmap[fd] = (w, kind)
 
     def _unwatch(self, fd: int) -> None:
         if self._fdmap.pop(fd, None) is not None:
+            assert self._epoll is not None  # it is in _fdmap: _watch() had the epoll
             self._epoll.unregister(fd)
 
     def _stop_all(self) -> None:

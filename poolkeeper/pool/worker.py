@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Callable
 from multiprocessing import reduction
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
 
 from poolkeeper import signals
 from poolkeeper.pool import reaper
@@ -35,6 +35,9 @@ from poolkeeper.pool.context import RunContext, Stopping, accepts_ctx, with_ctx
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.protocol import PICKLE_PROTOCOL, take_messages
 from poolkeeper.service.notify import MAIN_ONLY_ENV
+
+if TYPE_CHECKING:
+    from poolkeeper.pool.helper_processes import ForkServerState
 
 # Exit code of a worker whose initialisation (worker_setup, preload) failed.
 INIT_FAILED_EXIT = 3
@@ -128,7 +131,13 @@ class _BoundedRepr(reprlib.Repr):
         self.maxstring = self.maxlong = self.maxother = RESULT_REPR_MAX
 
     # reprlib sorts dicts and sets first (a copy of every key); repr() keeps their order.
-    def repr_dict(self, x: dict, level: int) -> str:
+    if TYPE_CHECKING:
+        # reprlib.Repr's helper behind repr_list, repr_tuple...; typeshed omits it
+        def _repr_iterable(
+            self, x: Any, level: int, left: str, right: str, maxiter: int, trail: str = ""
+        ) -> str: ...
+
+    def repr_dict(self, x: dict[Any, Any], level: int) -> str:
         if not x or level <= 0:
             return "{}" if not x else "{" + self.fillvalue + "}"
         pieces = [
@@ -139,10 +148,10 @@ class _BoundedRepr(reprlib.Repr):
             pieces.append(self.fillvalue)
         return "{" + ", ".join(pieces) + "}"
 
-    def repr_set(self, x: set, level: int) -> str:
+    def repr_set(self, x: set[Any], level: int) -> str:
         return self._repr_iterable(x, level, "{", "}", self.maxset) if x else "set()"
 
-    def repr_frozenset(self, x: frozenset, level: int) -> str:
+    def repr_frozenset(self, x: frozenset[Any], level: int) -> str:
         if not x:
             return "frozenset()"
         return self._repr_iterable(x, level, "frozenset({", "})", self.maxfrozenset)
@@ -172,7 +181,8 @@ def _cut_messages(te: traceback.TracebackException) -> None:
         seen.add(id(one))
         text = getattr(one, "_str", None)  # the message, as TracebackException keeps it
         if isinstance(text, str) and len(text) > TRACEBACK_MESSAGE_MAX:
-            one._str = text[:TRACEBACK_MESSAGE_MAX] + "...(truncated)"
+            # typeshed omits this private attribute (the message str(exc) gave)
+            one._str = text[:TRACEBACK_MESSAGE_MAX] + "...(truncated)"  # type: ignore[attr-defined]
         todo += [t for t in (one.__cause__, one.__context__) if t is not None]
         todo += getattr(one, "exceptions", None) or []
 
@@ -256,7 +266,8 @@ def _set_up(pidfd: PassFd, cfg: WorkerConfig, own_fds: tuple[int, ...]) -> None:
 
     # (Under fork we would inherit the daemon's own write end, with the same effect.) A job
     # that wants a forkserver of its own gets a fresh one.
-    server = forkserver._forkserver
+    # cast: typeshed omits ForkServer's private attributes (see helper_processes.ForkServerState)
+    server = cast("ForkServerState", forkserver._forkserver)
     if server._forkserver_alive_fd is not None:
         try:
             os.close(server._forkserver_alive_fd)
