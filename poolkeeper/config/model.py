@@ -21,7 +21,7 @@ import re
 import zoneinfo
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -244,20 +244,25 @@ Size = Annotated[
 ]
 
 
-def _enum(literal: Any) -> Any:
-    choices = get_args(literal)
-    return Annotated[
-        literal,
-        PlainValidator(_choice(choices)),
-        WithJsonSchema({"type": "string", "enum": list(choices)}),
-    ]
+def _enum_validator(literal: Any) -> PlainValidator:
+    return PlainValidator(_choice(get_args(literal)))
 
 
-Jitter = _enum(Literal["full", "equal", "none"])
-Restart = _enum(Literal["always", "on-failure", "never"])
-Overlap = _enum(Literal["skip", "queue", "allow"])
-Catchup = _enum(Literal["none", "once"])
-StartMethod = _enum(Literal["forkserver", "spawn", "fork"])
+def _enum_schema(literal: Any) -> WithJsonSchema:
+    return WithJsonSchema({"type": "string", "enum": list(get_args(literal))})
+
+
+# Each alias is spelled out (rather than built by a function) so a type checker sees the Literal.
+_Jitter = Literal["full", "equal", "none"]
+_Restart = Literal["always", "on-failure", "never"]
+_Overlap = Literal["skip", "queue", "allow"]
+_Catchup = Literal["none", "once"]
+_StartMethod = Literal["forkserver", "spawn", "fork"]
+Jitter = Annotated[_Jitter, _enum_validator(_Jitter), _enum_schema(_Jitter)]
+Restart = Annotated[_Restart, _enum_validator(_Restart), _enum_schema(_Restart)]
+Overlap = Annotated[_Overlap, _enum_validator(_Overlap), _enum_schema(_Overlap)]
+Catchup = Annotated[_Catchup, _enum_validator(_Catchup), _enum_schema(_Catchup)]
+StartMethod = Annotated[_StartMethod, _enum_validator(_StartMethod), _enum_schema(_StartMethod)]
 Target = Annotated[
     str, PlainValidator(_target), WithJsonSchema({"type": "string", "pattern": TARGET_PATTERN})
 ]
@@ -294,12 +299,23 @@ PathText = Annotated[
 ]
 
 
-def _count(what: str, minimum: int) -> Any:
-    return Annotated[
-        int,
+def _count(what: str, minimum: int) -> tuple[PlainValidator, WithJsonSchema]:
+    """The metadata of an integer count: Annotated[int, *_count(...)]."""
+    return (
         PlainValidator(_int_at_least(what, minimum)),
         WithJsonSchema({"type": "integer", "minimum": minimum}),
-    ]
+    )
+
+
+# Spelled out (rather than built by a function) so a type checker sees them as aliases of int.
+_replicas = _count("a number of replicas", 1)
+_attempts = _count("a number of attempts", 1)
+_runs = _count("a number of runs", 1)
+_runs_per_worker = _count("a number of runs (0 = never recycle)", 0)
+Replicas = Annotated[int, _replicas[0], _replicas[1]]
+Attempts = Annotated[int, _attempts[0], _attempts[1]]
+MaxConcurrent = Annotated[int, _runs[0], _runs[1]]
+RunsPerWorker = Annotated[int, _runs_per_worker[0], _runs_per_worker[1]]
 
 
 # --- The model ---------------------------------------------------------------------------------
@@ -322,7 +338,7 @@ class LoopModel(_Model):
 
     model_config = ConfigDict(title="Loop")
 
-    replicas: _count("a number of replicas", 1) = Field(
+    replicas: Replicas = Field(
         1, description="How many copies run at once; each takes a pool worker."
     )
 
@@ -332,9 +348,7 @@ class RetryModel(_Model):
 
     model_config = ConfigDict(title="Retry")
 
-    attempts: _count("a number of attempts", 1) = Field(
-        1, description="Total tries per run; 1 means no retry."
-    )
+    attempts: Attempts = Field(1, description="Total tries per run; 1 means no retry.")
     initial: Duration = Field(
         10.0, description="Delay before the first retry.", json_schema_extra={"default": "10s"}
     )
@@ -419,7 +433,7 @@ class JobModel(_Model):
     overlap: Overlap = Field(
         "skip", description="When a run is due while the previous one still runs."
     )
-    max_concurrent: _count("a number of runs", 1) = Field(
+    max_concurrent: MaxConcurrent = Field(
         1, description="With overlap: allow, how many runs at once."
     )
     catchup: Catchup = Field(
@@ -453,12 +467,19 @@ def _partial(model: type[BaseModel], name: str, title: str, doc: str) -> type[Ba
     return create_model(name, __base__=base, __doc__=doc, **fields)
 
 
-JobDefaultsModel = _partial(
-    JobModel,
-    "JobDefaultsModel",
-    "JobDefaults",
-    "Any job key; applied to every job that does not set it.",
-)
+if TYPE_CHECKING:
+    # A class built at run time is no type to a checker: declare what _partial builds, a _Model
+    # (its fields, JobModel's keys with default None, are only read by pydantic).
+    class JobDefaultsModel(_Model):
+        pass
+
+else:
+    JobDefaultsModel = _partial(
+        JobModel,
+        "JobDefaultsModel",
+        "JobDefaults",
+        "Any job key; applied to every job that does not set it.",
+    )
 
 
 class PoolModel(_Model):
@@ -474,7 +495,7 @@ class PoolModel(_Model):
     preload: list[ModuleName] = Field(
         default_factory=list, description="Modules imported once before workers start."
     )
-    max_runs_per_worker: _count("a number of runs (0 = never recycle)", 0) = Field(
+    max_runs_per_worker: RunsPerWorker = Field(
         0, description="Replace a worker after this many runs; 0 = never."
     )
     max_memory_per_worker: Size = Field(
@@ -533,5 +554,5 @@ class ConfigModel(_Model):
     defaults: JobDefaultsModel = Field(
         default_factory=JobDefaultsModel,
         description="Any job key, applied to every job that doesn't set it.",
-    )  # type: ignore[valid-type]
+    )
     jobs: dict[str, JobModel] = Field(default_factory=dict, description="The jobs, by name.")

@@ -15,7 +15,7 @@ import sysconfig
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from poolkeeper.config.yamlload import Issue, Pos
 from poolkeeper.kinds import JobKind
@@ -50,7 +50,7 @@ ONLY_FOR: dict[str, tuple[JobKind, ...]] = dict(
 )
 
 
-class _Where:  # the protocol messages.Where implements
+class _Where(Protocol):  # the protocol messages.Where implements
     def pos(self, rel: tuple[Any, ...], *, key: bool = False) -> Pos: ...
 
 

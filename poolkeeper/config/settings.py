@@ -118,7 +118,8 @@ class Config(NamedTuple):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
+        data: dict[str, Any] = _plain(self)  # a NamedTuple becomes a dict
+        return data
 
     def to_json(self) -> dict[str, Any]:
         """to_dict() with datetimes as ISO strings: what json.dumps takes."""

@@ -42,13 +42,16 @@ if TYPE_CHECKING:
 from poolkeeper import __version__
 from poolkeeper.config.readfile import TooLarge, read_regular, read_regular_stat
 
-try:  # as random.py does: hashlib loads OpenSSL (~8 ms on the way to READY=1); this does not
-    from _sha256 import sha256  # CPython 3.11
-except ImportError:
-    try:
-        from _sha2 import sha256  # CPython 3.12+
+if TYPE_CHECKING:  # the private modules have no stubs; hashlib's sha256 has the same interface
+    from hashlib import sha256
+else:
+    try:  # as random.py does: hashlib loads OpenSSL (~8 ms on the way to READY=1); this does not
+        from _sha256 import sha256  # CPython 3.11
     except ImportError:
-        from hashlib import sha256
+        try:
+            from _sha2 import sha256  # CPython 3.12+
+        except ImportError:
+            from hashlib import sha256
 
 FORMAT = 1
 # An entry holds the validated config and a digest per import-path directory: kilobytes. The

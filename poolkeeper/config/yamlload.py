@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.events import Event
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from poolkeeper.config.readfile import MAX_CONFIG_BYTES, TooLarge, read_regular
@@ -213,7 +214,7 @@ class _LimitedLoader(yaml.SafeLoader):
         self._depth = 0
         self._nodes = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         self._depth += 1
         self._nodes += 1
         try:
@@ -241,7 +242,10 @@ class _LimitedLoader(yaml.SafeLoader):
         super().fetch_flow_collection_start(TokenClass)
 
     def _limit(self, what: str) -> Issue:
-        mark = self.peek_event().start_mark
+        # types-PyYAML leaves Parser.peek_event unannotated; it returns the next Event
+        peek_event: Callable[[], Event] = self.peek_event
+        mark = peek_event().start_mark
+        assert mark is not None  # the parser gives every event the mark of its token
         return Issue(
             self._file,
             mark.line + 1,
@@ -358,6 +362,7 @@ class _Converter:
                     self.value(item, (*path, i), None, depth + 1)
                     for i, item in enumerate(node.value)
                 ]
+            assert isinstance(node, MappingNode)  # the composer builds only these three kinds
             return self.mapping(node, path, depth)
         finally:
             self._active.discard(id(node))
