@@ -138,3 +138,15 @@ def test_an_internal_error_hints_only_at_options_the_command_has(
     err = capsys.readouterr().err
     assert err.startswith("poolkeeper: internal error: ZeroDivisionError: a bug (please report it")
     assert ("--log-level debug" in err) == has_log_level
+
+
+def test_the_no_daemon_hint_names_the_unit_the_socket_belongs_to():
+    from poolkeeper.service.control import running_hint
+
+    assert running_hint("/run/poolkeeper/poolkeeper/control.sock") == (
+        "systemctl status poolkeeper"
+    )
+    assert running_hint("/run/poolkeeper/nightly/control.sock") == (
+        "systemctl status poolkeeper@nightly"
+    )
+    assert "poolkeeper run CONFIG" in running_hint("/srv/app/.poolkeeper/state.db.sock")

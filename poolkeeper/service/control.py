@@ -414,7 +414,7 @@ def request(
         except (FileNotFoundError, ConnectionRefusedError):
             raise ControlError(
                 f"no poolkeeper daemon is listening on {path}; is it running? "
-                "(systemctl status poolkeeper)"
+                f"({running_hint(path)})"
             ) from None
         except OSError as exc:
             raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
@@ -438,6 +438,17 @@ def request(
         if not isinstance(reply, dict):
             raise ControlError(f"not an answer from the daemon on {path}: {line[:80]!r}")
         return reply
+
+
+def running_hint(path: str) -> str:
+    """How to see whether the daemon behind `path` runs: its own unit's status when the socket
+    is where the shipped units put it (/run/poolkeeper/poolkeeper/ for poolkeeper.service,
+    /run/poolkeeper/NAME/ for poolkeeper@NAME), else how such a daemon is started."""
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) == 5 and parts[1:3] == ["run", "poolkeeper"] and parts[4] == "control.sock":
+        unit = "poolkeeper" if parts[3] == "poolkeeper" else f"poolkeeper@{parts[3]}"
+        return f"systemctl status {unit}"
+    return "start it with `poolkeeper run CONFIG`, or as a systemd unit"
 
 
 def refused(message: str, exit_code: int) -> dict[str, Any]:
