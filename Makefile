@@ -8,12 +8,13 @@ BIN    := $(VENV)/bin
 # of tests/systemd.
 APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps dbus
 
-.PHONY: help deps venv run test lint schema clean bench
+.PHONY: help deps venv run test lint typecheck schema clean bench
 
 help:
 	@echo "make run    - run poolkeeper in the foreground on config/example.yaml (Ctrl-C drains)"
 	@echo "make test   - install everything the tests need (apt included) and run every test"
 	@echo "make lint   - ruff"
+	@echo "make typecheck - mypy --strict on the package"
 	@echo "make schema - regenerate config/poolkeeper.schema.json"
 	@echo "make bench  - run the benchmarks in bench/"
 
@@ -49,7 +50,10 @@ run: venv
 lint: venv
 	$(BIN)/ruff check poolkeeper tests bench
 
-test: venv lint
+typecheck: venv
+	$(BIN)/mypy
+
+test: venv lint typecheck
 	$(BIN)/python -m pytest
 
 schema: venv
@@ -59,4 +63,4 @@ bench: venv
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
