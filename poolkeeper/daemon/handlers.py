@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from poolkeeper import exitcodes
 from poolkeeper.config.settings import Job
@@ -36,7 +36,7 @@ class ControlHandlers:
         if self.daemon.control is not None:
             self.daemon.control.serve(self.on_request, time.monotonic())
 
-    def on_request(self, request: dict[str, str]) -> dict:
+    def on_request(self, request: dict[str, str]) -> dict[str, Any]:
         """A control socket request, its shape checked (control.parse_request: `command`, and
         `job` if any, are strings of bounded length). A reply says `ok`, a `message` for the
         user and, when not ok, the `exit` code `poolkeeper` exits with (sysexits)."""
@@ -63,7 +63,7 @@ class ControlHandlers:
             return refused(f"no job named {shown(name)} (jobs: {_some(d.jobs)})", exitcodes.USAGE)
         return by_hand[command](job)
 
-    def live_status(self) -> dict:
+    def live_status(self) -> dict[str, Any]:
         """`poolkeeper status` from the running daemon: its jobs as it runs them."""
         d, now = self.daemon, time.monotonic()
         jobs = {
@@ -74,7 +74,7 @@ class ControlHandlers:
             jobs[name] = _view(spec, None, "restarting (reload)")
         return {"ok": True, "message": d.status_text(now), "jobs": jobs}
 
-    def pause(self, job: JobRuntime) -> dict:
+    def pause(self, job: JobRuntime) -> dict[str, Any]:
         if job.paused:
             return {"ok": True, "message": f"{job.name}: already paused"}
         loops = job.pause()
@@ -83,7 +83,7 @@ class ControlHandlers:
         stopping = f"; {count(len(loops), 'loop replica')} stopping" if loops else ""
         return {"ok": True, "message": f"{job.name}: paused, no new runs{stopping}"}
 
-    def resume(self, job: JobRuntime) -> dict:
+    def resume(self, job: JobRuntime) -> dict[str, Any]:
         if not job.paused:
             return {"ok": True, "message": f"{job.name}: not paused"}
         stopping = {run_id for run_id in job.running if run_id in self.daemon.retiring}
@@ -91,7 +91,7 @@ class ControlHandlers:
         self.daemon.log.info("%s: resumed by hand", job.name)
         return {"ok": True, "message": f"{job.name}: resumed"}
 
-    def run_now(self, job: JobRuntime) -> dict:
+    def run_now(self, job: JobRuntime) -> dict[str, Any]:
         why_not = job.run_now(time.time(), time.monotonic())
         if why_not is not None:
             return refused(why_not, exitcodes.TEMPFAIL)
@@ -106,7 +106,7 @@ def _some(names: Iterable[str], at_most: int = 20) -> str:
     return (", ".join(listed[:at_most]) or "none") + more
 
 
-def _view(spec: Job, next_fire: float | None, doing: str) -> dict:
+def _view(spec: Job, next_fire: float | None, doing: str) -> dict[str, Any]:
     """One job as `poolkeeper status` shows it."""
     return {"kind": spec.kind, "schedule": schedule_text(spec), "next": next_fire, "now": doing}
 

@@ -13,7 +13,7 @@ import random
 from collections import deque
 from typing import NamedTuple
 
-from poolkeeper.config.settings import Job
+from poolkeeper.config.settings import Backoff, Job, Retry
 from poolkeeper.outcomes import Outcome
 from poolkeeper.pool.supervisor import RunEnded, Task
 from poolkeeper.scheduling.backoff import (
@@ -68,7 +68,7 @@ class JobRuntime:
     def start(self, now_wall: float, now_mono: float, last_fire: float | None) -> None:
         """Arm the trigger (or queue every loop replica) when the daemon starts."""
         spec = self.spec
-        if self.is_loop:
+        if spec.loop is not None:  # self.is_loop, spelled out for the type checker
             for replica in range(spec.loop.replicas):
                 self.replica_failures[replica] = FailureTracker(_backoff(spec.backoff), self.rng)
                 self.pending.append(PendingRun(spec.name, 1, now_wall, now_mono, replica))
@@ -178,6 +178,7 @@ class JobRuntime:
         return self._after_run(ev, now_mono)
 
     def _after_run(self, ev: RunEnded, now_mono: float) -> str:
+        assert self.retry is not None  # start() sets it for every job that is not a loop
         delay = self.retry.should_retry(ev.outcome, ev.task.attempt)
         if delay is None:
             self.backing_off_until = None
@@ -188,7 +189,11 @@ class JobRuntime:
         self.pending.append(PendingRun(self.name, ev.task.attempt + 1, ev.task.scheduled_at, due))
         return f"retry {ev.task.attempt + 1}/{self.spec.retry.attempts} in {delay:.1f}s"
 
-    def _after_loop_run(self, ev: RunEnded, replica, now_wall: float, now_mono: float) -> str:
+    def _after_loop_run(
+        self, ev: RunEnded, replica: int | None, now_wall: float, now_mono: float
+    ) -> str:
+        # Every run of a loop job is one of its replicas (start(), handed_back(), resume()).
+        assert replica is not None
         restart = self.spec.restart
         if not should_restart(restart, ev.outcome):
             return f"not restarted (restart: {restart})"
@@ -243,7 +248,7 @@ class JobRuntime:
         return self.backing_off_until - now_mono
 
 
-def _backoff(policy) -> BackoffDelays:
+def _backoff(policy: Retry | Backoff) -> BackoffDelays:
     return BackoffDelays(
         initial=policy.initial, factor=policy.factor, max=policy.max, jitter=policy.jitter
     )

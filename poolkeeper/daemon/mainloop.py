@@ -26,6 +26,8 @@ import random
 import selectors
 import time
 from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from poolkeeper import exitcodes, signals
 from poolkeeper.config.settings import Config
@@ -54,6 +56,11 @@ from poolkeeper.signals import SignalQueue
 from poolkeeper.state.identity import InstanceLock, StateLocked, open_store, socket_path
 from poolkeeper.state.store import StateStore
 
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
+
+    from poolkeeper.pool.protocol import Event
+
 MAX_WAIT = 1.0  # the loop turns at least this often: status, watchdog, wall-clock jumps
 EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
 EXTEND_BY = 5.0
@@ -80,7 +87,7 @@ class Daemon:
 
     def __init__(
         self,
-        config,
+        config: Config,
         *,
         log_target: str = "stderr",
         notifier: Notifier | None = None,
@@ -125,6 +132,19 @@ class Daemon:
         self.retiring = Retiring()  # runs of jobs reloaded or paused, told to stop
         self.reloader = Reloader(self)
         self.handlers = ControlHandlers(self)
+
+    @property
+    def live_pool(self) -> WorkerPool:
+        """`pool`, for what runs once _start() has set it: every turn and what it calls."""
+        assert self.pool is not None, "the pool is set by _start(), before the first turn"
+        return self.pool
+
+    @property
+    def store(self) -> StateStore:
+        """`state`, for what runs once _start() has opened it: every turn, and every run
+        event (a run is only submitted, so only ends, after the state is open)."""
+        assert self.state is not None, "the state is opened by _start(), before any run"
+        return self.state
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -173,14 +193,14 @@ class Daemon:
         now_wall, now_mono = time.time(), time.monotonic()
         for name, spec in cfg.jobs.items():
             runtime = JobRuntime(spec, random.Random(self.rng.random()))
-            runtime.start(now_wall, now_mono, self.state.last_fire(name))
+            runtime.start(now_wall, now_mono, self.store.last_fire(name))
             self.jobs[name] = runtime
         self.log.info(
             "started: %s, %s (%s), state %s",
             count(len(self.jobs), "job"),
             count(cfg.pool.workers, "worker"),
             cfg.pool.start_method,
-            self.state.location,
+            self.store.location,
         )
         # READY=1 once the workers report ready (see _advance_phase).
 
@@ -258,7 +278,7 @@ class Daemon:
 
     def _wait(self) -> None:
         now_mono, now_wall = time.monotonic(), time.time()
-        deadlines = [now_mono + MAX_WAIT, self.pool.next_deadline()]
+        deadlines = [now_mono + MAX_WAIT, self.live_pool.next_deadline()]
         for job in self.jobs.values():
             deadlines.append(job.next_due(now_mono))
             if self._may_run(job) and job.next_fire is not None:
@@ -268,7 +288,8 @@ class Daemon:
         deadlines.append(self.retiring.next_deadline())
         if self._watchdog:
             deadlines.append(self._next_ping)
-        readers, writers = [*self.pool.waitables(), self.signals], []
+        readers: list[FileDescriptorLike] = [*self.live_pool.waitables(), self.signals]
+        writers: Sequence[FileDescriptorLike] = []
         if self.control is not None:  # its clients' deadlines, their sockets (control.py)
             deadlines.append(self.control.next_deadline())
             readers += self.control.readers()
@@ -315,9 +336,9 @@ class Daemon:
         self.log.info("%s: state dump\n%s", why, "\n".join(lines))
 
     def _collect(self) -> None:
-        self.handle_events(self.pool.poll())
+        self.handle_events(self.live_pool.poll())
 
-    def handle_events(self, events: list) -> None:
+    def handle_events(self, events: Iterable[Event]) -> None:
         for ev in events:
             if isinstance(ev, RunEnded):
                 self._on_ended(ev)
@@ -340,7 +361,7 @@ class Daemon:
                 continue
             fired = job.fire_due(now_wall, now_mono)
             if fired:
-                self.state.set_last_fire(job.name, fired[-1])
+                self.store.set_last_fire(job.name, fired[-1])
 
     def _dispatch(self) -> None:
         now_mono = time.monotonic()
@@ -355,12 +376,13 @@ class Daemon:
         for _, _, job, run in ready:
             # A loop replica needs an idle worker; while it waits for one, nothing else is
             # dispatched, so the worker that validation promised it is not taken.
-            slots = self.pool.idle_slots() if run.replica is not None else self.pool.free_slots()
+            pool = self.live_pool
+            slots = pool.idle_slots() if run.replica is not None else pool.free_slots()
             if slots <= 0:
                 break
             task = job.make_task(run)
             try:
-                self.pool.submit(task)
+                pool.submit(task)
             except PoolFull:  # a big payload waits for a worker that is reading its pipe
                 break
             job.dispatched(run, task)
@@ -369,17 +391,20 @@ class Daemon:
         now = time.monotonic()
         if self.phase == "running":
             self._kill_overdue_retiring(now)
-            if self.reloader.next_pool is not None and not self.pool.in_flight():
+            if self.reloader.next_pool is not None and not self.live_pool.in_flight():
                 self.reloader.replace_pool()
         elif self.phase == "starting":
             self._check_start(now)
-            if not self.before_ready_waiting() and len(self.workers_up) >= self.pool.target_size:
+            if (
+                not self.before_ready_waiting()
+                and len(self.workers_up) >= self.live_pool.target_size
+            ):
                 self._become_ready()
         elif self.phase == "draining":
-            if not self.pool.in_flight():
+            if not self.live_pool.in_flight():
                 self.phase = "stopped"
             elif self.drain_deadline is not None and now >= self.drain_deadline:
-                left = self.pool.in_flight()
+                left = self.live_pool.in_flight()
                 self.log.warning(
                     "drain budget of %ss spent: killing %d runs still in flight (%s)",
                     self.config.shutdown.drain_timeout,
@@ -387,7 +412,7 @@ class Daemon:
                     ", ".join(sorted({t.job for t in left})),
                 )
                 why = f"killed at the drain deadline (drain_timeout {_secs(self.config)}s)"
-                for ev in self.pool.kill_runs(Outcome.KILLED, reason=why):
+                for ev in self.live_pool.kill_runs(Outcome.KILLED, reason=why):
                     self._on_ended(ev)
                 self.phase = "stopped"
 
@@ -409,10 +434,10 @@ class Daemon:
             self._next_ping = now + self._watchdog / 2
         if now >= self._next_flush:
             self._next_flush = now + STATE_FLUSH_EVERY
-            self.state.flush()
+            self.store.flush()
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY
-            pruned = self.state.prune(self.config.state.keep, time.time())
+            pruned = self.store.prune(self.config.state.keep, time.time())
             if pruned:
                 self.log.info("pruned %d runs older than state.keep from the history", pruned)
 
@@ -420,7 +445,7 @@ class Daemon:
 
     def _on_started(self, ev: RunStarted) -> None:
         task = ev.task
-        self.state.run_started(
+        self.store.run_started(
             run_id=task.run_id,
             job=task.job,
             attempt=task.attempt,
@@ -440,7 +465,7 @@ class Daemon:
         self.outcomes[ev.outcome] += 1
         if self.drain_started is not None:
             self.drain_outcomes[ev.outcome] += 1
-        self.state.run_ended(
+        self.store.run_ended(
             run_id=task.run_id,
             job=task.job,
             attempt=task.attempt,
@@ -524,14 +549,14 @@ class Daemon:
 
     def before_ready_waiting(self) -> list[JobRuntime]:
         """before_ready jobs that have not succeeded yet."""
-        waiting = []
+        waiting: list[JobRuntime] = []
         for job in self.jobs.values():
             if job.spec.before_ready and (job.pending or job.running or job.next_fire is not None):
                 waiting.append(job)
         return waiting
 
     def _check_start(self, now: float) -> None:
-        healthy, why = self.pool.healthy()
+        healthy, why = self.live_pool.healthy()
         if healthy:
             self._unhealthy_since = None
         elif self._unhealthy_since is None:
@@ -558,8 +583,9 @@ class Daemon:
         self.reloader.forget()  # definitions a reload left waiting never start now
         self.drain_started = now
         self.drain_deadline = now + self.config.shutdown.drain_timeout
-        self.pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
-        in_flight = self.pool.in_flight()
+        pool = self.live_pool
+        pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
+        in_flight = pool.in_flight()
         self.drained_in_flight = len(in_flight)
         dropped = sum(len(job.pending) for job in self.jobs.values())
         for job in self.jobs.values():
@@ -577,11 +603,12 @@ class Daemon:
 
     def _fast_stop(self, why: str) -> None:
         self.log.warning("%s: fast stop, killing every run in flight", why)
-        for ev in self.pool.kill_runs(Outcome.KILLED, reason=f"killed by a fast stop ({why})"):
+        for ev in self.live_pool.kill_runs(Outcome.KILLED, reason=f"killed by a fast stop ({why})"):
             self._on_ended(ev)
         self.phase = "stopped"
 
     def _log_drain_summary(self) -> None:
+        assert self.drain_started is not None  # _shutdown() calls this only after a drain began
         took = time.monotonic() - self.drain_started
         done = {k: v for k, v in self.drain_outcomes.items() if k != Outcome.KILLED}
         summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(done.items()))
@@ -600,7 +627,7 @@ class Daemon:
         """These runs see ctx.stopping and get the drain budget to end (then are killed);
         they are neither retried nor restarted."""
         if tasks:
-            self.pool.stop_runs(tasks)
+            self.live_pool.stop_runs(tasks)
             kill_at = now + self.config.shutdown.drain_timeout
             self.retiring.add(job, [task.run_id for task in tasks], kill_at)
 
@@ -618,7 +645,7 @@ class Daemon:
                 f"killed: still running {self.config.shutdown.drain_timeout:g}s after its job "
                 "was reloaded or paused (shutdown.drain_timeout)"
             )
-            for ev in self.pool.kill_runs(Outcome.KILLED, overdue, reason=why):
+            for ev in self.live_pool.kill_runs(Outcome.KILLED, overdue, reason=why):
                 self._on_ended(ev)
 
     # -- health and status ---------------------------------------------------------------
@@ -629,7 +656,7 @@ class Daemon:
         since = now - self.last_turn
         if since > max(MAX_WAIT * 2, 2.0):
             return False, f"main loop has not turned for {since:.1f}s"
-        return self.pool.healthy()
+        return self.live_pool.healthy()
 
     def status_text(self, now: float) -> str:
         return status_line(self, now)
@@ -639,7 +666,9 @@ def _secs(config: Config) -> str:
     return f"{config.shutdown.drain_timeout:g}"
 
 
-def _wait_for(readers: list, writers: list, timeout: float) -> None:
+def _wait_for(
+    readers: Iterable[FileDescriptorLike], writers: Iterable[FileDescriptorLike], timeout: float
+) -> None:
     """Until one of `readers` is readable or one of `writers` writable, at most `timeout`
     seconds (multiprocessing.connection.wait, which waits on readers only, plus writers)."""
     with selectors.PollSelector() as selector:
@@ -650,8 +679,8 @@ def _wait_for(readers: list, writers: list, timeout: float) -> None:
         selector.select(timeout)
 
 
-def _run_fields(task, worker_pid: int | None) -> dict:
-    fields = {"JOB": task.job, "RUN_ID": task.run_id, "ATTEMPT": task.attempt}
+def _run_fields(task: Task, worker_pid: int | None) -> dict[str, str | int]:
+    fields: dict[str, str | int] = {"JOB": task.job, "RUN_ID": task.run_id, "ATTEMPT": task.attempt}
     if worker_pid is not None:
         fields["WORKER_PID"] = worker_pid
     return fields

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from poolkeeper import exitcodes
 from poolkeeper.config.settings import Config, Job
@@ -113,7 +113,7 @@ class Reloader:
         # Why the last reload was rejected (for STATUS=), or None.
         self.rejected: str | None = None
 
-    def reload(self, why: str) -> dict:
+    def reload(self, why: str) -> dict[str, Any]:
         """Returns the outcome for `poolkeeper reload --wait`: ok, message, problems."""
         d = self.daemon
         if d.phase != "running":
@@ -175,7 +175,7 @@ class Reloader:
         d, now = self.daemon, time.monotonic()
         d.config = new
         if changes.pool_changed:
-            d.pool.drain()  # every run sees ctx.stopping; queued ones come back NotStarted
+            d.live_pool.drain()  # every run sees ctx.stopping; queued ones come back NotStarted
             for name in list(d.jobs):
                 self._retire_job(d.jobs.pop(name), now)
             self.held = dict(new.jobs)  # all of them, in the new pool
@@ -207,7 +207,7 @@ class Reloader:
         now_wall, now_mono = time.time(), time.monotonic()
         for name in [name for name in self.held if name not in busy]:
             runtime = JobRuntime(self.held.pop(name), random.Random(d.rng.random()))
-            runtime.start(now_wall, now_mono, d.state.last_fire(name))
+            runtime.start(now_wall, now_mono, d.store.last_fire(name))
             d.jobs[name] = runtime
 
     def forget(self) -> None:
@@ -220,7 +220,8 @@ class Reloader:
         """A reload changed the pool and the old one is drained: close it, start the new one,
         then the jobs."""
         d = self.daemon
-        old, new = d.pool, self.next_pool
+        old, new = d.live_pool, self.next_pool
+        assert new is not None  # the daemon calls this only when next_pool is set
         d.handle_events(old.close())
         d.handle_events(old.poll())
         add_to_sys_path(new.pythonpath)

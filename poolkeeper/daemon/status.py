@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from poolkeeper.outcomes import Outcome
+
+if TYPE_CHECKING:
+    from poolkeeper.daemon.mainloop import Daemon
+    from poolkeeper.pool.supervisor import Task
 
 
 def count(n: int, noun: str) -> str:
@@ -16,20 +22,20 @@ def first_of(problems: list[str]) -> str:
     return f"{problems[0]}{more}"
 
 
-def status_line(daemon, now: float) -> str:
+def status_line(daemon: Daemon, now: float) -> str:
     """e.g. `6 jobs, 4/4 workers busy, 1 backing off (rollup, 8s); 1,204 runs ok, 3 failed`."""
-    pool = daemon.pool
     outcomes = daemon.outcomes
     ok = outcomes.get(Outcome.SUCCEEDED, 0)
     bad = sum(v for k, v in outcomes.items() if k != Outcome.SUCCEEDED)
     tail = f"{ok:,} runs ok, {bad:,} failed"
     if daemon.phase == "draining":
-        left = len(pool.in_flight())
+        in_flight = len(daemon.live_pool.in_flight())
         budget = max(0.0, (daemon.drain_deadline or now) - now)
-        return f"draining: {left} runs in flight, {budget:.0f}s left; {tail}"
+        return f"draining: {in_flight} runs in flight, {budget:.0f}s left; {tail}"
     if daemon.phase == "starting":
         waiting = ", ".join(job.name for job in daemon.before_ready_waiting())
         return f"starting: waiting for {waiting}" if waiting else "starting"
+    pool = daemon.live_pool
     jobs = len(daemon.jobs) + len(daemon.reloader.held)
     head = f"{count(jobs, 'job')}, {pool.busy_count()}/{pool.size()} workers busy"
     if daemon.reloader.next_pool is not None:
@@ -53,7 +59,7 @@ def status_line(daemon, now: float) -> str:
     return f"{head}; {tail}"
 
 
-def state_dump(daemon, now_wall: float, now_mono: float) -> list[str]:
+def state_dump(daemon: Daemon, now_wall: float, now_mono: float) -> list[str]:
     """What SIGUSR1 writes to the log: the status line, then every job, worker and run in
     flight, and what waits for a worker."""
     lines = [f"{daemon.phase}: {status_line(daemon, now_mono)}"]
@@ -79,7 +85,7 @@ def state_dump(daemon, now_wall: float, now_mono: float) -> list[str]:
     return lines
 
 
-def _run_text(task, started: float | None, now_wall: float) -> str:
+def _run_text(task: Task, started: float | None, now_wall: float) -> str:
     """`rollup[3f2a9c01] attempt 1, running 12.3s` (or `queued`)."""
     head = f"{task.job}[{task.run_id[:8]}] attempt {task.attempt}"
     if started is None:
