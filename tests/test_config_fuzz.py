@@ -4,6 +4,7 @@ quickly: random spec-shaped data, mutations of the example, random bytes, and ho
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import time
@@ -259,6 +260,9 @@ def test_hostile_yaml_is_refused_quickly(
 def test_a_huge_file_is_refused_without_parsing(tmp_path: Path) -> None:
     path = tmp_path / "huge.yaml"
     path.write_text("version: 1\n" + "# padding\n" * 200_000)
+    os.truncate(path, 33 << 20)  # sparse: past the 32 MiB limit
     out, err = io.StringIO(), io.StringIO()
     assert check_file(str(path), out, err) == 78
-    assert err.getvalue() == f"{path}:1:1: the file is larger than 1024 KiB; refusing to parse it\n"
+    assert (
+        err.getvalue() == f"{path}:1:1: the file is larger than 32768 KiB; refusing to parse it\n"
+    )

@@ -104,7 +104,7 @@ def test_a_huge_config_is_refused_before_it_is_read(tmp_path: Path, command: str
     proc = pk(*command.split(), str(big))
     assert proc.returncode == 78, proc.stderr
     assert proc.stderr.splitlines()[-1] == (
-        f"{big}:1:1: the file is larger than 1024 KiB; refusing to parse it"
+        f"{big}:1:1: the file is larger than 32768 KiB; refusing to parse it"
     )
 
 
@@ -314,4 +314,40 @@ def test_check_escapes_keys_and_the_file_name(tmp_path: Path) -> None:
     assert missing.returncode == 66
     assert missing.stderr == f"{tmp_path}/\\x1b[2J.yaml: cannot read the file: " + (
         "No such file or directory\n"
+    )
+
+
+def _many_jobs(path: Path, count: int) -> None:
+    with open(path, "w") as f:
+        f.write("version: 1\nstate: {path: state.db}\njobs:\n")
+        for i in range(count):
+            f.write(
+                f"  job{i}:\n    target: os:getcwd\n    every: 1h\n    timeout: 5m\n"
+                f"    env: {{A: x, B: y, C: z}}\n"
+            )
+
+
+@pytest.mark.parametrize("count", [10_000, 50_000])
+def test_a_spec_of_many_jobs_loads(tmp_path: Path, count: int) -> None:
+    # 10,000 jobs: about 1 MB and 180,000 nodes, more than the old plain node cap of 100,000.
+    spec = tmp_path / "many.yaml"
+    _many_jobs(spec, count)
+    proc = pk("check", str(spec))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(f"ok, {count} jobs")
+
+
+def test_an_alias_bomb_small_as_written_is_refused(tmp_path: Path) -> None:
+    # 30 lines, ~60 nodes as written; each level doubles: 2**30 values once expanded.
+    lines = ["version: 1", "l0: &l0 [lol, lol]"]
+    lines += [f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}]" for i in range(1, 30)]
+    lines.append("jobs: {a: {target: os:getcwd, every: 1h, args: [*l29]}}")
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text("\n".join(lines) + "\n")
+    proc = pk("check", str(spec))  # the deadline turns a regression into a failure
+    assert proc.returncode == 78, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"{spec}:")
+    assert proc.stderr.splitlines()[-1].endswith(
+        "too many aliases/nodes: the document expands to more than 100000 values"
+        " (an alias bomb?); refusing to load it"
     )

@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 
-MAX_CONFIG_BYTES = 1024 * 1024  # a config or fragment: ~20,000 lines, far beyond any real one
+MAX_CONFIG_BYTES = 32 * 1024 * 1024  # a config or fragment: a 50,000-job spec is ~5 MiB
 
 _KINDS = {
     stat.S_IFIFO: "a FIFO",

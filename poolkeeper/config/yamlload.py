@@ -23,7 +23,15 @@ from poolkeeper.printable import printable
 
 MAX_BYTES = MAX_CONFIG_BYTES
 MAX_DEPTH = 50
-MAX_NODES = 100_000
+# Plain size is bounded by MAX_BYTES; this cap only bounds the composer's memory (a 50,000-job
+# spec is about 1,000,000 nodes).
+MAX_NODES = 4_000_000
+# Alias expansion: a document may expand to at most max(EXPANSION_FLOOR, EXPANSION_FACTOR x its
+# distinct nodes) values. Honest specs (no aliases, or `<<: *defaults` merges) expand little
+# beyond their own size; a bomb's expansion is exponential in its size, so it is refused by a
+# count over the node graph (each anchor's size computed once) before anything is expanded.
+EXPANSION_FLOOR = 100_000
+EXPANSION_FACTOR = 4
 
 _TAG = "tag:yaml.org,2002:"
 _MERGE = _TAG + "merge"
@@ -142,9 +150,11 @@ def load_yaml(
     still usable. An empty document has data None."""
     text = _decode(raw, file)
     loader = None
+    written = 0
     try:
         loader = _LimitedLoader(text, file)  # the reader checks for control characters here
         root = loader.get_single_node()
+        written = loader.written
     except LoadError:
         raise
     except yaml.MarkedYAMLError as exc:
@@ -160,8 +170,8 @@ def load_yaml(
             loader.dispose()
     if root is None:
         return Document(file, None, {(): Loc(None, Pos(file, 1, 1))}), []
-    _refuse_alias_bombs(root, file)
-    converter = _Converter(file, key_label)
+    limit = _refuse_alias_bombs(root, file, written)
+    converter = _Converter(file, key_label, limit)
     data = converter.value(root, (), None, 0)
     return Document(file, data, converter.locs), converter.issues
 
@@ -207,6 +217,11 @@ def _syntax_issue(exc: yaml.MarkedYAMLError, file: str) -> Issue:
 class _LimitedLoader(yaml.SafeLoader):
     """Composes nodes with a depth cap (the composer recurses: 10k nested '[' would exhaust the
     stack) and a node cap (the parser is lazy, so a huge document stops early)."""
+
+    @property
+    def written(self) -> int:
+        """Nodes and alias uses composed so far."""
+        return self._nodes
 
     def __init__(self, text: str, file: str):
         super().__init__(text)
@@ -254,9 +269,11 @@ class _LimitedLoader(yaml.SafeLoader):
         )
 
 
-def _refuse_alias_bombs(root: Node, file: str) -> None:
+def _refuse_alias_bombs(root: Node, file: str, written: int) -> int:
     """Count what the node graph expands to, in time linear in the number of distinct nodes
-    (aliases share node objects), so a billion laughs is refused before any expansion."""
+    (aliases share node objects), so a billion laughs is refused before any expansion.
+    `written`: the nodes and alias uses as written in the file (the composer's count). Returns
+    the expansion limit of this document (for the converter's own count)."""
     sizes: dict[int, int] = {}
     visiting: set[int] = set()
 
@@ -283,8 +300,10 @@ def _refuse_alias_bombs(root: Node, file: str) -> None:
         sizes[id(node)] = total
         return total
 
-    if size(root) <= MAX_NODES:
-        return
+    expanded = size(root)
+    limit = max(EXPANSION_FLOOR, EXPANSION_FACTOR * written)
+    if expanded <= limit:
+        return limit
     # Point at the innermost collection that is still too big by itself: an anchor's definition.
     node = root
     while True:
@@ -293,14 +312,14 @@ def _refuse_alias_bombs(root: Node, file: str) -> None:
             if isinstance(node, SequenceNode)
             else [n for pair in node.value for n in pair]
         )
-        big = next((c for c in children if sizes.get(id(c), 1) > MAX_NODES), None)
+        big = next((c for c in children if sizes.get(id(c), 1) > limit), None)
         if big is None:
             break
         node = big
     raise LoadError(
         Issue.at(
             _pos(node, file),
-            f"too many aliases/nodes: the document expands to more than {MAX_NODES} values (an alias bomb?); refusing to load it",
+            f"too many aliases/nodes: the document expands to more than {limit} values (an alias bomb?); refusing to load it",
         )
     )
 
@@ -316,8 +335,9 @@ class _Converter:
     """Node graph -> values, recording positions. Counts every node visit, so aliases that
     expand exponentially hit MAX_NODES after a bounded amount of work."""
 
-    def __init__(self, file: str, key_label: KeyLabel):
+    def __init__(self, file: str, key_label: KeyLabel, limit: int):
         self.file = file
+        self._limit = limit
         self.key_label = key_label
         self.locs: dict[Path, Loc] = {}
         self.issues: list[Issue] = []
@@ -329,11 +349,11 @@ class _Converter:
 
     def value(self, node: Node, path: Path, key: Pos | None, depth: int) -> Any:
         self._visits += 1
-        if self._visits > MAX_NODES:
+        if self._visits > self._limit:
             raise LoadError(
                 Issue.at(
                     self.pos(node),
-                    f"too many aliases/nodes: more than {MAX_NODES} after expanding aliases; refusing to load it",
+                    f"too many aliases/nodes: more than {self._limit} after expanding aliases; refusing to load it",
                 )
             )
         if depth > MAX_DEPTH:
