@@ -125,6 +125,10 @@ class SignalQueue:
         """Both ends of the pipe (a worker started by fork closes them)."""
         return self._read_fd, self._write_fd
 
+    def pending(self) -> bool:
+        """A signal arrived that pop_all() has not returned yet."""
+        return bool(self._pending)
+
     def pop_all(self) -> list[int]:
         try:
             while os.read(self._read_fd, 512):

@@ -23,7 +23,7 @@ def job(tmp_path, body: str) -> JobRuntime:
 
 def dispatch_all(rt: JobRuntime, now_mono: float) -> list:
     tasks = []
-    for run in rt.ready(now_mono, draining=False):
+    for run in rt.ready(now_mono):
         task = rt.make_task(run)
         rt.dispatched(run, task)
         tasks.append(task)

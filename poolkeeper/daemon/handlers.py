@@ -31,10 +31,17 @@ class ControlHandlers:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
 
-    def serve(self) -> None:
-        """Answer the control socket's clients that are ready (never blocks)."""
-        if self.daemon.control is not None:
-            self.daemon.control.serve(self.on_request, time.monotonic())
+    def serve(self, ready: set[int]) -> None:
+        """Answer the control socket's clients (never blocks), when one of its descriptors is
+        in `ready` or one of its deadlines has come."""
+        control = self.daemon.control
+        if control is None:
+            return
+        now = time.monotonic()
+        deadline = control.next_deadline()
+        if ready.isdisjoint(control.fds()) and (deadline is None or now < deadline):
+            return
+        control.serve(self.on_request, now)
 
     def on_request(self, request: dict[str, str]) -> dict[str, Any]:
         """A control socket request, its shape checked (control.parse_request: `command`, and

@@ -2,9 +2,10 @@
 
     start   load config (done by the caller) -> lock the state DB -> start the pool
             -> run `before_ready` jobs -> READY=1
-    turn    wait (worker pipes and sentinels, the signal pipe, the next deadline)
-            -> signals -> pool events (started, ended, lost) -> fire due schedules
-            -> dispatch to free workers -> phase changes -> STATUS=, WATCHDOG=1, flush state
+    turn    wait (worker pipes and sentinels, the signal pipe, the head of the timers)
+            -> signals -> every pool event pending (started, ended, lost) -> fire the jobs
+            due (only the head of a timer heap) -> dispatch the head of the ready queue
+            while workers are free -> phase changes -> STATUS=, WATCHDOG=1, flush state
     drain   (SIGTERM, SIGINT) STOPPING=1 -> every ctx.stopping is set (loops return) ->
             in-flight runs get `drain_timeout`, then their process groups are killed -> join
             -> exit 0; a second signal, or SIGQUIT: fast stop (kill in-flight runs now)
@@ -13,7 +14,9 @@
 
 Signals only wake the loop (poolkeeper.signals, which has the table of what each one does;
 SIGUSR1 dumps the state to the log); the pool never blocks (poolkeeper.pool.supervisor); so a turn is
-short, and a loop that stops turning stops the watchdog pings.
+short, and a loop that stops turning stops the watchdog pings. A turn costs what changed, not
+the number of jobs: fires, delayed runs and the ready queue are heaps (poolkeeper.daemon.agenda),
+STATUS= comes from counters and is built only when it is sent.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import faulthandler
 import logging
 import os
 import random
-import selectors
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -31,11 +33,13 @@ from typing import TYPE_CHECKING
 
 from poolkeeper import exitcodes, signals
 from poolkeeper.config.settings import Config
+from poolkeeper.daemon.agenda import Agenda
 from poolkeeper.daemon.handlers import ControlHandlers
 from poolkeeper.daemon.jobs import JobRuntime, PendingRun
 from poolkeeper.daemon.reload import Reloader
 from poolkeeper.daemon.retiring import Retiring
 from poolkeeper.daemon.status import count, state_dump, status_line
+from poolkeeper.daemon.waiter import Waiter
 from poolkeeper.outcomes import Outcome
 from poolkeeper.pool import helper_processes, reaper
 from poolkeeper.pool.prestart import add_to_sys_path
@@ -65,6 +69,10 @@ MAX_WAIT = 1.0  # the loop turns at least this often: status, watchdog, wall-clo
 EXTEND_EVERY = 1.0  # EXTEND_TIMEOUT_USEC cadence while starting or draining
 EXTEND_BY = 5.0
 STATE_FLUSH_EVERY = 0.5
+STATUS_EVERY = 0.5  # STATUS= is built at most this often (and sent only when it changed)
+# A wall clock that goes back more than this between two turns is a step (settimeofday, an
+# NTP step), told to every schedule; less is the noise of reading two clocks (or a slew).
+CLOCK_STEP = 0.01
 PRUNE_EVERY = 3600.0  # run history retention (state.keep) is enforced hourly
 # A pool still unhealthy this long into the start (workers fail to start: a broken preload,
 # say) fails the start: READY=1 would never come, and EXTEND_TIMEOUT_USEC would keep
@@ -109,11 +117,15 @@ class Daemon:
         # Every catchable signal whose default action would end or stop us: a stray one must
         # never cost the runs in flight their outcome (poolkeeper.signals has the table).
         self.signals = SignalQueue(signals.caught())
+        self._waiter = Waiter()
         self.control: control.ControlServer | None = None
         self.state: StateStore | None = None
         self.instance_lock: InstanceLock | None = None  # held from start to the very end
         self.pool: WorkerPool | None = pool
         self.jobs: dict[str, JobRuntime] = {}
+        self.agenda = Agenda()  # every job's next fire and waiting runs, in heaps
+        self._before_ready: list[JobRuntime] = []  # the jobs READY=1 waits for
+        self._clock_offset: float | None = None  # wall minus monotonic, at the last turn
         self.phase = "starting"  # starting -> running -> draining -> stopped
         self.outcomes: Counter[str] = Counter()
         self.drain_outcomes: Counter[str] = Counter()
@@ -123,6 +135,7 @@ class Daemon:
         self.exit_code = exitcodes.OK
         self._next_extend = 0.0
         self._next_flush = 0.0
+        self._next_status = 0.0
         self._next_prune = 0.0  # at start, then every PRUNE_EVERY
         self._next_ping = 0.0
         self._watchdog = self.notifier.watchdog_interval()
@@ -165,9 +178,10 @@ class Daemon:
         return self.exit_code
 
     def _turn(self) -> None:
-        self._wait()
-        self._handle_signals()
-        self.handlers.serve()
+        ready = self._wait()
+        if self.signals.fileno() in ready or self.signals.pending():
+            self._handle_signals()
+        self.handlers.serve(ready)
         self._collect()
         self._fire_schedules()
         self._dispatch()
@@ -191,10 +205,11 @@ class Daemon:
             self.pool = pool_for(cfg, self.log_target, logging.getLogger().level)
         self.pool.start()
         now_wall, now_mono = time.time(), time.monotonic()
-        for name, spec in cfg.jobs.items():
-            runtime = JobRuntime(spec, random.Random(self.rng.random()))
-            runtime.start(now_wall, now_mono, self.store.last_fire(name))
-            self.jobs[name] = runtime
+        for spec in cfg.jobs.values():
+            # One random stream for every job (jitter, backoff): a Random is 2.5 KB of state,
+            # 25 MB for 10,000 jobs; no decision needs a job's draws apart from the others'.
+            self.add_job(JobRuntime(spec, self.rng), now_wall, now_mono)
+        self._before_ready = [job for job in self.jobs.values() if job.spec.before_ready]
         self.log.info(
             "started: %s, %s (%s), state %s",
             count(len(self.jobs), "job"),
@@ -276,13 +291,27 @@ class Daemon:
 
     # -- one turn -----------------------------------------------------------------------
 
-    def _wait(self) -> None:
+    def add_job(self, job: JobRuntime, now_wall: float, now_mono: float) -> None:
+        """Start `job` (at daemon start, or its new definition after a reload)."""
+        job.start(now_wall, now_mono, self.store.last_fire(job.name))
+        self.jobs[job.name] = job
+        self.agenda.add(job)
+
+    def remove_job(self, name: str) -> JobRuntime:
+        """`name` is no longer scheduled (a reload removed or changed it)."""
+        job = self.jobs.pop(name)
+        self.agenda.remove(job)
+        return job
+
+    def _wait(self) -> set[int]:
+        """Until something is ready or the earliest deadline; returns the ready descriptors."""
         now_mono, now_wall = time.monotonic(), time.time()
         deadlines = [now_mono + MAX_WAIT, self.live_pool.next_deadline()]
-        for job in self.jobs.values():
-            deadlines.append(job.next_due(now_mono))
-            if self._may_run(job) and job.next_fire is not None:
-                deadlines.append(now_mono + (job.next_fire - now_wall))
+        if self.phase != "draining":  # a drain fires and dispatches nothing
+            deadlines.append(self.agenda.next_due(now_mono))
+            next_fire = self.agenda.next_fire()
+            if next_fire is not None:
+                deadlines.append(now_mono + (next_fire - now_wall))
         if self.drain_deadline is not None:
             deadlines.append(self.drain_deadline)
         deadlines.append(self.retiring.next_deadline())
@@ -295,8 +324,7 @@ class Daemon:
             readers += self.control.readers()
             writers = self.control.writers()
         timeout = max(0.0, min(d for d in deadlines if d is not None) - now_mono)
-        if timeout:
-            _wait_for(readers, writers, timeout)
+        return self._waiter.wait(readers, writers, timeout)
 
     def _handle_signals(self) -> None:
         ignored: Counter[int] = Counter()
@@ -355,37 +383,41 @@ class Daemon:
         return self.phase == "running" or (self.phase == "starting" and job.spec.before_ready)
 
     def _fire_schedules(self) -> None:
+        if self.phase == "draining":
+            return
         now_wall, now_mono = time.time(), time.monotonic()
-        for job in self.jobs.values():
-            if not self._may_run(job):
-                continue
-            fired = job.fire_due(now_wall, now_mono)
-            if fired:
-                self.store.set_last_fire(job.name, fired[-1])
+        self._notice_clock_step(now_wall, now_mono)
+        for job, fired in self.agenda.fire_due(now_wall, now_mono, self._may_run):
+            self.store.set_last_fire(job.name, fired[-1])
+
+    def _notice_clock_step(self, now_wall: float, now_mono: float) -> None:
+        """A wall clock stepped back is told to every schedule (a step forward needs nothing:
+        the fires it passed are simply due)."""
+        offset = now_wall - now_mono
+        last, self._clock_offset = self._clock_offset, offset
+        if last is not None and last - offset > CLOCK_STEP:
+            self.log.info("the wall clock went back %.3fs: schedules re-read", last - offset)
+            self.agenda.clock_stepped_back(now_wall, last - offset)
 
     def _dispatch(self) -> None:
-        now_mono = time.monotonic()
-        ready: list[tuple[int, float, JobRuntime, PendingRun]] = []
-        for job in self.jobs.values():
-            if not self._may_run(job):
-                continue
-            for run in job.ready(now_mono, draining=False):
-                # Loop replicas first: their workers were promised by validation.
-                ready.append((0 if run.replica is not None else 1, run.due, job, run))
-        ready.sort(key=lambda item: (item[0], item[1]))
-        for _, _, job, run in ready:
-            # A loop replica needs an idle worker; while it waits for one, nothing else is
-            # dispatched, so the worker that validation promised it is not taken.
-            pool = self.live_pool
-            slots = pool.idle_slots() if run.replica is not None else pool.free_slots()
-            if slots <= 0:
-                break
-            task = job.make_task(run)
-            try:
-                pool.submit(task)
-            except PoolFull:  # a big payload waits for a worker that is reading its pipe
-                break
-            job.dispatched(run, task)
+        if self.phase != "draining":
+            self.agenda.dispatch(time.monotonic(), self._may_run, self._take)
+
+    def _take(self, job: JobRuntime, run: PendingRun) -> bool:
+        """Submit `run` if a worker is free for it. A loop replica needs an idle worker; while
+        it waits for one, nothing else is dispatched (it is at the head of the ready queue),
+        so the worker that validation promised it is not taken."""
+        pool = self.live_pool
+        slots = pool.idle_slots() if run.replica is not None else pool.free_slots()
+        if slots <= 0:
+            return False
+        task = job.make_task(run)
+        try:
+            pool.submit(task)
+        except PoolFull:  # a big payload waits for a worker that is reading its pipe
+            return False
+        job.dispatched(run, task)
+        return True
 
     def _advance_phase(self) -> None:
         now = time.monotonic()
@@ -418,7 +450,9 @@ class Daemon:
 
     def _report(self) -> None:
         now = time.monotonic()
-        self.notifier.status(self.status_text(now))
+        if self.notifier.enabled and now >= self._next_status:
+            self._next_status = now + STATUS_EVERY
+            self.notifier.status(self.status_text(now))
         if self.phase in ("starting", "draining") and now >= self._next_extend:
             self._next_extend = now + EXTEND_EVERY
             budget = EXTEND_BY
@@ -549,11 +583,11 @@ class Daemon:
 
     def before_ready_waiting(self) -> list[JobRuntime]:
         """before_ready jobs that have not succeeded yet."""
-        waiting: list[JobRuntime] = []
-        for job in self.jobs.values():
-            if job.spec.before_ready and (job.pending or job.running or job.next_fire is not None):
-                waiting.append(job)
-        return waiting
+        return [
+            job
+            for job in self._before_ready
+            if job.pending or job.running or job.next_fire is not None
+        ]
 
     def _check_start(self, now: float) -> None:
         healthy, why = self.live_pool.healthy()
@@ -570,6 +604,7 @@ class Daemon:
 
     def _become_ready(self) -> None:
         self.phase = "running"
+        self.agenda.release_held()  # the fires and runs of the jobs that waited for READY
         # The status first, unthrottled: `systemctl start` returns on READY=1, and the unit
         # must not go on saying "starting" until the next turn.
         self.notifier.status(self.status_text(time.monotonic()), force=True)
@@ -590,6 +625,7 @@ class Daemon:
         dropped = sum(len(job.pending) for job in self.jobs.values())
         for job in self.jobs.values():
             job.pending.clear()
+        self.agenda.drop_waiting()
         self.log.info(
             "%s: draining %d runs in flight (%d loop replicas) within %ss; "
             "%d waiting runs will not start",
@@ -664,19 +700,6 @@ class Daemon:
 
 def _secs(config: Config) -> str:
     return f"{config.shutdown.drain_timeout:g}"
-
-
-def _wait_for(
-    readers: Iterable[FileDescriptorLike], writers: Iterable[FileDescriptorLike], timeout: float
-) -> None:
-    """Until one of `readers` is readable or one of `writers` writable, at most `timeout`
-    seconds (multiprocessing.connection.wait, which waits on readers only, plus writers)."""
-    with selectors.PollSelector() as selector:
-        for obj in readers:
-            selector.register(obj, selectors.EVENT_READ)
-        for obj in writers:
-            selector.register(obj, selectors.EVENT_WRITE)
-        selector.select(timeout)
 
 
 def _run_fields(task: Task, worker_pid: int | None) -> dict[str, str | int]:

@@ -21,7 +21,6 @@ changed module is picked up by a restart, not a reload (workers keep what they i
 from __future__ import annotations
 
 import logging
-import random
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -177,14 +176,14 @@ class Reloader:
         if changes.pool_changed:
             d.live_pool.drain()  # every run sees ctx.stopping; queued ones come back NotStarted
             for name in list(d.jobs):
-                self._retire_job(d.jobs.pop(name), now)
+                self._retire_job(d.remove_job(name), now)
             self.held = dict(new.jobs)  # all of them, in the new pool
             self.next_pool = new
             return
         for name in (*changes.removed, *changes.changed):
             self.held.pop(name, None)
             if name in d.jobs:
-                self._retire_job(d.jobs.pop(name), now)
+                self._retire_job(d.remove_job(name), now)
         for name in (*changes.added, *changes.changed):
             self.held[name] = new.jobs[name]
         if self.next_pool is not None:
@@ -206,9 +205,7 @@ class Reloader:
         busy = d.retiring.jobs_with_runs()
         now_wall, now_mono = time.time(), time.monotonic()
         for name in [name for name in self.held if name not in busy]:
-            runtime = JobRuntime(self.held.pop(name), random.Random(d.rng.random()))
-            runtime.start(now_wall, now_mono, d.store.last_fire(name))
-            d.jobs[name] = runtime
+            d.add_job(JobRuntime(self.held.pop(name), d.rng), now_wall, now_mono)
 
     def forget(self) -> None:
         """The daemon drains: definitions a reload left waiting never start now, and no new

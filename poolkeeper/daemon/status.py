@@ -42,16 +42,12 @@ def status_line(daemon: Daemon, now: float) -> str:
         head += f", replacing the pool ({count(len(daemon.retiring), 'stopped run')} finishing)"
     elif daemon.retiring:
         head += f", {count(len(daemon.retiring), 'stopped run')} finishing"
-    backing = [
-        (job.name, left)
-        for job in daemon.jobs.values()
-        if (left := job.backing_off(now)) is not None
-    ]
-    if backing:
-        name, left = min(backing, key=lambda item: item[1])
-        more = f" +{len(backing) - 1}" if len(backing) > 1 else ""
-        head += f", {len(backing)} backing off ({name}, {left:.0f}s{more})"
-    paused = sum(1 for job in daemon.jobs.values() if job.paused)
+    # Counters kept by the agenda, not a scan: this line costs the same with 10 or 50,000 jobs.
+    backing, first, left = daemon.agenda.backing_off(now)
+    if first is not None:
+        more = f" +{backing - 1}" if backing > 1 else ""
+        head += f", {backing} backing off ({first.name}, {left:.0f}s{more})"
+    paused = daemon.agenda.paused
     if paused:
         head += f", {paused} paused"
     if daemon.reloader.rejected:

@@ -2,10 +2,12 @@
 
 All times are wall-clock epoch seconds (`time.time()`): cron is defined on the wall clock, and
 the fire times persisted in the state DB must survive a restart. The daemon's loop waits on the
-monotonic clock: at every turn it reads `time.time()`, pops each job's due fires
-(`JobSchedule.pop_due`), and counts the next one (`JobSchedule.next.due`) among its deadlines;
-it turns at least once a second (daemon.mainloop.MAX_WAIT), so a wall-clock step (NTP,
-suspend/resume) is noticed within a second. See docs/state.md, "Scheduling".
+monotonic clock: every job's next fire (`JobSchedule.next.due`) is a deadline in one timer
+heap (daemon/agenda.py); at every turn it reads `time.time()` and pops the due fires of the
+jobs at the head only (`JobSchedule.pop_due`). It turns at least once a second
+(daemon.mainloop.MAX_WAIT), so a wall-clock step (NTP, suspend/resume) is noticed within a
+second: a step forward makes fires due; a step back is told to every schedule
+(`JobSchedule.stepped_back`). See docs/state.md, "Scheduling".
 
 A trigger's `next_fire(after)` is the *nominal* time (no jitter): it is what `scheduled_at`
 records, what `poolkeeper next` prints and what the state stores as the last fire. Jitter is
@@ -361,11 +363,12 @@ class Fire(NamedTuple):
 class JobSchedule:
     """The next fire of one job, advanced by the daemon's loop. Wall-clock epoch seconds.
 
-    The daemon's use, at every turn of its loop (`now = time.time()`; daemon/jobs.py):
+    The daemon's use (daemon/jobs.py, daemon/agenda.py), when `sched.next.due` (the key of
+    this job in the loop's timer heap) has come (`now = time.time()`):
 
         while fire := sched.pop_due(now):
             dispatch(job, scheduled_at=fire.nominal); state.set_last_fire(job, fire.nominal)
-        deadline = now_monotonic + (sched.next.due - now)  # one of the loop's wake-ups
+        timers.set(job, sched.next.due)  # its next wake-up
     """
 
     def __init__(
@@ -391,9 +394,14 @@ class JobSchedule:
         return Fire(nominal, nominal + (self.rng.uniform(0, jitter) if jitter > 0 else 0.0))
 
     def _observe(self, now: float) -> None:
-        """Notice a wall clock stepped backwards and rebase when the step is large (or the
-        trigger is an interval, which follows elapsed time: it must not wait out the step)."""
-        step = self._last_seen - now
+        """Notice a wall clock stepped backwards since the last call."""
+        self.stepped_back(now, self._last_seen - now)
+
+    def stepped_back(self, now: float, step: float) -> None:
+        """The wall clock is at `now` after going back `step` seconds (<= 0: it did not):
+        rebase when the step is large (or the trigger is an interval, which follows elapsed
+        time: it must not wait out the step). The daemon's loop, which only looks at the
+        schedules that are due, tells every schedule when it sees a step."""
         self._last_seen = now
         if step <= 0 or self.next is None:
             return
