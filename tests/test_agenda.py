@@ -294,3 +294,62 @@ def _check_consistent(world: World) -> None:
         for run in job.pending:
             assert id(run) in queued or (job.blocked and job.running), (job.name, run)
     assert agenda.paused == sum(job.paused for job in world.jobs.values())
+
+
+def _fail(job: JobRuntime, task: Task, wall: float, mono: float) -> str:
+    ev = RunEnded(task, "failed", wall - 0.1, wall, 1, None, None, None, None)
+    return job.ended(ev, wall, mono, False)
+
+
+def test_status_counters_follow_backoffs_and_pauses_without_a_scan():
+    world = World(with_agenda=True)
+    agenda = world.agenda
+    assert agenda is not None
+    for name in ("retried", "once", "quick"):
+        world.add(name, 7, WALL0, 0.0)
+    world.fire(WALL0, 0.0)
+    taken = {job.name: task for job, _, task in world.dispatch_by_agenda(0.0, 10)}
+    assert agenda.backing_off(0.0) == (0, None, 0.0)
+    _fail(world.jobs["once"], taken["once"], WALL0 + 1, 1.0)  # retry in 1s (full jitter)
+    _fail(world.jobs["retried"], taken["retried"], WALL0 + 1, 1.0)  # retry within 0.5s
+    count, first, left = agenda.backing_off(1.0)
+    assert count == 2
+    assert first is not None and left == min(
+        world.jobs[n].backing_off_until - 1.0 for n in ("once", "retried")
+    )
+    latest = max(world.jobs[n].backing_off_until for n in ("once", "retried"))
+    assert agenda.backing_off(latest) == (0, None, 0.0)  # both are due again: none backs off
+
+    world.jobs["quick"].pause()
+    world.jobs["once"].pause()
+    assert agenda.paused == 2
+    world.jobs["once"].resume(WALL0 + 2, 2.0, set())
+    world.jobs["once"].resume(WALL0 + 2, 2.0, set())  # twice: still counted once
+    assert agenda.paused == 1
+    world.remove("quick")  # a reload removed the paused job
+    assert agenda.paused == 0
+
+
+def test_a_job_that_may_not_run_yet_keeps_its_fires_and_runs_until_released():
+    """While the daemon starts only before_ready jobs run: the others' fires and loop
+    replicas wait, and none of them is lost or doubled once the daemon is ready."""
+    world = World(with_agenda=True)
+    agenda = world.agenda
+    assert agenda is not None
+    for name in ("quick", "looping"):
+        world.add(name, 3, WALL0, 0.0)
+    starting = lambda job: False  # noqa: E731 - what the daemon says of them while starting
+    assert list(agenda.fire_due(WALL0 + 5, 5.0, starting)) == []
+    taken: list[PendingRun] = []
+    agenda.dispatch(5.0, starting, lambda job, run: taken.append(run) is None)
+    assert taken == []
+    agenda.release_held()
+    fired = list(agenda.fire_due(WALL0 + 5, 5.0, lambda job: True))
+    assert [(job.name, len(times)) for job, times in fired] == [("quick", 1)]
+    agenda.dispatch(5.0, lambda job: True, lambda job, run: taken.append(run) is None)
+    assert sorted((run.job, run.replica) for run in taken) == [
+        ("looping", 0),
+        ("looping", 1),
+        ("quick", None),
+    ]
+    assert [run.replica for run in taken][:2] == [0, 1]  # loop replicas first

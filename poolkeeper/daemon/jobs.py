@@ -8,7 +8,6 @@ backing-off job fire early or wait for hours.
 
 from __future__ import annotations
 
-import os
 import random
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -27,9 +26,15 @@ if TYPE_CHECKING:
     from poolkeeper.daemon.agenda import Agenda
 
 
+# Run ids: 64 random bits, from a generator seeded by os.urandom when the daemon starts (so
+# never the same sequence twice, whatever RNG a test injects into the daemon). Not a getrandom
+# system call per run as os.urandom would be: at 10,000 runs/s that was 4% of the main loop.
+# Uniqueness is all a run id needs; nothing guesses them.
+_run_ids = random.Random()
+
+
 def new_run_id() -> str:
-    # As random as uuid4().hex[:16], without importing uuid (and platform) on the way to READY.
-    return os.urandom(8).hex()
+    return f"{_run_ids.getrandbits(64):016x}"
 
 
 class PendingRun(NamedTuple):
