@@ -78,17 +78,17 @@ class TokenBucket:
 class _Held:
     """What one job's lines did not say since the last summary."""
 
-    __slots__ = ("succeeded", "by_setting", "failures", "last_error")
+    __slots__ = ("over_budget", "by_setting", "failures", "last_error")
 
     def __init__(self) -> None:
-        self.succeeded = 0  # successes of runs started over the run-line budget
+        self.over_budget = 0  # successes of runs started over the run-line budget
         self.by_setting = 0  # successes of `log_runs: summary`
         self.failures: Counter[Outcome] = Counter()  # over the failure-line budget
         self.last_error: str | None = None
 
     @property
     def runs(self) -> int:
-        return self.succeeded + self.by_setting + sum(self.failures.values())
+        return self.over_budget + self.by_setting + sum(self.failures.values())
 
 
 def mode_of(spec: Job | None) -> str:
@@ -161,7 +161,7 @@ class RunLog:
             return False
         mode = mode_of(spec)
         if mode == "all":
-            self._held(job, now).succeeded += 1
+            self._held(job, now).over_budget += 1
         elif mode == "summary":
             self._held(job, now).by_setting += 1
         return False
@@ -198,8 +198,8 @@ class RunLog:
                     text += f"; the last error: {h.last_error}"
                 text += "; `poolkeeper history` lists them"
                 lines.append((_level(h.failures), text, extra))
-            succeeded = h.succeeded + h.by_setting
-            if h.succeeded:
+            succeeded = h.over_budget + h.by_setting
+            if h.over_budget:
                 text = f"{_runs(succeeded)} succeeded {last} {_unlined(succeeded)}: "
                 text += f"per-run lines are capped at {self.run_lines.rate:g}/s for the unit "
                 text += f"({self.run_lines.rate / 2:g} runs/s) and resume below that"
@@ -211,7 +211,7 @@ class RunLog:
             failures: Counter[Outcome] = Counter()
             for h in rest:
                 failures.update(h.failures)
-            succeeded = sum(h.succeeded + h.by_setting for h in rest)
+            succeeded = sum(h.over_budget + h.by_setting for h in rest)
             parts = [f"{_runs(succeeded)} succeeded {last}"] if succeeded else []
             if failures:
                 parts.append(_failures(failures, last))
