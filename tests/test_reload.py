@@ -66,7 +66,7 @@ def _config(jobs: dict, workers: int = 2, state_path: str = "auto") -> Config:
         "restart": "always",
         "backoff": {"initial": 1.0, "max": 10.0, "factor": 2.0, "jitter": "none"},
         "overlap": "skip", "max_concurrent": 1, "catchup": "none", "args": [], "kwargs": {},
-        "env": {},
+        "env": {}, "log_runs": "all",
     }  # fmt: skip
     return Config.from_dict(
         {

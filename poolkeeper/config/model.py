@@ -258,11 +258,13 @@ _Restart = Literal["always", "on-failure", "never"]
 _Overlap = Literal["skip", "queue", "allow"]
 _Catchup = Literal["none", "once"]
 _StartMethod = Literal["forkserver", "spawn", "fork"]
+_LogRuns = Literal["all", "summary", "failures"]  # poolkeeper.daemon.runlog.LOG_RUNS
 Jitter = Annotated[_Jitter, _enum_validator(_Jitter), _enum_schema(_Jitter)]
 Restart = Annotated[_Restart, _enum_validator(_Restart), _enum_schema(_Restart)]
 Overlap = Annotated[_Overlap, _enum_validator(_Overlap), _enum_schema(_Overlap)]
 Catchup = Annotated[_Catchup, _enum_validator(_Catchup), _enum_schema(_Catchup)]
 StartMethod = Annotated[_StartMethod, _enum_validator(_StartMethod), _enum_schema(_StartMethod)]
+LogRuns = Annotated[_LogRuns, _enum_validator(_LogRuns), _enum_schema(_LogRuns)]
 Target = Annotated[
     str, PlainValidator(_target), WithJsonSchema({"type": "string", "pattern": TARGET_PATTERN})
 ]
@@ -445,6 +447,12 @@ class JobModel(_Model):
     )
     env: dict[EnvName, EnvValue] = Field(
         default_factory=dict, description="Environment variables set for the run."
+    )
+    log_runs: LogRuns = Field(
+        "all",
+        description="Journal lines of runs that succeed: all (a start and an end line each, "
+        "up to 100 lines/s for the unit, the rest counted per job every 10s), summary (counted "
+        "per job every 10s), failures (none). Runs that do not succeed get theirs in any case.",
     )
 
     @property

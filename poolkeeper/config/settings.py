@@ -59,6 +59,7 @@ class Job(NamedTuple):
     args: list[Any]
     kwargs: dict[str, Any]
     env: dict[str, str]
+    log_runs: str  # 'all', 'summary' or 'failures' (poolkeeper.daemon.runlog)
 
     @property
     def kind(self) -> JobKind:

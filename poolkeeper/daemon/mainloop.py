@@ -38,6 +38,7 @@ from poolkeeper.daemon.handlers import ControlHandlers
 from poolkeeper.daemon.jobs import JobRuntime, PendingRun
 from poolkeeper.daemon.reload import Reloader
 from poolkeeper.daemon.retiring import Retiring
+from poolkeeper.daemon.runlog import RunLog
 from poolkeeper.daemon.status import count, state_dump, status_line
 from poolkeeper.daemon.waiter import Waiter
 from poolkeeper.outcomes import Outcome
@@ -143,6 +144,7 @@ class Daemon:
         self.workers_up: set[int] = set()  # pids of workers that reported ready
         self._unhealthy_since: float | None = None
         self.retiring = Retiring()  # runs of jobs reloaded or paused, told to stop
+        self.runlog = RunLog(self.log)  # which runs get journal lines (docs/journal.md)
         self.reloader = Reloader(self)
         self.handlers = ControlHandlers(self)
 
@@ -261,6 +263,7 @@ class Daemon:
             for ev in self.pool.close(timeout=0 if aborted else None):
                 self._on_ended(ev)
             reaper.kill_orphans()
+        self.runlog.report(time.monotonic(), final=True)  # what those last ends counted
         if self.drain_started is not None:
             self._log_drain_summary()
         if self.state is not None:
@@ -453,6 +456,7 @@ class Daemon:
         if self.notifier.enabled and now >= self._next_status:
             self._next_status = now + STATUS_EVERY
             self.notifier.status(self.status_text(now))
+        self.runlog.report(now, final=self.phase == "stopped")  # runs counted, not logged
         if self.phase in ("starting", "draining") and now >= self._next_extend:
             self._next_extend = now + EXTEND_EVERY
             budget = EXTEND_BY
@@ -487,12 +491,14 @@ class Daemon:
             started_at=ev.started_at,
             worker_pid=ev.worker_pid,
         )
-        self.log.info(
-            "run started (attempt %d, worker %d)",
-            task.attempt,
-            ev.worker_pid,
-            extra=event("run_started", **_run_fields(task, ev.worker_pid)),
-        )
+        spec = self.config.jobs.get(task.job)
+        if self.runlog.started(task.job, task.run_id, spec, time.monotonic()):
+            self.log.info(
+                "run started (attempt %d, worker %d)",
+                task.attempt,
+                ev.worker_pid,
+                extra=event("run_started", **_run_fields(task, ev.worker_pid)),
+            )
 
     def _on_ended(self, ev: RunEnded) -> None:
         task = ev.task
@@ -519,21 +525,24 @@ class Daemon:
             # A run told to stop (reload, pause) is neither retried nor restarted.
             stopping = self.phase == "draining" or retired is not None
             follow_up = job.ended(ev, time.time(), time.monotonic(), stopping)
-        took = f" in {ev.ended_at - ev.started_at:.3f}s" if ev.started_at else ""
-        message = f"run {ev.outcome}{took}"
-        if ev.error:
-            message += f": {ev.error}"
-        if follow_up:
-            message += f"; {follow_up}"
-        if ev.traceback:
-            message += "\n" + ev.traceback.rstrip()
-        # The message goes without args: the journal handler would copy args into
-        # CODE_ARGS, storing every traceback twice.
-        self.log.log(
-            ev.outcome.level,
-            message,
-            extra=ended_event(ev.outcome, **_run_fields(task, ev.worker_pid)),
-        )
+        spec = job.spec if job is not None else None
+        now = time.monotonic()
+        if self.runlog.ended(task.job, task.run_id, spec, ev.outcome, now, ev.error):
+            took = f" in {ev.ended_at - ev.started_at:.3f}s" if ev.started_at else ""
+            message = f"run {ev.outcome}{took}"
+            if ev.error:
+                message += f": {ev.error}"
+            if follow_up:
+                message += f"; {follow_up}"
+            if ev.traceback:
+                message += "\n" + ev.traceback.rstrip()
+            # The message goes without args: the journal handler would copy args into
+            # CODE_ARGS, storing every traceback twice.
+            self.log.log(
+                ev.outcome.level,
+                message,
+                extra=ended_event(ev.outcome, **_run_fields(task, ev.worker_pid)),
+            )
         if retired is not None:
             self.reloader.start_held()
         if job is not None and job.spec.before_ready and ev.outcome != Outcome.SUCCEEDED:

@@ -37,6 +37,8 @@ MESSAGE_IDS: dict[str, str] = {
     "drain_started": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0a",
     "drain_finished": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0b",
     "daemon_ready": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0c",
+    # Runs counted rather than logged one by one (poolkeeper.daemon.runlog).
+    "runs_summarised": "5b0a3e0c7f4e4d0c9f7a0e1d2c3b4a0d",
 }
 
 
