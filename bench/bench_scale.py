@@ -28,6 +28,8 @@ Prints markdown tables; writes a plot (runs/s and main CPU per run against the n
 to bench/scale.png with matplotlib (`pip install -e '.[bench]'`; --no-plot without it).
 
 Usage: .venv/bin/python bench/bench_scale.py [--jobs 10,100,1000,10000,50000] [--quick]
+       [--rounds N] [--json FILE]; --from-json FILE re-prints the tables and plot of a run.
+Numbers only, never asserted: the machine is shared and noisy; compare ratios of one run.
 """
 
 from __future__ import annotations
@@ -592,10 +594,15 @@ def _ms(s: float) -> str:
     return f"{s * 1000:,.1f} ms" if s < 10 else f"{s:,.1f} s"
 
 
+def _x(ratio: float) -> str:
+    # Two significant digits below 0.1: before the scale work a ratio can be 0.003x.
+    return f"{ratio:.2f}x" if ratio >= 0.1 or ratio == 0 else f"{ratio:.2g}x"
+
+
 def _ratio(value: float, ref: float) -> str:
     if math.isnan(value) or math.isnan(ref) or ref == 0:
         return ""
-    return f" ({value / ref:.2f}x)"
+    return f" ({_x(value / ref)})"
 
 
 def _mib(b: int) -> str:
@@ -672,7 +679,7 @@ def table(results: list[Result], base: Baselines) -> str:
         f"| {_runs(base.saturated)} | {_us(_mean(base.saturated_cpu))} |",
         f"| multiprocessing.Pool(2), fork, imap_unordered no-op, chunksize 1 | {_runs(base.raw)} "
         "| |",
-        f"| poolkeeper end to end / raw pool | {sat / raw:.2f}x (goal >= 0.5x) | |",
+        f"| poolkeeper end to end / raw pool | {_x(sat / raw)} (goal >= 0.5x) | |",
     ]
     goals = [
         ("burst runs/s, 10,000 jobs / 20 jobs every 1ms", 10_000, "burst", ">= 0.8x"),
@@ -689,7 +696,7 @@ def table(results: list[Result], base: Baselines) -> str:
         if r is None:
             continue
         if what == "burst":
-            value = f"{r.burst_rate / sat:.2f}x"
+            value = _x(r.burst_rate / sat)
         elif what == "idle":
             value = _pc(r.idle_cpu)
         elif what == "rss":
@@ -784,7 +791,18 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, default=HERE / "scale.png")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument(
+        "--from-json", type=Path, help="measure nothing: the tables and plot of a --json file"
+    )
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        results = [Result(**r) for r in saved["results"]]
+        base = Baselines(**saved["baselines"])
+        print(table(results, base), flush=True)
+        if not args.no_plot:
+            plot(results, base, args.plot)
+        return 0
     if args.quick:
         if args.jobs == parser.get_default("jobs"):
             args.jobs = "10,100,1000"
