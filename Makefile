@@ -59,8 +59,16 @@ test: venv lint typecheck
 schema: venv
 	$(BIN)/poolkeeper schema > config/poolkeeper.schema.json
 
-bench: venv
+# matplotlib (the `bench` extra) only for bench/bench_scale.py's plot, bench/scale.png.
+$(VENV)/.bench-installed: pyproject.toml Makefile | $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[systemd,test,bench]' --config-settings editable_mode=compat \
+	  || $(BIN)/pip install -q -e '.[systemd,test,bench]'
+	$(BIN)/python -c "import matplotlib"
+	touch $@
+
+bench: venv $(VENV)/.bench-installed
 	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
