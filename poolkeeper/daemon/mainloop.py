@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import gc
 import logging
 import os
 import random
@@ -299,6 +300,16 @@ class Daemon:
         job.start(now_wall, now_mono, self.store.last_fire(job.name))
         self.jobs[job.name] = job
         self.agenda.add(job)
+
+    def freeze_what_is_built(self) -> None:
+        """Move every object alive now (the config, the jobs' runtimes, the imported modules)
+        out of the cyclic garbage collector's reach. A full collection walks every tracked
+        object: with 10,000 jobs that is 150,000 objects, a 100 ms stall of the loop every few
+        seconds at thousands of runs a second (runs late by as much). What a run allocates is
+        still collected as usual, and a frozen object whose references all go is freed as
+        ever. When the daemon is ready, and when a reload has started new jobs (gc.freeze() is
+        a list splice: O(1))."""
+        gc.freeze()
 
     def remove_job(self, name: str) -> JobRuntime:
         """`name` is no longer scheduled (a reload removed or changed it)."""
@@ -614,6 +625,7 @@ class Daemon:
     def _become_ready(self) -> None:
         self.phase = "running"
         self.agenda.release_held()  # the fires and runs of the jobs that waited for READY
+        self.freeze_what_is_built()
         # The status first, unthrottled: `systemctl start` returns on READY=1, and the unit
         # must not go on saying "starting" until the next turn.
         self.notifier.status(self.status_text(time.monotonic()), force=True)

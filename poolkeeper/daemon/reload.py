@@ -204,8 +204,11 @@ class Reloader:
             return
         busy = d.retiring.jobs_with_runs()
         now_wall, now_mono = time.time(), time.monotonic()
-        for name in [name for name in self.held if name not in busy]:
+        startable = [name for name in self.held if name not in busy]
+        for name in startable:
             d.add_job(JobRuntime(self.held.pop(name), d.rng), now_wall, now_mono)
+        if startable:
+            d.freeze_what_is_built()
 
     def forget(self) -> None:
         """The daemon drains: definitions a reload left waiting never start now, and no new
