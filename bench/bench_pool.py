@@ -3,7 +3,11 @@
 1. Throughput: N no-op runs through poolkeeper's WorkerPool (2 workers, fork and forkserver), driven
    the way the daemon drives it (wait on waitables() until next_deadline(), poll(), submit),
    against raw `multiprocessing.Pool(2).imap_unordered(chunksize=1)`. Goal: >= 0.9x.
-2. Recovery: time from SIGKILL of an idle worker to its replacement reporting ready, against
+2. Loop-shaped: what the daemon's main loop does per run, without its schedule: submit to every
+   free slot (prefetch 0, the daemon's), wait, poll() the batch of events, record each start and
+   end in a real SqliteStore (a file in a temporary directory), flush() every 0.5 s. Against the
+   same raw multiprocessing.Pool; also the main process's CPU per run (µs). Goal: >= 0.5x.
+3. Recovery: time from SIGKILL of an idle worker to its replacement reporting ready, against
    the time to start a worker at all (the same pool's start-up).
 
 Prints a markdown table. Usage: python bench/bench_pool.py [--runs N] [--rounds R]
@@ -18,9 +22,10 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
 
-from poolkeeper.pool.supervisor import RunEnded, Task, WorkerEvent, WorkerPool
+from poolkeeper.pool.supervisor import RunEnded, RunStarted, Task, WorkerEvent, WorkerPool
 
 WORKERS = 2
 
@@ -79,6 +84,72 @@ def _drive(pool: WorkerPool, task: Task, n: int) -> None:
                 if ev.outcome != "succeeded":
                     raise RuntimeError(f"bench run failed: {ev}")
                 ended += 1
+
+
+def loop_shaped(method: str, n: int) -> tuple[float, float]:
+    """(runs per second, main-process CPU µs per run) of n no-op runs driven as the daemon's
+    loop drives the pool and the state store (module docstring, measure 2)."""
+    from poolkeeper.state.sqlite import SqliteStore
+
+    with tempfile.TemporaryDirectory(prefix="pk-bench-") as tmp:
+        store = SqliteStore(os.path.join(tmp, "state.db"))
+        store.open()
+        pool = WorkerPool(
+            workers=WORKERS,
+            start_method=method,
+            pythonpath=[os.path.dirname(__file__)],
+            prefetch=0,
+        )
+        pool.start()
+        try:
+            _drive_recorded(pool, store, 200, "w")  # warm up: workers ready, target imported
+            c0, t0 = time.process_time(), time.perf_counter()
+            _drive_recorded(pool, store, n, "r")
+            took, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if len(store.history(limit=None)) != n + 200:
+                raise RuntimeError("bench: the store lost runs")
+        finally:
+            pool.close(timeout=5)
+            store.close()
+    return n / took, cpu / n * 1e6
+
+
+def _drive_recorded(pool: WorkerPool, store: object, n: int, prefix: str) -> None:
+    from poolkeeper.state.sqlite import SqliteStore
+
+    assert isinstance(store, SqliteStore)
+    submitted = ended = 0
+    wait = multiprocessing.connection.wait
+    waitables = pool.waitables()
+    next_flush = time.monotonic() + 0.5
+    while ended < n:
+        while submitted < n and pool.free_slots():
+            pool.submit(Task(run_id=f"{prefix}{submitted}", job="bench", target="bench_pool:noop",
+                             scheduled_at=time.time()))  # fmt: skip
+            submitted += 1
+        deadline = pool.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if timeout != 0.0:
+            wait(waitables, 0.5 if timeout is None else min(timeout, 0.5))
+        for ev in pool.poll():
+            if type(ev) is RunEnded:
+                if ev.outcome != "succeeded":
+                    raise RuntimeError(f"bench run failed: {ev}")
+                t = ev.task
+                store.run_ended(run_id=t.run_id, job=t.job, attempt=t.attempt,
+                                scheduled_at=t.scheduled_at, started_at=ev.started_at,
+                                ended_at=ev.ended_at, outcome=ev.outcome, exit_code=ev.exit_code,
+                                signal=ev.signal, worker_pid=ev.worker_pid, error=ev.error)  # fmt: skip
+                ended += 1
+            elif type(ev) is RunStarted:
+                t = ev.task
+                store.run_started(run_id=t.run_id, job=t.job, attempt=t.attempt,
+                                  scheduled_at=t.scheduled_at, started_at=ev.started_at,
+                                  worker_pid=ev.worker_pid)  # fmt: skip
+        if time.monotonic() >= next_flush:
+            next_flush = time.monotonic() + 0.5
+            store.flush()
+    store.flush()
 
 
 def recovery(method: str, rounds: int) -> tuple[float, float]:

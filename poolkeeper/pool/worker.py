@@ -187,7 +187,19 @@ def _cut_messages(te: traceback.TracebackException) -> None:
         todo += getattr(one, "exceptions", None) or []
 
 
+# Results whose builtin repr() is small and cannot run job code: no reprlib dispatch per run.
+_PLAIN = (type(None), bool, float)
+_SHORT_INT = 10**18
+
+
 def _safe_repr(value: Any) -> str:
+    kind = type(value)
+    if kind in _PLAIN or (kind is int and -_SHORT_INT < value < _SHORT_INT):
+        return repr(value)
+    if kind is str and len(value) <= RESULT_REPR_MAX:
+        text = repr(value)
+        if len(text) <= RESULT_REPR_MAX:  # what reprlib returns too; longer: it keeps both ends
+            return text
     try:
         text = _REPR.repr(value)
     except BaseException as exc:  # a job's __repr__ is job code too
