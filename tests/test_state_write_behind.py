@@ -1,0 +1,89 @@
+"""The SQLite store's writer thread (flush(wait=False)) on real files: what a crash leaves,
+write errors, close. The promises themselves are in test_state_contract.py."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+
+from poolkeeper.state.sqlite import SqliteStore
+from poolkeeper.state.store import ABANDONED_ERROR
+
+T0 = 1_700_000_000.0
+
+_CRASH = textwrap.dedent(
+    """
+    import os, sys
+    from poolkeeper.state.sqlite import SqliteStore
+    path, n = sys.argv[1], int(sys.argv[2])
+    s = SqliteStore(path)
+    s.open()
+    def run(i, ended):
+        s.run_started(run_id=i, job="j", attempt=1, scheduled_at=1.0, started_at=1.0,
+                      worker_pid=7)
+        if ended:
+            s.run_ended(run_id=i, job="j", attempt=1, scheduled_at=1.0, started_at=1.0,
+                        ended_at=2.0, outcome="succeeded")
+    run("flushed-done", True)
+    run("flushed-running", False)
+    s.flush()  # written
+    for i in range(n):  # handed to the writer thread...
+        run(f"handed-{i}", True)
+    s.flush(wait=False)
+    run("buffered", True)  # ...and this only buffered when the daemon dies
+    os._exit(9)
+    """
+)
+
+
+def test_a_crash_loses_only_what_was_not_written_and_each_batch_whole(tmp_path):
+    path = tmp_path / "state.db"
+    n = 10_000  # below the store's batch: no forced flush in between
+    proc = subprocess.run([sys.executable, "-c", _CRASH, str(path), str(n)], timeout=60)
+    assert proc.returncode == 9
+    s = SqliteStore(path)
+    s.open()
+    try:
+        assert s.mark_abandoned(T0) == 1
+        recs = {r.run_id: r for r in s.history(limit=None)}
+        assert recs.pop("flushed-done").outcome == "succeeded"
+        lost = recs.pop("flushed-running")
+        assert (lost.outcome, lost.error) == ("lost", ABANDONED_ERROR)
+        # the handed-over batch is one transaction: all of it or none of it
+        assert set(recs) in (set(), {f"handed-{i}" for i in range(n)})
+        assert all(r.outcome == "succeeded" for r in recs.values())
+    finally:
+        s.close()
+
+
+def test_a_write_error_behind_the_loops_back_is_logged_once_and_never_raises(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    s = SqliteStore(path)
+    s.open()
+    with sqlite3.connect(path) as other:
+        other.execute("DROP TABLE runs")
+    with caplog.at_level(logging.ERROR, logger="poolkeeper.state.sqlite"):
+        for i in range(3):
+            s.run_started(run_id=i, job="j", attempt=1, scheduled_at=1.0, started_at=1.0,
+                          worker_pid=7)  # fmt: skip
+            s.flush(wait=False)
+        s.flush()
+    failures = [r for r in caplog.records if "write failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].threadName == "poolkeeper-state-writer"
+    s.close()
+
+
+def test_close_stops_the_writer_thread(tmp_path):
+    s = SqliteStore(tmp_path / "state.db")
+    s.open()
+    s.run_started(run_id=1, job="j", attempt=1, scheduled_at=1.0, started_at=1.0, worker_pid=7)
+    s.flush(wait=False)
+    s.close()
+    assert not [t for t in threading.enumerate() if t.name == "poolkeeper-state-writer"]
+    s.close()  # idempotent
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        assert conn.execute("SELECT run_id, outcome FROM runs").fetchall() == [("1", "running")]
