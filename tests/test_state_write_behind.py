@@ -4,6 +4,8 @@ write errors, close. The promises themselves are in test_state_contract.py."""
 from __future__ import annotations
 
 import logging
+import select
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -87,3 +89,42 @@ def test_close_stops_the_writer_thread(tmp_path):
     s.close()  # idempotent
     with sqlite3.connect(tmp_path / "state.db") as conn:
         assert conn.execute("SELECT run_id, outcome FROM runs").fetchall() == [("1", "running")]
+
+
+def test_a_fork_waits_for_the_transaction_in_progress(tmp_path):
+    # A worker started by fork while the writer thread is inside SQLite would inherit
+    # SQLite's locked mutexes: a job there using sqlite3 would hang. The fork happens
+    # between two transactions instead, and sqlite3 works in the child.
+    import os
+
+    s = SqliteStore(tmp_path / "state.db")
+    s.open()
+    try:
+        for round_ in range(20):
+            for i in range(2000):
+                s.run_started(run_id=f"{round_}-{i}", job="j", attempt=1, scheduled_at=1.0,
+                              started_at=1.0, worker_pid=7)  # fmt: skip
+            s.flush(wait=False)
+            pid = os.fork()
+            if pid == 0:  # the child: sqlite3 must work, and at once
+                code = 1
+                try:
+                    with sqlite3.connect(":memory:") as conn:
+                        conn.execute("CREATE TABLE t (x)")
+                        conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(1000)])
+                        code = 0
+                finally:
+                    os._exit(code)
+            pidfd = os.pidfd_open(pid)
+            try:
+                exited = select.select([pidfd], [], [], 30)[0]
+            finally:
+                os.close(pidfd)
+            if not exited:  # hung in SQLite: fail, and reap it
+                os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            assert exited and os.waitstatus_to_exitcode(status) == 0
+        s.flush()
+        assert len(s.history(limit=None)) == 40_000
+    finally:
+        s.close()

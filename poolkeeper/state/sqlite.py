@@ -18,6 +18,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -258,6 +259,7 @@ class SqliteStore:
                     self._handed_cv.notify_all()
                 writer.join()
                 self._writer = None
+                _with_writers.discard(self)
             with self._db:
                 if self._conn is not None:
                     try:
@@ -402,6 +404,7 @@ class SqliteStore:
     def _start_writer(self) -> None:
         # A daemon thread: a daemon that exits without close() must not hang on it (the
         # transaction it was in is rolled back, like any crash).
+        _with_writers.add(self)
         self._writer = threading.Thread(
             target=self._write_behind, name="poolkeeper-state-writer", daemon=True
         )
@@ -559,6 +562,30 @@ class SqliteStore:
                 raise StateUnreadable(self.path, exc) from None
             self.log.error("state DB %s: read failed (%s)", self.path or ":memory:", exc)
             return []
+
+
+# Stores whose writer thread may be inside SQLite when this process forks (a worker started
+# by fork). SQLite's global mutexes (its allocator's, with memory statistics on by default)
+# would stay locked in the child, and a job there that uses sqlite3 would hang on its first
+# call. So a fork waits for the transaction in progress and happens between two.
+_with_writers: weakref.WeakSet[SqliteStore] = weakref.WeakSet()
+
+
+_held_over_fork: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    for store in list(_with_writers):
+        store._db.acquire()
+        _held_over_fork.append(store._db)
+
+
+def _after_fork() -> None:
+    while _held_over_fork:
+        _held_over_fork.pop().release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
 _RECORD_COLUMNS = ", ".join(
