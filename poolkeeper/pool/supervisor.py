@@ -499,7 +499,7 @@ class WorkerPool:
     def _after_run(self, w: WorkerHandle) -> None:
         if w.queue:
             self._promote(w, self._clock())
-        else:
+        elif w.told_to_exit:
             w.start_exit_clock(self._clock())
 
     def _promote(self, w: WorkerHandle, now: float, wall: float | None = None) -> None:

@@ -33,7 +33,7 @@ from poolkeeper import signals
 from poolkeeper.pool import reaper
 from poolkeeper.pool.context import RunContext, Stopping, accepts_ctx, with_ctx
 from poolkeeper.pool.prestart import add_to_sys_path
-from poolkeeper.pool.protocol import PICKLE_PROTOCOL, take_messages
+from poolkeeper.pool.protocol import PICKLE_PROTOCOL, frame, take_messages
 from poolkeeper.service.notify import MAIN_ONLY_ENV
 
 if TYPE_CHECKING:
@@ -416,9 +416,13 @@ class _WorkerLoop:
         self.ready_poller.register(self.fd, select.POLLIN)
 
     def send(self, msg: tuple[Any, ...]) -> None:
-        data = pickle.dumps(msg, PICKLE_PROTOCOL)
+        # Framed as Connection.send_bytes frames it, written without its checks and copies
+        # (once per run). Errors are the same: BrokenPipeError, ConnectionResetError.
+        data = frame(pickle.dumps(msg, PICKLE_PROTOCOL))
+        fd = self.fd
         with self.send_lock:  # ctx.heartbeat() may be called from a job's own threads
-            self.conn.send_bytes(data)
+            while data:
+                data = data[os.write(fd, data) :]
 
     def heartbeat(self) -> None:
         now = time.monotonic()
