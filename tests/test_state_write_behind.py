@@ -79,6 +79,24 @@ def test_a_write_error_behind_the_loops_back_is_logged_once_and_never_raises(tmp
     s.close()
 
 
+def test_the_writer_thread_gives_the_switch_interval_back(tmp_path):
+    # It shortens the GIL's switch interval while it writes (the loop's thread must not wait
+    # 5 ms for the GIL after each system call); the process's setting is back afterwards.
+    before = sys.getswitchinterval()
+    s = SqliteStore(tmp_path / "state.db")
+    s.open()
+    try:
+        for i in range(3000):
+            s.run_started(run_id=i, job="j", attempt=1, scheduled_at=1.0, started_at=1.0,
+                          worker_pid=7)  # fmt: skip
+        s.flush(wait=False)
+        s.flush()  # waits for the writer thread's batch
+        assert sys.getswitchinterval() == before
+        assert len(s.history(limit=None)) == 3000
+    finally:
+        s.close()
+
+
 def test_close_stops_the_writer_thread(tmp_path):
     s = SqliteStore(tmp_path / "state.db")
     s.open()

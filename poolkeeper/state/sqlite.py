@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 import weakref
@@ -31,6 +32,9 @@ SCHEMA_VERSION = 1
 # so this only bounds memory (a few MB): at 10,000 runs/s the loop's own flush writes 5,000
 # rows in one transaction, never a forced one in the middle of a turn.
 DEFAULT_BATCH = 20_000
+
+# The GIL's switch interval while the writer thread writes (see _write_behind).
+WRITER_SWITCH_INTERVAL = 0.0002
 
 # The parameters of one statement (sqlite3 adapts each value), and a result row.
 _Row = tuple[Any, ...]
@@ -420,9 +424,16 @@ class SqliteStore:
                 batch = self._handed
                 if batch is None:  # stopping, nothing left
                     return
+            # sqlite3 lets go of the GIL for each row SQLite writes, and takes it back at once:
+            # the loop's thread, waiting for it after each of its system calls, would get it
+            # only when the switch interval (5 ms) forces a hand-over, several times a turn.
+            # While the thread writes, the interval is short.
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval, WRITER_SWITCH_INTERVAL))
             try:
                 self._write(batch)
             finally:
+                sys.setswitchinterval(interval)
                 with cv:
                     self._handed = None
                     cv.notify_all()
