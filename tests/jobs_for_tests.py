@@ -413,3 +413,13 @@ def detached_spawner_then_hang(path: str) -> None:
     kept = subprocess.Popen(["sh", "-c", script], start_new_session=True)
     while kept:
         time.sleep(0.05)
+
+
+# -- One poll() returns every result already sent (test_pool_hotpath) --------------------------
+
+
+def signal_then_block(started_fd: int, release_fd: int) -> None:
+    """Tell the test (one byte on an inherited pipe) that this run began, which means every
+    result before it is in the pipe; then wait for the test's byte."""
+    os.write(started_fd, b"s")
+    os.read(release_fd, 1)

@@ -278,3 +278,41 @@ def test_location_and_fds(store):
     assert store.location is not None  # a persistent store: messages can say where
     for fd in store.fds():
         os.fstat(fd)  # each an open descriptor of this process
+
+
+# -- the daemon's flush: behind its back ---------------------------------------------------
+
+
+def test_the_loops_flush_loses_and_reorders_nothing(backend, store):
+    # What the daemon's loop does at 10,000 runs/s: two runs in flight at any time, a
+    # flush(wait=False) every 500 runs (half a second), set_last_fire as it fires.
+    n = 6_000
+    for i in range(n):
+        start(store, i, at=T0 + i)
+        if i >= 2:
+            end(store, i - 2, at=T0 + i - 2, outcome="failed" if i % 1000 == 0 else "succeeded")
+        store.set_last_fire("rollup", T0 + i)
+        if i % 500 == 499:
+            store.flush(wait=False)
+    store.flush(wait=False)
+    # reads wait for what was handed over
+    assert store.last_fire("rollup") == T0 + n - 1
+    runs = store.history(limit=None)
+    assert [r.run_id for r in runs] == [str(i) for i in reversed(range(n))]  # start order
+    assert [r.outcome for r in runs[:2]] == ["running", "running"]
+    assert store.counts() == store.counts(overall=True) == {"succeeded": n - 7, "failed": 5}
+    assert store.last_outcomes()["rollup"].run_id == str(n - 3)
+    reader = backend.reopen(store, readonly=True)  # close() too waits for the writer
+    assert len(reader.history(limit=None)) == n and reader.last_fire("rollup") == T0 + n - 1
+
+
+def test_an_end_in_a_later_batch_completes_its_start(backend, store):
+    start(store, "a")
+    store.flush(wait=False)
+    end(store, "a", outcome="timeout", error="timed out after 1s")
+    store.flush(wait=False)
+    store.flush()
+    reader = backend.open(readonly=True)
+    (rec,) = reader.history()
+    assert (rec.run_id, rec.outcome, rec.error, rec.started) == ("a", "timeout",
+                                                               "timed out after 1s", T0)  # fmt: skip

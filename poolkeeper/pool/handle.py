@@ -13,6 +13,7 @@ import collections
 import logging
 import os
 import pickle
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -42,6 +43,9 @@ _NO_STATUS_FROM_FORKSERVER = 255
 # A run cancelled by kill_runs() that reached its worker anyway gets this long to be refused
 # ("N") before the worker is killed.
 VERDICT_GRACE = 0.05
+# One read of a worker's pipe (a full read means there may be more). Not bigger: os.read()
+# allocates this much each time, and above 128 KiB malloc maps and unmaps it per call.
+READ_SIZE = 1 << 16
 
 
 class Slot:
@@ -99,18 +103,22 @@ class WorkerHandle:
     # -- taking tasks, talking to it -------------------------------------------------------
 
     def room(self, prefetch: int, max_runs: int) -> int:
-        """How many more tasks it can take now."""
+        """How many more tasks it can take now. (Called for every worker on every dispatch:
+        plain comparisons, no min()/max() calls.)"""
         state = self.state
         if (state is not READY and state is not STARTING) or self.broken:
             return 0
         queue = self.queue
-        n = len(queue)
-        if n and (queue[0].task.loop or queue[0].cancelled):
-            return 0
-        room = 1 + prefetch - n
-        if max_runs:
-            room = min(room, max_runs - self.assigned)
-        return max(0, room)
+        if queue:
+            head = queue[0]
+            if head.task.loop or head.cancelled:
+                return 0
+            room = 1 + prefetch - len(queue)
+        else:
+            room = 1 + prefetch
+        if max_runs and max_runs - self.assigned < room:
+            room = max_runs - self.assigned
+        return room if room > 0 else 0
 
     def awaits(self) -> bool:
         """The worker is blocked reading its pipe: what we send is consumed at once."""
@@ -128,14 +136,23 @@ class WorkerHandle:
             return False
 
     def read(self) -> list[Any] | None:
-        """Every complete message its pipe holds now; None once its end is closed."""
+        """Every complete message its pipe holds now (all of them: a read that fills the buffer
+        is followed by another while the pipe stays readable, so a burst of results is one
+        batch); None once its end is closed. An EOF after some data is left for the next call
+        (the pipe stays readable at EOF)."""
         try:
-            data = os.read(self.fd, 1 << 16)
+            data = os.read(self.fd, READ_SIZE)
         except OSError:
             data = b""
         if not data:
             return None
         self.buf += data
+        while len(data) == READ_SIZE and _readable(self.fd):
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except OSError:
+                break
+            self.buf += data
         return take_messages(self.buf)
 
     def promote(self, now: float, wall: float | None = None) -> RunStarted | None:
@@ -413,6 +430,10 @@ def pick(
 
 def ended_unstarted(slot: Slot, outcome: Outcome, pid: int, error: str) -> RunEnded:
     return RunEnded(slot.task, outcome, None, time.time(), pid, None, None, error, None)
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def killpg(pgid: int) -> None:

@@ -232,10 +232,18 @@ class WorkerPool:
         return [] if self._epoll is None or self._closed else [self._epoll]
 
     def size(self) -> int:
-        return sum(1 for w in self._workers if w.state in (STARTING, READY))
+        n = 0
+        for w in self._workers:
+            if w.state is READY or w.state is STARTING:
+                n += 1
+        return n
 
     def busy_count(self) -> int:
-        return sum(1 for w in self._workers if w.queue and w.state != DYING)
+        n = 0
+        for w in self._workers:
+            if w.queue and w.state is not DYING:
+                n += 1
+        return n
 
     def in_flight(self) -> list[Task]:
         return [s.task for w in self._workers for s in w.queue if not s.reported]
@@ -261,18 +269,31 @@ class WorkerPool:
         """Workers with nothing to do: where a loop task (never queued) can go."""
         if self._closing:
             return 0
-        return sum(1 for w in self._workers if w.room(self.prefetch, self.max_runs) and not w.queue)
+        prefetch, max_runs = self.prefetch, self.max_runs
+        n = 0
+        for w in self._workers:
+            if not w.queue and w.room(prefetch, max_runs):
+                n += 1
+        return n
 
     def submit(self, task: Task) -> None:
+        """Hand `task` to a worker now (one write to its pipe, O(workers) to pick it). Raises
+        PoolFull if no worker can take it (free_slots() is 0, or a big payload waits for a
+        worker that reads its pipe). A task whose arguments cannot be pickled ends at once
+        (RunEnded 'failed', from the next poll()); one whose worker went away comes back as
+        NotStarted. A task given to an idle worker starts now: its RunStarted is in the next
+        poll()."""
         if self._closing or not self._started:
             raise PoolFull("pool is closed" if self._closing else "pool is not started")
         w = self._pick(task.loop, big=False)
         seq = next(self._seq)
+        awaits = w.awaits()
         try:
-            payload = protocol.encode_task(task, seq, not w.awaits())
-            if len(payload) > BUFFERED_MAX and not w.awaits():
+            payload = protocol.encode_task(task, seq, not awaits)
+            if not awaits and len(payload) > BUFFERED_MAX:
                 w = self._pick(task.loop, big=True)
-                payload = protocol.encode_task(task, seq, not w.awaits())
+                awaits = w.awaits()
+                payload = protocol.encode_task(task, seq, not awaits)
         except PoolFull:
             raise
         except Exception as exc:  # unpicklable args: this run fails, no worker is touched
@@ -285,18 +306,22 @@ class WorkerPool:
         if not w.send(payload):
             self._events.append(NotStarted(task, f"worker {w.pid} went away"))
             return
-        slot = Slot(task, seq)
-        w.queue.append(slot)
+        w.queue.append(Slot(task, seq))
         w.assigned += 1
-        if len(w.queue) == 1 and w.state == READY:
+        if awaits:  # READY with an empty queue: it starts the task as soon as it reads it
             self._promote(w, self._clock(), sent_at)
 
     def poll(self) -> list[Event]:
-        """Non-blocking. Reads every ready message, reaps exited workers, enforces deadlines,
-        starts replacements."""
+        """Non-blocking. Reads every message every worker has sent so far (however many: one
+        batch), reaps exited workers, enforces deadlines, starts replacements; returns every
+        event since the last poll(), in the order they happened for each run. Costs
+        O(workers + messages)."""
         if self._epoll is not None and not self._closed:
-            exited = self._read_messages()
-            self._reap(exited)
+            ready = self._epoll.poll(0)
+            if ready:
+                exited = self._read_messages(ready)
+                if exited:
+                    self._reap(exited)
             now = self._clock()
             self._enforce_deadlines(now)
             self._respawn(now)
@@ -392,10 +417,9 @@ class WorkerPool:
 
     # -- poll, step 1: messages -------------------------------------------------------------
 
-    def _read_messages(self) -> list[WorkerHandle]:
+    def _read_messages(self, ready: list[tuple[int, int]]) -> list[WorkerHandle]:
         exited = []
-        assert self._epoll is not None  # poll() checked
-        for fd, _ in self._epoll.poll(0):
+        for fd, _ in ready:
             entry = self._fdmap.get(fd)
             if entry is None:
                 continue
@@ -475,7 +499,7 @@ class WorkerPool:
     def _after_run(self, w: WorkerHandle) -> None:
         if w.queue:
             self._promote(w, self._clock())
-        else:
+        elif w.told_to_exit:
             w.start_exit_clock(self._clock())
 
     def _promote(self, w: WorkerHandle, now: float, wall: float | None = None) -> None:

@@ -33,7 +33,7 @@ from poolkeeper import signals
 from poolkeeper.pool import reaper
 from poolkeeper.pool.context import RunContext, Stopping, accepts_ctx, with_ctx
 from poolkeeper.pool.prestart import add_to_sys_path
-from poolkeeper.pool.protocol import PICKLE_PROTOCOL, take_messages
+from poolkeeper.pool.protocol import PICKLE_PROTOCOL, frame, take_messages
 from poolkeeper.service.notify import MAIN_ONLY_ENV
 
 if TYPE_CHECKING:
@@ -187,7 +187,19 @@ def _cut_messages(te: traceback.TracebackException) -> None:
         todo += getattr(one, "exceptions", None) or []
 
 
+# Results whose builtin repr() is small and cannot run job code: no reprlib dispatch per run.
+_PLAIN = (type(None), bool, float)
+_SHORT_INT = 10**18
+
+
 def _safe_repr(value: Any) -> str:
+    kind = type(value)
+    if kind in _PLAIN or (kind is int and -_SHORT_INT < value < _SHORT_INT):
+        return repr(value)
+    if kind is str and len(value) <= RESULT_REPR_MAX:
+        text = repr(value)
+        if len(text) <= RESULT_REPR_MAX:  # what reprlib returns too; longer: it keeps both ends
+            return text
     try:
         text = _REPR.repr(value)
     except BaseException as exc:  # a job's __repr__ is job code too
@@ -404,9 +416,13 @@ class _WorkerLoop:
         self.ready_poller.register(self.fd, select.POLLIN)
 
     def send(self, msg: tuple[Any, ...]) -> None:
-        data = pickle.dumps(msg, PICKLE_PROTOCOL)
+        # Framed as Connection.send_bytes frames it, written without its checks and copies
+        # (once per run). Errors are the same: BrokenPipeError, ConnectionResetError.
+        data = frame(pickle.dumps(msg, PICKLE_PROTOCOL))
+        fd = self.fd
         with self.send_lock:  # ctx.heartbeat() may be called from a job's own threads
-            self.conn.send_bytes(data)
+            while data:
+                data = data[os.write(fd, data) :]
 
     def heartbeat(self) -> None:
         now = time.monotonic()

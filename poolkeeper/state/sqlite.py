@@ -3,7 +3,10 @@ StateStore protocol (poolkeeper.state.store has the contract; docs/state.md the 
 
 Two promises shape this module:
 - Writes are cheap: `run_started`/`run_ended`/`set_last_fire` only touch in-memory buffers;
-  rows reach the disk in batched transactions (`flush()`, or when the buffer fills).
+  rows reach the disk in batched transactions (`flush()`, or when the buffer fills). The
+  daemon's periodic `flush(wait=False)` hands the batch to a writer thread and returns at
+  once: a transaction of thousands of rows (and the WAL checkpoint's fsync some commits do)
+  never stalls the main loop. sqlite3 lets go of the GIL while SQLite works.
 - The state DB never stops the jobs: a corrupt file is moved aside, an unwritable location
   falls back to an in-memory DB, and a write error is logged once and swallowed.
 """
@@ -13,22 +16,37 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from poolkeeper.outcomes import RUNNING, Outcome
 from poolkeeper.state.store import ABANDONED_ERROR, MAX_ERROR_CHARS, RunRecord, StateUnreadable
 
 SCHEMA_VERSION = 1
 
-# Rows buffered before a write forces a flush. The daemon also flushes from its loop at most
-# every ~0.5 s, so at low rates this only bounds memory.
-DEFAULT_BATCH = 2000
+# Rows buffered before a write forces a flush. The daemon flushes from its loop every ~0.5 s,
+# so this only bounds memory (a few MB): at 10,000 runs/s the loop's own flush writes 5,000
+# rows in one transaction, never a forced one in the middle of a turn.
+DEFAULT_BATCH = 20_000
+
+# The GIL's switch interval while the writer thread writes (see _write_behind).
+WRITER_SWITCH_INTERVAL = 0.0002
 
 # The parameters of one statement (sqlite3 adapts each value), and a result row.
 _Row = tuple[Any, ...]
+
+
+class _Batch(NamedTuple):
+    """What one flush writes: run rows by run_id (arrival order), fires and last runs by job."""
+
+    runs: dict[str, tuple[str, _Row]]
+    fires: dict[str, float]
+    last_run: dict[str, str]
+
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -97,7 +115,16 @@ class SqliteStore:
         self.readonly = readonly
         self.persistent = False  # True once a file DB is open (False: in-memory fallback)
         self._conn: sqlite3.Connection | None = None
+        # Two locks, so the caller's thread never waits for a transaction the writer thread is
+        # in: _mutex guards the buffers (and orders flushes), _db the connection.
         self._mutex = threading.RLock()
+        self._db = threading.Lock()
+        # The batch handed to the writer thread and not written yet (at most one: a
+        # flush(wait=False) while one is pending leaves its rows in the buffers for the next).
+        self._handed: _Batch | None = None
+        self._handed_cv = threading.Condition(threading.Lock())
+        self._writer: threading.Thread | None = None
+        self._stop_writer = False
         # run_id -> (sql, row); dict order is arrival order, and an end replaces its start.
         self._runs: dict[str, tuple[str, _Row]] = {}
         self._fires: dict[str, float] = {}
@@ -113,23 +140,28 @@ class SqliteStore:
         file or location: a corrupt file is moved aside, an unusable location gives an
         in-memory DB. A reader's store (`readonly`) reads a missing DB as an empty history and
         raises StateUnreadable for any other problem."""
-        with self._mutex:
-            if self.path is None:
-                self._use_memory(None)
-                return
-            try:
-                self._conn = self._connect_file()
-                self.persistent = True
-            except FileNotFoundError as exc:
-                # Read-only (`poolkeeper history`) before any daemon ran: an empty history.
-                self._use_memory(None if self.readonly else exc)
-            except (sqlite3.DatabaseError, OSError) as exc:
-                if self.readonly:
-                    raise StateUnreadable(self.path, exc) from None
-                if isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc):
-                    self._open_after_corruption(exc)
-                else:
-                    self._use_memory(exc)
+        with self._mutex, self._db:
+            self._open()
+
+    def _open(self) -> None:
+        """open(), with both locks held (or only _db, by the writer thread reopening a DB
+        corrupted under it: the caller's thread may hold _mutex while it waits for us)."""
+        if self.path is None:
+            self._use_memory(None)
+            return
+        try:
+            self._conn = self._connect_file()
+            self.persistent = True
+        except FileNotFoundError as exc:
+            # Read-only (`poolkeeper history`) before any daemon ran: an empty history.
+            self._use_memory(None if self.readonly else exc)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            if self.readonly:
+                raise StateUnreadable(self.path, exc) from None
+            if isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc):
+                self._open_after_corruption(exc)
+            else:
+                self._use_memory(exc)
 
     def _connect_file(self) -> sqlite3.Connection:
         assert self.path is not None
@@ -221,15 +253,24 @@ class SqliteStore:
         return [] if self.path is None else _fds_open_on(self.path)
 
     def close(self) -> None:
-        """Flush, close the DB. Idempotent."""
+        """Flush, stop the writer thread, close the DB. Idempotent."""
         with self._mutex:
             self.flush()
-            if self._conn is not None:
-                try:
-                    self._conn.close()
-                except sqlite3.Error:
-                    pass
-                self._conn = None
+            writer = self._writer
+            if writer is not None:
+                with self._handed_cv:
+                    self._stop_writer = True
+                    self._handed_cv.notify_all()
+                writer.join()
+                self._writer = None
+                _with_writers.discard(self)
+            with self._db:
+                if self._conn is not None:
+                    try:
+                        self._conn.close()
+                    except sqlite3.Error:
+                        pass
+                    self._conn = None
 
     # --- writes (buffered) ------------------------------------------------------------------
 
@@ -275,7 +316,8 @@ class SqliteStore:
         worker_pid: int | None = None,
         error: str | None = None,
     ) -> None:
-        outcome = Outcome(outcome)  # a plain string from a careless caller: ValueError, not a row
+        if type(outcome) is not Outcome:  # the daemon passes Outcome: no enum lookup per run
+            outcome = Outcome(outcome)  # a plain string from a careless caller: ValueError
         if error is not None and len(error) > MAX_ERROR_CHARS:
             error = error[: MAX_ERROR_CHARS - 1] + "…"
         row = (
@@ -306,20 +348,49 @@ class SqliteStore:
         if len(self._runs) >= self.batch:
             self.flush()
 
-    def flush(self) -> None:
-        """Write everything buffered in one transaction. Never raises: on an SQLite error the
+    def flush(self, wait: bool = True) -> None:
+        """Write everything buffered in one transaction. `wait=True`: written when this returns
+        (after what an earlier flush(wait=False) handed over). `wait=False`: handed to the
+        writer thread, which writes it in one transaction while the caller goes on; if the
+        previous batch is still being written, the rows stay buffered for the next flush
+        (batches are written in order, one at a time). Never raises: on an SQLite error the
         batch is dropped and the error logged once (until writes work again)."""
         with self._mutex:
             if not (self._runs or self._fires or self._last_run) or self._conn is None:
+                if wait:
+                    self._settle()
                 return
-            runs, fires, last_run = self._runs, self._fires, self._last_run
-            self._runs, self._fires, self._last_run = {}, {}, {}
+            if not wait:
+                with self._handed_cv:
+                    if self._handed is not None:
+                        return
+                    self._handed = self._take()
+                    if self._writer is None:
+                        self._start_writer()
+                    self._handed_cv.notify_all()
+                return
+            self._settle()
+            self._write(self._take())
+
+    def _take(self) -> _Batch:
+        """The buffers as one batch; empty buffers in their place."""
+        batch = _Batch(self._runs, self._fires, self._last_run)
+        self._runs, self._fires, self._last_run = {}, {}, {}
+        return batch
+
+    def _write(self, batch: _Batch) -> None:
+        """One transaction (the caller's thread or the writer's). Never raises."""
+        runs, fires, last_run = batch
+        with self._db:
+            conn = self._conn
+            if conn is None:  # closed meanwhile (cannot happen: close() flushes first)
+                return
             try:
-                with self._conn:  # one transaction: commit, or roll back on error
+                with conn:  # one transaction: commit, or roll back on error
                     for sql, rows in _runs_of_same_kind(runs.values()):
-                        self._conn.executemany(sql, rows)
-                    self._conn.executemany(_SQL_FIRE, fires.items())
-                    self._conn.executemany(_SQL_LAST_RUN, last_run.items())
+                        conn.executemany(sql, rows)
+                    conn.executemany(_SQL_FIRE, fires.items())
+                    conn.executemany(_SQL_LAST_RUN, last_run.items())
             except (sqlite3.Error, OSError) as exc:
                 self._write_failed(exc, len(runs) + len(fires))
                 return
@@ -328,7 +399,47 @@ class SqliteStore:
                 self.log.warning("state DB writes work again (%d records were lost)", self._dropped)
                 self._dropped = 0
 
+    def _settle(self) -> None:
+        """Wait until the batch handed to the writer thread, if any, is written."""
+        with self._handed_cv:
+            while self._handed is not None:
+                self._handed_cv.wait()
+
+    def _start_writer(self) -> None:
+        # A daemon thread: a daemon that exits without close() must not hang on it (the
+        # transaction it was in is rolled back, like any crash).
+        _with_writers.add(self)
+        self._writer = threading.Thread(
+            target=self._write_behind, name="poolkeeper-state-writer", daemon=True
+        )
+        self._writer.start()
+
+    def _write_behind(self) -> None:
+        """The writer thread: write each handed batch, until close()."""
+        cv = self._handed_cv
+        while True:
+            with cv:
+                while self._handed is None and not self._stop_writer:
+                    cv.wait()
+                batch = self._handed
+                if batch is None:  # stopping, nothing left
+                    return
+            # sqlite3 lets go of the GIL for each row SQLite writes, and takes it back at once:
+            # the loop's thread, waiting for it after each of its system calls, would get it
+            # only when the switch interval (5 ms) forces a hand-over, several times a turn.
+            # While the thread writes, the interval is short.
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval, WRITER_SWITCH_INTERVAL))
+            try:
+                self._write(batch)
+            finally:
+                sys.setswitchinterval(interval)
+                with cv:
+                    self._handed = None
+                    cv.notify_all()
+
     def _write_failed(self, exc: BaseException, rows: int) -> None:
+        """(With _db held.)"""
         self._dropped += rows
         if not self._failing:
             self._failing = True
@@ -342,6 +453,7 @@ class SqliteStore:
             self._reopen()
 
     def _reopen(self) -> None:
+        """(With _db held, from either thread: see _open.)"""
         try:
             if self._conn is not None:
                 self._conn.close()
@@ -349,50 +461,58 @@ class SqliteStore:
             pass
         self._conn = None
         self.persistent = False
-        self.open()
+        self._open()
 
     def mark_abandoned(self, now: float) -> int:
         """Runs still 'running' were in flight when a previous daemon died: mark them 'lost'.
         Call with the single-instance lock held, before starting runs. Returns how many."""
         with self._mutex:
             self.flush()
-            if self._conn is None:
-                return 0
-            try:
-                with self._conn:
-                    abandoned = self._conn.execute(
-                        "SELECT job, run_id FROM runs WHERE outcome = ? ORDER BY rowid", (RUNNING,)
-                    ).fetchall()
-                    self._conn.execute(
-                        "UPDATE runs SET outcome=?, ended=?, error=? WHERE outcome=?",
-                        (Outcome.LOST, now, ABANDONED_ERROR, RUNNING),
-                    )
-                    # They are now each job's newest finished runs (`status`'s last outcome);
-                    # dict() keeps the last run_id per job.
-                    self._conn.executemany(_SQL_LAST_RUN, dict(abandoned).items())
-                return len(abandoned)
-            except sqlite3.Error as exc:
-                self._write_failed(exc, 0)
-                return 0
+            with self._db:
+                return self._mark_abandoned(now)
+
+    def _mark_abandoned(self, now: float) -> int:
+        if self._conn is None:
+            return 0
+        try:
+            with self._conn:
+                abandoned = self._conn.execute(
+                    "SELECT job, run_id FROM runs WHERE outcome = ? ORDER BY rowid", (RUNNING,)
+                ).fetchall()
+                self._conn.execute(
+                    "UPDATE runs SET outcome=?, ended=?, error=? WHERE outcome=?",
+                    (Outcome.LOST, now, ABANDONED_ERROR, RUNNING),
+                )
+                # They are now each job's newest finished runs (`status`'s last outcome);
+                # dict() keeps the last run_id per job.
+                self._conn.executemany(_SQL_LAST_RUN, dict(abandoned).items())
+            return len(abandoned)
+        except sqlite3.Error as exc:
+            self._write_failed(exc, 0)
+            return 0
 
     def prune(self, keep_seconds: float, now: float) -> int:
         """Delete finished runs that ended more than `keep_seconds` ago, except each job's
         last finished run (so `status` can still show it). Returns how many."""
         with self._mutex:
             self.flush()
-            if self._conn is None:
-                return 0
-            try:
-                with self._conn:
-                    cur = self._conn.execute(
-                        """DELETE FROM runs WHERE ended < ? AND outcome != ? AND run_id NOT IN
-                           (SELECT last_run_id FROM jobs WHERE last_run_id IS NOT NULL)""",
-                        (now - keep_seconds, RUNNING),
-                    )
-                return cur.rowcount
-            except sqlite3.Error as exc:
-                self._write_failed(exc, 0)
-                return 0
+            with self._db:
+                return self._prune(keep_seconds, now)
+
+    def _prune(self, keep_seconds: float, now: float) -> int:
+        if self._conn is None:
+            return 0
+        try:
+            with self._conn:
+                cur = self._conn.execute(
+                    """DELETE FROM runs WHERE ended < ? AND outcome != ? AND run_id NOT IN
+                       (SELECT last_run_id FROM jobs WHERE last_run_id IS NOT NULL)""",
+                    (now - keep_seconds, RUNNING),
+                )
+            return cur.rowcount
+        except sqlite3.Error as exc:
+            self._write_failed(exc, 0)
+            return 0
 
     # --- reads --------------------------------------------------------------------------
     # Reads flush first so they see every write made so far; they are for `status` and
@@ -402,6 +522,7 @@ class SqliteStore:
         with self._mutex:
             if job in self._fires:
                 return self._fires[job]
+            self._settle()  # it may be in the batch the writer thread has
             row = self._query("SELECT last_fire FROM jobs WHERE job = ?", (job,))
             return row[0][0] if row else None
 
@@ -439,6 +560,10 @@ class SqliteStore:
         return dict(rows)
 
     def _query(self, sql: str, args: _Row = ()) -> list[_Row]:
+        with self._db:
+            return self._query_locked(sql, args)
+
+    def _query_locked(self, sql: str, args: _Row) -> list[_Row]:
         if self._conn is None:
             return []
         try:
@@ -448,6 +573,30 @@ class SqliteStore:
                 raise StateUnreadable(self.path, exc) from None
             self.log.error("state DB %s: read failed (%s)", self.path or ":memory:", exc)
             return []
+
+
+# Stores whose writer thread may be inside SQLite when this process forks (a worker started
+# by fork). SQLite's global mutexes (its allocator's, with memory statistics on by default)
+# would stay locked in the child, and a job there that uses sqlite3 would hang on its first
+# call. So a fork waits for the transaction in progress and happens between two.
+_with_writers: weakref.WeakSet[SqliteStore] = weakref.WeakSet()
+
+
+_held_over_fork: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    for store in list(_with_writers):
+        store._db.acquire()
+        _held_over_fork.append(store._db)
+
+
+def _after_fork() -> None:
+    while _held_over_fork:
+        _held_over_fork.pop().release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
 _RECORD_COLUMNS = ", ".join(

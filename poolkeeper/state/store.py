@@ -15,9 +15,20 @@ Writes (the daemon's hot path: called for every run, never slow, never raise for
                           Errors longer than MAX_ERROR_CHARS are cut short.
     set_last_fire(j, t)   remembers job j's last fire time. Buffered.
     flush()               writes everything buffered (one transaction where the backend has
-                          them). May be slow (I/O); the daemon calls it from its loop about
-                          twice a second and before it reads. A store may also flush by itself
+                          them), after what an earlier flush(wait=False) handed over; written
+                          when it returns. May be slow (I/O). A store may also flush by itself
                           when its buffer fills.
+    flush(wait=False)     the same, behind the caller's back: hands the buffered writes over
+                          to be written in order (SQLite: by a writer thread) and returns at
+                          once; never slow. The daemon's loop calls this about twice a
+                          second, so no transaction ever stalls a turn. Reads, maintenance,
+                          flush() and close() wait for what was handed over.
+
+Crashes. What a daemon had not written when it died is lost: the writes of its last flush
+period or two (what was buffered, and what flush(wait=False) had handed over), each flush
+all or nothing. A run whose start was written and whose end was not is 'running' in the
+storage, and the next daemon's mark_abandoned() records it as 'lost'; a run neither of whose
+records was written is not in the history.
 
 Maintenance (the daemon, at start and hourly; may be slow)
     mark_abandoned(now)   runs still 'running' were in flight when an earlier daemon died:
@@ -139,7 +150,7 @@ class StateStore(Protocol):
 
     def set_last_fire(self, job: str, when: float) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self, wait: bool = True) -> None: ...
 
     def mark_abandoned(self, now: float) -> int: ...
 
