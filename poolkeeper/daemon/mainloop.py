@@ -483,7 +483,7 @@ class Daemon:
             self._next_ping = now + self._watchdog / 2
         if now >= self._next_flush:
             self._next_flush = now + STATE_FLUSH_EVERY
-            self.store.flush()
+            self.store.flush(wait=False)  # written by the store's writer thread
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY
             pruned = self.store.prune(self.config.state.keep, time.time())
