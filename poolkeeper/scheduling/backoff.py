@@ -86,6 +86,8 @@ class RetryDecider:
     `attempts` counts every try, the first included: 1 means no retry.
     """
 
+    __slots__ = ("attempts", "backoff", "rng")  # one per scheduled job: 10,000 of them
+
     def __init__(self, attempts: int, backoff: BackoffDelays, rng: random.Random | None = None):
         if attempts < 1:
             raise ValueError(f"retry attempts must be >= 1, got {attempts}")

@@ -24,17 +24,23 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 
 
+_Entry = tuple[float, int, K]  # (deadline, sequence number, key)
+
+
 class TimerHeap(Generic[K]):
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, K]] = []
-        self._live: dict[K, tuple[float, int]] = {}  # key -> (deadline, seq of its entry)
+        self._heap: list[_Entry[K]] = []
+        # key -> its live entry, the very tuple in the heap: an entry is live when it is the
+        # one its key maps to (an identity test, and no second tuple per key).
+        self._live: dict[K, _Entry[K]] = {}
         self._seq = 0  # ties go in insertion order: a stable, reproducible firing order
 
     def set(self, key: K, when: float) -> None:
         """`key` is due at `when` (replacing any earlier deadline of `key`)."""
         self._seq += 1
-        self._live[key] = (when, self._seq)
-        heapq.heappush(self._heap, (when, self._seq, key))
+        entry = (when, self._seq, key)
+        self._live[key] = entry
+        heapq.heappush(self._heap, entry)
         if len(self._heap) > 2 * len(self._live) + 64:
             self._compact()
 
@@ -62,8 +68,9 @@ class TimerHeap(Generic[K]):
         due: list[K] = []
         heap, live = self._heap, self._live
         while heap and heap[0][0] <= now:
-            when, seq, key = heapq.heappop(heap)
-            if live.get(key) == (when, seq):
+            entry = heapq.heappop(heap)
+            key = entry[2]
+            if live.get(key) is entry:
                 del live[key]
                 due.append(key)
         return due
@@ -84,11 +91,11 @@ class TimerHeap(Generic[K]):
     def _drop_dead_head(self) -> None:
         heap, live = self._heap, self._live
         while heap:
-            when, seq, key = heap[0]
-            if live.get(key) == (when, seq):
+            entry = heap[0]
+            if live.get(entry[2]) is entry:
                 return
             heapq.heappop(heap)
 
     def _compact(self) -> None:
-        self._heap = [(when, seq, key) for key, (when, seq) in self._live.items()]
+        self._heap = list(self._live.values())
         heapq.heapify(self._heap)
