@@ -13,6 +13,7 @@ import gc
 import re
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, cast
 
 import yaml
@@ -168,19 +169,37 @@ def load_yaml(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        composed = _compose_libyaml(text) if LIBYAML else None
-        root, written, aliased = composed if composed is not None else _compose_pure(text, file)
-        if root is None:
-            return Document(file, None, {(): Loc(None, Pos(file, 1, 1))}), []
+        if LIBYAML:
+            try:
+                composed = _compose_libyaml(text)
+                if composed is not None:
+                    return _convert(*composed, file, key_label)
+            except _PureDecides:
+                pass
+        return _convert(*_compose_pure(text, file), file, key_label)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _convert(
+    root: Node | None, written: int | None, aliased: bool, file: str, key_label: KeyLabel
+) -> tuple[Document, list[Issue]]:
+    if root is None:
+        return Document(file, None, {(): Loc(None, Pos(file, 1, 1))}), []
+    if written is None:  # LibYAML, no anchors: the converter checks the caps as it goes
+        converter = _Converter(file, key_label, MAX_NODES, as_written=True)
+    else:
         limit = max(EXPANSION_FLOOR, EXPANSION_FACTOR * written)
         if aliased:  # without aliases, the document expands to just what is written
             _refuse_alias_bombs(root, file, limit)
         converter = _Converter(file, key_label, limit)
-        data = converter.value(root, (), None, 0)
-        return Document(file, data, _Locs(file, converter.locs)), converter.issues
-    finally:
-        if collecting:
-            gc.enable()
+    data = converter.value(root, (), None, 0)
+    return Document(file, data, _Locs(file, converter.locs)), converter.issues
+
+
+class _PureDecides(Exception):
+    """The LibYAML path met what the pure path words differently: let it decide."""
 
 
 def _compose_pure(text: str, file: str) -> tuple[Node | None, int, bool]:
@@ -206,26 +225,29 @@ def _compose_pure(text: str, file: str) -> tuple[Node | None, int, bool]:
             loader.dispose()
 
 
-def _compose_libyaml(text: str) -> tuple[Node | None, int, bool] | None:
+def _compose_libyaml(text: str) -> tuple[Node | None, int | None, bool] | None:
     """The same as _compose_pure, by LibYAML, for documents that are well-formed and within the
     caps; None for anything else, which the pure path then composes (or refuses) with its
     exact messages and positions. LibYAML's own messages differ from PyYAML's, and its composer
     cannot stop early, so:
-    - a first pass counts the events in C, without building anything: a file of millions of
+    - a text long enough to hold more than MAX_NODES nodes (each takes a character or more)
+      has its events counted first, in C, without building anything: a file of millions of
       nodes, or one LibYAML refuses, goes to the pure path before any node exists;
     - LibYAML refuses nesting deeper than 1,000 levels itself, so its recursive composer is
-      bounded; our cap of MAX_DEPTH levels is checked on the result.
+      bounded; our cap of MAX_DEPTH levels is checked on the result: by _as_written when the
+      file has anchors, else by the converter as it goes (written None).
     """
     assert _CParser is not None
     if _libyaml_may_differ(text):
         return None
     try:
-        counter = _CParser(text)
-        try:
-            if counter.raw_parse() > MAX_NODES:  # events >= nodes: the pure path decides
-                return None
-        finally:
-            counter.dispose()
+        if len(text) > MAX_NODES // 2:
+            counter = _CParser(text)
+            try:
+                if counter.raw_parse() > MAX_NODES:  # events >= nodes: the pure path decides
+                    return None
+            finally:
+                counter.dispose()
         composer = _CComposer(text)
         try:
             root = composer.get_single_node()
@@ -235,6 +257,8 @@ def _compose_libyaml(text: str) -> tuple[Node | None, int, bool] | None:
         return None
     if root is None:
         return None, 0, False
+    if "&" not in text:  # no anchor, so no alias (LibYAML refuses an undefined one)
+        return root, None, False
     written, deepest, aliased = _as_written(root)
     if deepest > MAX_DEPTH or written < 0:
         return None
@@ -545,9 +569,13 @@ class _Locs(Mapping[Path, Loc]):
 
 class _Converter:
     """Node graph -> values, recording positions. Counts every node visit, so aliases that
-    expand exponentially hit the expansion limit after a bounded amount of work."""
+    expand exponentially hit the expansion limit after a bounded amount of work.
 
-    def __init__(self, file: str, key_label: KeyLabel, limit: int):
+    `as_written`: the graph has no aliases and comes from LibYAML, whose composer checked none
+    of our caps; the depth here is then the depth as written, and wherever the pure composer
+    would refuse or place something differently, _PureDecides is raised."""
+
+    def __init__(self, file: str, key_label: KeyLabel, limit: int, as_written: bool = False):
         self.file = file
         self._limit = limit
         self.key_label = key_label
@@ -555,6 +583,9 @@ class _Converter:
         self.issues: list[Issue] = []
         self._visits = 0
         self._active: set[int] = set()  # collections being converted: detects recursive aliases
+        self._as_written = as_written
+        # The pure composer counts the root as level 1, this converter as level 0.
+        self._deepest = MAX_DEPTH - 1 if as_written else MAX_DEPTH
 
     def pos(self, node: Node) -> Pos:
         return _pos_of(node, self.file)
@@ -568,7 +599,9 @@ class _Converter:
                     f"too many aliases/nodes: more than {self._limit} after expanding aliases; refusing to load it",
                 )
             )
-        if depth > MAX_DEPTH:
+        if depth > self._deepest:
+            if self._as_written:
+                raise _PureDecides
             raise LoadError(
                 Issue.at(
                     self.pos(node),
@@ -577,13 +610,18 @@ class _Converter:
             )
         self.locs[path] = (key, node)
         if node.__class__ is ScalarNode:
-            return self.scalar(node)
+            assert isinstance(node, ScalarNode)
+            tag = node.tag
+            return node.value if tag in _AS_TEXT else self.scalar(node)
         if id(node) in self._active:
             raise LoadError(
                 Issue.at(
                     self.pos(node), "an alias refers to a node that contains it (recursive alias)"
                 )
             )
+        assert isinstance(node, CollectionNode)  # the composer builds only these three kinds
+        if self._as_written and node.flow_style:
+            self._check_flow(node)
         self._active.add(id(node))
         try:
             if isinstance(node, SequenceNode):
@@ -595,12 +633,19 @@ class _Converter:
                 return [
                     self.value(item, (*path, i), None, depth) for i, item in enumerate(node.value)
                 ]
-            assert isinstance(node, MappingNode)  # the composer builds only these three kinds
+            assert isinstance(node, MappingNode)
             if node.tag != _MAP:
                 self.issues.append(Issue.at(self.pos(node), f"unsupported YAML tag '{node.tag}'"))
             return self.mapping(node, path, depth)
         finally:
             self._active.discard(id(node))
+
+    def _check_flow(self, node: CollectionNode) -> None:
+        # An empty value in a flow collection ('{a: }', '{a}'): LibYAML places it at the next
+        # token, PyYAML right after the ':'.
+        children = node.value if isinstance(node, SequenceNode) else chain(*node.value)
+        if any(map(_implicit_empty, children)):
+            raise _PureDecides
 
     def scalar(self, node: ScalarNode) -> Any:
         tag = node.tag
@@ -630,12 +675,16 @@ class _Converter:
         first: dict[Any, Node] = {}
         label = self.key_label(path)
         depth += 1
+        value, scalar_class = self.value, ScalarNode
         for key_node, value_node in pairs:
-            if merges and key_node.tag == _MERGE:
+            if key_node.__class__ is scalar_class and key_node.tag == _STR:
+                key = key_node.value  # the usual case, inline
+            elif merges and key_node.tag == _MERGE:
                 continue
-            key = self.key(key_node, label)
-            if key is _BAD_KEY:
-                continue
+            else:
+                key = self.key(key_node, label)
+                if key is _BAD_KEY:
+                    continue
             if key in first:
                 line = first[key].start_mark.line + 1
                 self.issues.append(
@@ -646,10 +695,12 @@ class _Converter:
                 )
                 continue
             first[key] = key_node
-            result[key] = self.value(value_node, (*path, key), key_node, depth)
+            result[key] = value(value_node, (*path, key), key_node, depth)
         return result
 
     def merge(self, value_node: Node, path: Path, depth: int, into: dict[Any, Any]) -> None:
+        if self._as_written and isinstance(value_node, SequenceNode):
+            raise _PureDecides  # its items are a level deeper than this converter counts
         sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
         if not all(isinstance(source, MappingNode) for source in sources):
             self.issues.append(
@@ -665,14 +716,15 @@ class _Converter:
         self.locs[path] = own
 
     def key(self, node: Node, label: str | None) -> Any:
-        if node.__class__ is not ScalarNode:
+        if not isinstance(node, ScalarNode):
+            if self._as_written:
+                raise _PureDecides  # the pure composer checks the depth inside it
             self.issues.append(
                 Issue.at(
                     self.pos(node), "a mapping key must be a plain value, not a list or mapping"
                 )
             )
             return _BAD_KEY
-        assert isinstance(node, ScalarNode)
         value = self.scalar(node)
         if label is None or isinstance(value, str):
             return value
