@@ -28,7 +28,6 @@ from poolkeeper.config.yamlload import (
     Document,
     Issue,
     LoadError,
-    Pos,
     describe,
     load_yaml,
     read_config,
@@ -219,20 +218,19 @@ class _Loading:
         if top is not None and top.include is not None:
             sources += self.fragments(doc, top.include)
         found: list[_RawJob] = []
-        seen: dict[Any, Pos] = {}
+        seen: dict[Any, Document] = {}  # job name -> where it is first defined
         for source, jobs in sources:
             for name, raw in (jobs if isinstance(jobs, dict) else {}).items():
-                here = source.key_pos(("jobs", name))
                 if name in seen:
-                    first = seen[name]
+                    first = seen[name].key_pos(("jobs", name))
                     self.issues.append(
                         Issue.at(
-                            here,
+                            source.key_pos(("jobs", name)),
                             f"job '{name}' is already defined at {first.file}:{first.line}:{first.col}",
                         )
                     )
                     continue
-                seen[name] = here
+                seen[name] = source
                 found.append(_RawJob(name, raw, source))
         return found
 
@@ -304,12 +302,11 @@ class _Loading:
         self, job: _RawJob, defaults: dict[Any, Any], in_defaults: Where
     ) -> tuple[JobModel, Where] | None:
         name = job.name
-        here = job.doc.key_pos(("jobs", name))
         name_ok = bool(_JOB_NAME.fullmatch(name))
         if not name_ok:
             self.issues.append(
                 Issue.at(
-                    here,
+                    job.doc.key_pos(("jobs", name)),
                     f"job name '{name}': use letters, digits and _ - . @ (at most 64, starting with a letter or digit)",
                 )
             )
@@ -317,7 +314,7 @@ class _Loading:
             got = describe(job.raw, job.doc.locs[("jobs", name)].scalar)
             self.issues.append(
                 Issue.at(
-                    here,
+                    job.doc.key_pos(("jobs", name)),
                     f"job '{name}': expected a mapping with a target and one of loop, every, cron, at, got {got}",
                 )
             )

@@ -173,27 +173,34 @@ def load_yaml(
             try:
                 composed = _compose_libyaml(text)
                 if composed is not None:
-                    return _convert(*composed, file, key_label)
+                    # A merge key is written '<<', or tagged (a tag may spell it with %-escapes)
+                    merges = "<<" in text or "merge" in text or "%" in text
+                    return _convert(*composed, file, key_label, merges)
             except _PureDecides:
                 pass
-        return _convert(*_compose_pure(text, file), file, key_label)
+        return _convert(*_compose_pure(text, file), file, key_label, True)
     finally:
         if collecting:
             gc.enable()
 
 
 def _convert(
-    root: Node | None, written: int | None, aliased: bool, file: str, key_label: KeyLabel
+    root: Node | None,
+    written: int | None,
+    aliased: bool,
+    file: str,
+    key_label: KeyLabel,
+    merges: bool,
 ) -> tuple[Document, list[Issue]]:
     if root is None:
         return Document(file, None, {(): Loc(None, Pos(file, 1, 1))}), []
     if written is None:  # LibYAML, no anchors: the converter checks the caps as it goes
-        converter = _Converter(file, key_label, MAX_NODES, as_written=True)
+        converter = _Converter(file, key_label, MAX_NODES, merges, as_written=True)
     else:
         limit = max(EXPANSION_FLOOR, EXPANSION_FACTOR * written)
         if aliased:  # without aliases, the document expands to just what is written
             _refuse_alias_bombs(root, file, limit)
-        converter = _Converter(file, key_label, limit)
+        converter = _Converter(file, key_label, limit, merges)
     data = converter.value(root, (), None, 0)
     return Document(file, data, _Locs(file, converter.locs)), converter.issues
 
@@ -575,8 +582,11 @@ class _Converter:
     of our caps; the depth here is then the depth as written, and wherever the pure composer
     would refuse or place something differently, _PureDecides is raised."""
 
-    def __init__(self, file: str, key_label: KeyLabel, limit: int, as_written: bool = False):
+    def __init__(
+        self, file: str, key_label: KeyLabel, limit: int, merges: bool, as_written: bool = False
+    ):
         self.file = file
+        self._merges = merges  # False: the text cannot hold a merge key
         self._limit = limit
         self.key_label = key_label
         self.locs: dict[Path, _RawLoc] = {}
@@ -667,7 +677,7 @@ class _Converter:
         result: dict[Any, Any] = {}
         pairs = node.value
         # Merge keys (`<<: *base`) first, so explicit keys override what they bring in.
-        merges = any(key_node.tag == _MERGE for key_node, _ in pairs)
+        merges = self._merges and any(key_node.tag == _MERGE for key_node, _ in pairs)
         if merges:
             for key_node, value_node in pairs:
                 if key_node.tag == _MERGE:
