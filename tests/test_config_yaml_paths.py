@@ -234,3 +234,27 @@ def test_within_the_caps_libyaml_decides_alone(name: str, monkeypatch: pytest.Mo
         load_yaml(MALFORMED[name].encode(), "spec.yaml", _key_label)
     except LoadError:
         pass
+
+
+def test_the_pool_hints_parse_is_reused_only_for_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from poolkeeper.config.hints import pool_hints
+
+    spec = _spec(tmp_path, 20)
+    fresh = load_config(spec)
+    assert pool_hints(str(spec)) is not None  # keeps its parse for the validation
+
+    def no_parse(*args: object) -> None:
+        raise AssertionError("parsed again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(yamlload, "_compose_libyaml", no_parse)
+        patched.setattr(yamlload, "_compose_pure", no_parse)
+        assert load_config(spec) == fresh  # the kept parse, taken once
+        with pytest.raises(AssertionError, match="parsed again"):
+            load_config(spec)
+
+    assert pool_hints(str(spec)) is not None
+    spec.write_text(spec.read_text() + "  late: {target: noop_jobs:tick, every: 1h}\n")
+    assert len(load_config(spec).jobs) == 21  # the file changed: parsed anew

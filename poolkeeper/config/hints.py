@@ -27,7 +27,8 @@ def pool_hints(path: str) -> PoolHints | None:
     try:
         # The same bounded reader and loader as the validation: a FIFO or a device named as
         # the config must not block or exhaust the start before the validation says what it is.
-        doc, _ = load_yaml(read_config(path), path)
+        # keep=True: the validation that follows reuses the parse of the same bytes.
+        doc, _ = load_yaml(read_config(path), path, keep=True)
     except Exception:  # noqa: BLE001 - anything odd: leave it to the validation
         return None
     data = doc.data

@@ -157,11 +157,17 @@ LIBYAML = _CParser is not None
 
 
 def load_yaml(
-    raw: bytes, file: str, key_label: KeyLabel = lambda path: "key"
+    raw: bytes, file: str, key_label: KeyLabel = lambda path: "key", *, keep: bool = False
 ) -> tuple[Document, list[Issue]]:
     """Parse one YAML document. Fatal problems raise LoadError; others are returned as issues
     (duplicate keys, keys YAML 1.1 turned into non-strings, unsupported tags) and the document is
-    still usable. An empty document has data None."""
+    still usable. An empty document has data None.
+
+    `keep`: keep the node graph for the next call with the same bytes, which then skips the
+    parse (`run` reads the pool settings, config/hints.py, before the validation reads the
+    whole file; both on the way to READY=1)."""
+    global _kept
+    kept, _kept = _kept, None
     text = _decode(raw, file)
     # The node graph and the values are hundreds of thousands of objects without cycles: the
     # cyclic collector would walk them again and again while they are built (it cost more than
@@ -169,28 +175,36 @@ def load_yaml(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        if LIBYAML:
+        composed = None
+        if kept is not None and kept[0] == file and kept[1] == raw:
+            composed = kept[2]
+        elif LIBYAML:
+            composed = _compose_libyaml(text)
+        if composed is not None:
             try:
-                composed = _compose_libyaml(text)
-                if composed is not None:
-                    # A merge key is written '<<', or tagged (a tag may spell it with %-escapes)
-                    merges = "<<" in text or "merge" in text or "%" in text
-                    return _convert(*composed, file, key_label, merges)
+                _kept = (file, raw, composed) if keep else None
+                return _convert(*composed, file, key_label)
             except _PureDecides:
-                pass
-        return _convert(*_compose_pure(text, file), file, key_label, True)
+                _kept = None
+        composed = (*_compose_pure(text, file), True)
+        _kept = (file, raw, composed) if keep else None
+        return _convert(*composed, file, key_label)
     finally:
         if collecting:
             gc.enable()
+
+
+# (file, its bytes, the composed graph) kept by load_yaml(keep=True); taken by the next call.
+_kept: tuple[str, bytes, _Composed] | None = None
 
 
 def _convert(
     root: Node | None,
     written: int | None,
     aliased: bool,
+    merges: bool,
     file: str,
     key_label: KeyLabel,
-    merges: bool,
 ) -> tuple[Document, list[Issue]]:
     if root is None:
         return Document(file, None, {(): Loc(None, Pos(file, 1, 1))}), []
@@ -232,7 +246,12 @@ def _compose_pure(text: str, file: str) -> tuple[Node | None, int, bool]:
             loader.dispose()
 
 
-def _compose_libyaml(text: str) -> tuple[Node | None, int | None, bool] | None:
+# A composed document: (root, nodes and alias uses as written (None: not counted, no aliases),
+# whether aliases share nodes, whether the text may hold merge keys).
+_Composed = tuple["Node | None", "int | None", bool, bool]
+
+
+def _compose_libyaml(text: str) -> _Composed | None:
     """The same as _compose_pure, by LibYAML, for documents that are well-formed and within the
     caps; None for anything else, which the pure path then composes (or refuses) with its
     exact messages and positions. LibYAML's own messages differ from PyYAML's, and its composer
@@ -263,13 +282,15 @@ def _compose_libyaml(text: str) -> tuple[Node | None, int | None, bool] | None:
     except yaml.YAMLError:
         return None
     if root is None:
-        return None, 0, False
+        return None, 0, False, False
+    # A merge key is written '<<', or tagged (a tag may spell it with %-escapes)
+    merges = "<<" in text or "merge" in text or "%" in text
     if "&" not in text:  # no anchor, so no alias (LibYAML refuses an undefined one)
-        return root, None, False
+        return root, None, False, merges
     written, deepest, aliased = _as_written(root)
     if deepest > MAX_DEPTH or written < 0:
         return None
-    return root, written, aliased
+    return root, written, aliased, merges
 
 
 def _as_written(root: Node) -> tuple[int, int, bool]:
