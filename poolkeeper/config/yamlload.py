@@ -706,7 +706,8 @@ class _Converter:
         first: dict[Any, Node] = {}
         label = self.key_label(path)
         depth += 1
-        value, scalar_class = self.value, ScalarNode
+        value, scalar_class, locs = self.value, ScalarNode, self.locs
+        inline = depth <= self._deepest
         for key_node, value_node in pairs:
             if key_node.__class__ is scalar_class and key_node.tag == _STR:
                 key = key_node.value  # the usual case, inline
@@ -726,7 +727,17 @@ class _Converter:
                 )
                 continue
             first[key] = key_node
-            result[key] = value(value_node, (*path, key), key_node, depth)
+            if (
+                inline
+                and value_node.__class__ is scalar_class
+                and value_node.tag == _STR
+                and self._visits < self._limit
+            ):  # what value() does for the usual value, a string, inline
+                self._visits += 1
+                locs[(*path, key)] = (key_node, value_node)
+                result[key] = value_node.value
+            else:
+                result[key] = value(value_node, (*path, key), key_node, depth)
         return result
 
     def merge(self, value_node: Node, path: Path, depth: int, into: dict[Any, Any]) -> None:
