@@ -258,3 +258,29 @@ def test_the_pool_hints_parse_is_reused_only_for_the_same_bytes(
     assert pool_hints(str(spec)) is not None
     spec.write_text(spec.read_text() + "  late: {target: noop_jobs:tick, every: 1h}\n")
     assert len(load_config(spec).jobs) == 21  # the file changed: parsed anew
+
+
+@pytest.mark.parametrize("libyaml", [True, False])
+def test_pool_hints_read_only_the_pool_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, libyaml: bool
+) -> None:
+    from poolkeeper.config.hints import PoolHints, pool_hints
+
+    monkeypatch.setattr(yamlload, "LIBYAML", libyaml)
+    (tmp_path / "code").mkdir()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "version: 1\njobs: {a: {target: x:y, every: 1h, args: [&big [1, 2]]}}\n"
+        "pool: {start_method: spawn, preload: [m1, m2]}\npythonpath: [code]\n"
+    )
+    assert pool_hints(str(spec)) == PoolHints("spawn", ["m1", "m2"], [str(tmp_path / "code")])
+    load_config(spec, import_targets=False)  # takes the kept parse
+    for doubtful in (
+        "<<: {pool: {start_method: fork}}\n",  # a merge key at the top
+        "pool: {}\npool: {start_method: fork}\n",  # which one?
+        "- pool\n",
+        "pool: {start_method: [fork]}\n",
+        "pool: [\n",
+    ):
+        spec.write_text(doubtful)
+        assert pool_hints(str(spec)) is None, doubtful

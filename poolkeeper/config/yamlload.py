@@ -194,8 +194,54 @@ def load_yaml(
             gc.enable()
 
 
-# (file, its bytes, the composed graph) kept by load_yaml(keep=True); taken by the next call.
+# (file, its bytes, the composed graph) kept by load_yaml(keep=True) or load_top(); taken by
+# the next load_yaml.
 _kept: tuple[str, bytes, _Composed] | None = None
+
+
+def load_top(raw: bytes, file: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """The values of `keys` in the top-level mapping, converting nothing else (the pool hints:
+    a few settings out of a file of 10,000 jobs). None when in doubt: the top level is not a
+    mapping of distinct plain string keys, or LibYAML's reading would need the pure parser's
+    word. Raises LoadError as load_yaml does. The parse is kept for the next load_yaml of the
+    same bytes."""
+    global _kept
+    _kept = None
+    text = _decode(raw, file)
+    collecting = gc.isenabled()
+    gc.disable()  # as in load_yaml
+    try:
+        composed = _compose_libyaml(text) if LIBYAML else None
+        if composed is None:
+            composed = (*_compose_pure(text, file), True)
+        _kept = (file, raw, composed)
+        root, written, aliased, merges = composed
+        if not isinstance(root, MappingNode):
+            return None
+        if written is None:
+            converter = _Converter(file, lambda path: "key", MAX_NODES, merges, as_written=True)
+        else:
+            limit = max(EXPANSION_FLOOR, EXPANSION_FACTOR * written)
+            if aliased:
+                _refuse_alias_bombs(root, file, limit)
+            converter = _Converter(file, lambda path: "key", limit, merges)
+        found: dict[str, Any] = {}
+        seen: set[str] = set()
+        for key_node, value_node in root.value:
+            if key_node.__class__ is not ScalarNode or key_node.tag != _STR:
+                return None  # a merge key, a key YAML 1.1 made a boolean, a tag...
+            key = key_node.value
+            if key in seen:
+                return None
+            seen.add(key)
+            if key in keys:
+                found[key] = converter.value(value_node, (key,), key_node, 1)
+        return found
+    except _PureDecides:
+        return None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _convert(
