@@ -5,6 +5,7 @@ PyYAML has no LibYAML, so each test here runs both, the pure one forced."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,7 @@ def test_the_pool_hints_parse_is_reused_only_for_the_same_bytes(
         patched.setattr(yamlload, "_compose_libyaml", no_parse)
         patched.setattr(yamlload, "_compose_pure", no_parse)
         assert load_config(spec) == fresh  # the kept parse, taken once
+        assert gc.get_freeze_count() == 0  # what was frozen with it is the collector's again
         with pytest.raises(AssertionError, match="parsed again"):
             load_config(spec)
 
@@ -284,3 +286,5 @@ def test_pool_hints_read_only_the_pool_settings(
     ):
         spec.write_text(doubtful)
         assert pool_hints(str(spec)) is None, doubtful
+    yamlload._take_kept()  # as the next load would: nothing stays frozen for later tests
+    assert gc.get_freeze_count() == 0

@@ -163,17 +163,16 @@ LIBYAML = _CParser is not None
 
 
 def load_yaml(
-    raw: bytes, file: str, key_label: KeyLabel = lambda path: "key", *, keep: bool = False
+    raw: bytes, file: str, key_label: KeyLabel = lambda path: "key"
 ) -> tuple[Document, list[Issue]]:
     """Parse one YAML document. Fatal problems raise LoadError; others are returned as issues
     (duplicate keys, keys YAML 1.1 turned into non-strings, unsupported tags) and the document is
     still usable. An empty document has data None.
 
-    `keep`: keep the node graph for the next call with the same bytes, which then skips the
-    parse (`run` reads the pool settings, config/hints.py, before the validation reads the
-    whole file; both on the way to READY=1)."""
-    global _kept
-    kept, _kept = _kept, None
+    The parse load_top() kept is used when it was of the same bytes (`run` reads the pool
+    settings, config/hints.py, before the validation reads the whole file; both on the way to
+    READY=1)."""
+    kept = _take_kept()
     text = _decode(raw, file)
     # The node graph and the values are hundreds of thousands of objects without cycles: the
     # cyclic collector would walk them again and again while they are built (it cost more than
@@ -188,21 +187,25 @@ def load_yaml(
             composed = _compose_libyaml(text)
         if composed is not None:
             try:
-                _kept = (file, raw, composed) if keep else None
                 return _convert(*composed, file, key_label)
             except _PureDecides:
-                _kept = None
-        composed = (*_compose_pure(text, file), True)
-        _kept = (file, raw, composed) if keep else None
-        return _convert(*composed, file, key_label)
+                pass
+        return _convert(*_compose_pure(text, file), True, file, key_label)
     finally:
         if collecting:
             gc.enable()
 
 
-# (file, its bytes, the composed graph) kept by load_yaml(keep=True) or load_top(); taken by
-# the next load_yaml.
+# (file, its bytes, the composed graph) kept by load_top(); taken by the next load_yaml.
 _kept: tuple[str, bytes, _Composed] | None = None
+
+
+def _take_kept() -> tuple[str, bytes, _Composed] | None:
+    global _kept
+    kept, _kept = _kept, None
+    if kept is not None and gc.get_freeze_count():
+        gc.unfreeze()  # load_top froze the process's objects along with the graph: give back
+    return kept
 
 
 def load_top(raw: bytes, file: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
@@ -212,7 +215,7 @@ def load_top(raw: bytes, file: str, keys: tuple[str, ...]) -> dict[str, Any] | N
     word. Raises LoadError as load_yaml does. The parse is kept for the next load_yaml of the
     same bytes."""
     global _kept
-    _kept = None
+    _take_kept()
     text = _decode(raw, file)
     collecting = gc.isenabled()
     gc.disable()  # as in load_yaml
@@ -221,6 +224,11 @@ def load_top(raw: bytes, file: str, keys: tuple[str, ...]) -> dict[str, Any] | N
         if composed is None:
             composed = (*_compose_pure(text, file), True)
         _kept = (file, raw, composed)
+        if collecting:
+            # The kept graph is ~1,000,000 young objects: once the collector is back on, its
+            # next collections would walk them all, costing as much as the parse it spares.
+            # Frozen (gc.freeze: moved out of the collector's sight) until _take_kept().
+            gc.freeze()
         root, written, aliased, merges = composed
         if not isinstance(root, MappingNode):
             return None
