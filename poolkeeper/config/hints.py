@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-from poolkeeper.config.yamlload import load_yaml, read_config
+from poolkeeper.config.yamlload import load_top, read_config
 
 
 class PoolHints(NamedTuple):
@@ -27,11 +27,11 @@ def pool_hints(path: str) -> PoolHints | None:
     try:
         # The same bounded reader and loader as the validation: a FIFO or a device named as
         # the config must not block or exhaust the start before the validation says what it is.
-        doc, _ = load_yaml(read_config(path), path)
+        # Converts only these sections, and keeps the parse for the validation that follows.
+        data = load_top(read_config(path), path, ("pool", "pythonpath"))
     except Exception:  # noqa: BLE001 - anything odd: leave it to the validation
         return None
-    data = doc.data
-    if not isinstance(data, dict):
+    if data is None:
         return None
     pool = data.get("pool") or {}
     paths = data.get("pythonpath") or []

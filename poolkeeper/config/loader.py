@@ -10,10 +10,11 @@ messages.py words the errors and places them.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -27,13 +28,14 @@ from poolkeeper.config.yamlload import (
     Document,
     Issue,
     LoadError,
-    Pos,
     describe,
     load_yaml,
     read_config,
 )
 
 __all__ = ["ConfigError", "JOB_NAME_PATTERN", "load_config"]
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class ConfigError(Exception):
@@ -51,6 +53,7 @@ _SECTIONS = ("pool", "shutdown", "state", "defaults", "jobs")
 # Unicode letters and digits are welcome (`\w` of a str pattern): names travel as UTF-8 in
 # journal fields and STATUS=, which python-systemd sends correctly.
 JOB_NAME_PATTERN = r"^[^\W_][\w.@-]{0,63}$"
+_JOB_NAME = re.compile(JOB_NAME_PATTERN)
 
 
 def load_config(
@@ -61,7 +64,16 @@ def load_config(
     With import_targets, targets and pool.preload modules are imported here (with pythonpath
     applied, and dropped from sys.modules again) and args/kwargs bound to their signatures.
     `inputs`, if given, is filled with what the validation read (for configcache)."""
-    return _Loading(os.fspath(path), import_targets, inputs or Inputs()).run()
+    # A big spec is millions of objects (nodes, values, positions, models) without cycles:
+    # the cyclic collector would walk them again and again as they are built (with 10,000 jobs
+    # it cost more than all the rest). They are collected as usual once we return.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _Loading(os.fspath(path), import_targets, inputs or Inputs()).run()
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # --- Loading: files -> raw values -> per-job merge -> model -> checks ----------------------------
@@ -206,20 +218,19 @@ class _Loading:
         if top is not None and top.include is not None:
             sources += self.fragments(doc, top.include)
         found: list[_RawJob] = []
-        seen: dict[Any, Pos] = {}
+        seen: dict[Any, Document] = {}  # job name -> where it is first defined
         for source, jobs in sources:
             for name, raw in (jobs if isinstance(jobs, dict) else {}).items():
-                here = source.key_pos(("jobs", name))
                 if name in seen:
-                    first = seen[name]
+                    first = seen[name].key_pos(("jobs", name))
                     self.issues.append(
                         Issue.at(
-                            here,
+                            source.key_pos(("jobs", name)),
                             f"job '{name}' is already defined at {first.file}:{first.line}:{first.col}",
                         )
                     )
                     continue
-                seen[name] = here
+                seen[name] = source
                 found.append(_RawJob(name, raw, source))
         return found
 
@@ -291,12 +302,11 @@ class _Loading:
         self, job: _RawJob, defaults: dict[Any, Any], in_defaults: Where
     ) -> tuple[JobModel, Where] | None:
         name = job.name
-        here = job.doc.key_pos(("jobs", name))
-        name_ok = bool(re.fullmatch(JOB_NAME_PATTERN, name))
+        name_ok = bool(_JOB_NAME.fullmatch(name))
         if not name_ok:
             self.issues.append(
                 Issue.at(
-                    here,
+                    job.doc.key_pos(("jobs", name)),
                     f"job name '{name}': use letters, digits and _ - . @ (at most 64, starting with a letter or digit)",
                 )
             )
@@ -304,7 +314,7 @@ class _Loading:
             got = describe(job.raw, job.doc.locs[("jobs", name)].scalar)
             self.issues.append(
                 Issue.at(
-                    here,
+                    job.doc.key_pos(("jobs", name)),
                     f"job '{name}': expected a mapping with a target and one of loop, every, cron, at, got {got}",
                 )
             )
@@ -312,14 +322,14 @@ class _Loading:
         merged = rules.merge_defaults(job.raw, defaults)
         where = JobWhere(job.doc, name, in_defaults, {k for k in merged if k not in job.raw})
         shape = rules.job_shape_issues(name, merged, where.merged, where)
-        errors = _errors(JobModel, merged)
+        model, errors = _validate(JobModel, merged)
         self.issues += shape + [issue_for(error, where, JobModel) for error in errors]
         self.calls += rules.call_to_check(
             merged, {error["loc"][0] for error in errors if error["loc"]}, where
         )
-        if shape or errors or not name_ok:
+        if shape or model is None or not name_ok:
             return None
-        return JobModel.model_validate(merged), where
+        return model, where
 
     def pythonpath(self, top: ConfigModel | None, doc: Document) -> list[str] | None:
         if top is None or "pythonpath" in self.bad_sections:
@@ -375,8 +385,12 @@ class _Loading:
 
 
 def _errors(model: type[BaseModel], data: Any) -> list[Any]:
+    return _validate(model, data)[1]
+
+
+def _validate(model: type[_M], data: Any) -> tuple[_M | None, list[Any]]:
+    """(the validated model, []) or (None, pydantic's errors): one validation either way."""
     try:
-        model.model_validate(data)
+        return model.model_validate(data), []
     except ValidationError as exc:
-        return exc.errors(include_url=False)
-    return []
+        return None, exc.errors(include_url=False)

@@ -165,6 +165,10 @@ class Importer:
         self.pythonpath = pythonpath
         self.search_path: list[str] = []  # sys.path while importing
         self.module_files: list[str] = []  # the file of every module loaded by then
+        # Per target, what resolve() found: 10,000 jobs may name a handful of targets, and a
+        # module is imported once per Importer anyway.
+        self._resolved: dict[str, tuple[Any, str | None]] = {}
+        self._signatures: dict[str, inspect.Signature | None] = {}
 
     def __enter__(self) -> Importer:
         self._saved_path = list(sys.path)
@@ -203,6 +207,21 @@ class Importer:
 
     def resolve(self, target: str) -> tuple[Any, str | None]:
         """'pkg.mod:obj.attr' -> (the object, None) or (None, a one-line problem)."""
+        found = self._resolved.get(target)
+        if found is None:
+            found = self._resolved[target] = self._resolve(target)
+        return found
+
+    def signature(self, target: str, fn: Any) -> inspect.Signature | None:
+        """The signature of the resolved target, None if it has none (some builtins)."""
+        if target not in self._signatures:
+            try:
+                self._signatures[target] = inspect.signature(fn)
+            except (TypeError, ValueError):
+                self._signatures[target] = None
+        return self._signatures[target]
+
+    def _resolve(self, target: str) -> tuple[Any, str | None]:
         module, _, attrs = target.partition(":")
         problem = self.import_module(module)
         if problem:
@@ -268,9 +287,8 @@ def target_issues(call: Call, importer: Importer) -> list[Issue]:
     if call.kwargs is not None and "ctx" in call.kwargs:
         message = "kwargs: 'ctx' is reserved: poolkeeper passes the run context as ctx"
         return [Issue.at(where.pos(("kwargs", "ctx"), key=True), message)]
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+    signature = importer.signature(call.target, fn)
+    if signature is None:  # some builtins have no signature: nothing to check
         return []
     takes_ctx = accepts_ctx(signature)
     if call.loop and not takes_ctx:
