@@ -138,7 +138,7 @@ def test_a_damaged_entry_is_a_miss_and_is_rewritten(project, tmp_path):
     # Every input unchanged, but a job the records cannot be built from: a miss too.
     validate_and_store(project, cache)
     saved = json.loads(entry.read_text())
-    saved["config"]["jobs"]["consume"].pop("target")
+    saved["config"]["job_rows"][0].pop(1)  # a job's row without its target
     entry.write_text(json.dumps(saved))
     cached, why = lookup(project, cache)
     assert cached is None and why.startswith("malformed cache entry")

@@ -35,6 +35,7 @@ import importlib.machinery
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,10 +55,11 @@ else:
         except ImportError:
             from hashlib import sha256
 
-FORMAT = 1
-# An entry holds the validated config and a digest per import-path directory: kilobytes. The
-# bound only keeps a broken or foreign file from costing the start its memory.
-MAX_ENTRY_BYTES = 16 * 1024 * 1024
+FORMAT = 2  # 2: jobs as rows of values (_compact)
+# An entry holds the validated config (about 190 bytes a job: 10 MB for 50,000 jobs) and a
+# digest per import-path directory. The bound only keeps a broken or foreign file from costing
+# the start its memory; it is twice the largest config file read (readfile.MAX_CONFIG_BYTES).
+MAX_ENTRY_BYTES = 64 * 1024 * 1024
 _SUFFIXES = tuple(importlib.machinery.all_suffixes())
 
 # Set by systemd (or a shell) differently for every start; none changes what an import does.
@@ -142,9 +144,7 @@ def _lookup(config_path: str, directory: str) -> tuple[Config | None, str]:
         if why_not:
             return None, why_not
         _check_shape(saved["config"])
-        from poolkeeper.config.settings import Config
-
-        config = Config.from_dict(saved["config"])
+        config = _from_compact(saved["config"])
         return config, f"inputs unchanged since {entry} was written"
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         return None, f"malformed cache entry ({type(exc).__name__}: {exc})"
@@ -165,13 +165,12 @@ def store(config: Config, inputs: Inputs, directory: str) -> str | None:
 
 
 def _store(config: Config, inputs: Inputs, directory: str) -> str | None:
-    from poolkeeper.config.settings import Config
 
-    data = config.to_json()
+    data = _compact(config.to_json())
     # Compared with ==, in C (repr() of 10,000 jobs took longer than validating them): JSON
     # keeps int, float and bool apart, so what == could confuse it does not change; a NaN
     # (never equal) only means no cache entry.
-    if Config.from_dict(json.loads(json.dumps(data))) != config:
+    if _from_compact(json.loads(json.dumps(data))) != config:
         # e.g. kwargs with integer keys or YAML timestamps: JSON would change them
         return "args or kwargs do not survive JSON unchanged"
     entry = {
@@ -224,6 +223,52 @@ def _changed(saved: dict[str, Any], config_path: str) -> str | None:
         if _module_names(path) != names:
             return f"the modules in {path} changed"
     return None
+
+
+# The jobs of an entry as rows: [[name, target, ...], ...] under one list of field names, and
+# each job's retry, backoff and loop as a row too. json.loads of 10,000 jobs as dicts built
+# 30,000 dicts at once (26 MB at the peak of a start that keeps 3); as rows, a dict is built
+# for one job at a time.
+_RECORDS = ("loop", "retry", "backoff")
+
+
+def _compact(data: dict[str, Any]) -> dict[str, Any]:
+    from poolkeeper.config.settings import Job
+
+    fields = list(Job._fields)
+    rows = []
+    for job in data.pop("jobs").values():
+        row = []
+        for field in fields:
+            value = job[field]
+            if field in _RECORDS and value is not None:
+                value = list(value.values())  # in field order: _plain() built it so
+            row.append(value)
+        rows.append(row)
+    data["job_fields"] = fields
+    data["job_rows"] = rows
+    return data
+
+
+def _from_compact(data: dict[str, Any]) -> Config:
+    from poolkeeper.config.settings import Backoff, Config, Job, Loop, Retry
+
+    fields = data["job_fields"]
+    if fields != list(Job._fields):
+        raise ValueError("cache entry of other job settings")
+    records: dict[str, type[Loop] | type[Retry] | type[Backoff]]
+    records = {"loop": Loop, "retry": Retry, "backoff": Backoff}
+
+    def jobs() -> Iterator[tuple[str, dict[str, Any]]]:
+        for row in data["job_rows"]:
+            job = dict(zip(fields, row, strict=True))
+            for field, record in records.items():
+                value = job[field]
+                if value is not None:
+                    job[field] = dict(zip(record._fields, value, strict=True))
+            yield job["name"], job
+
+    return Config.from_dict({**data, "jobs": jobs()})
 
 
 def _check_shape(config: dict[str, Any]) -> None:
