@@ -17,6 +17,10 @@ PR_SET_CHILD_SUBREAPER = 36
 # Entries a test session made itself are newer than this (see systemd/sandbox.py HostGuard).
 SESSION_STARTED = time.time()
 
+# Every start method the pool supports (the spec's `pool.start_method`): what the tests that
+# hold for all of them are parametrized over.
+START_METHODS = ["fork", "forkserver", "spawn"]
+
 # Long-lived processes that a session-scoped fixture owns (the systemd sandbox) are
 # registered here and not counted as leaks.
 ALLOWED: set[int] = set()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import START_METHODS
 
 from poolkeeper.config import validation_cache
 from poolkeeper.config.loader import load_config
@@ -250,7 +251,7 @@ def test_a_restart_skips_validation_until_the_job_code_changes(daemon_factory, t
     )
 
 
-@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("start_method", START_METHODS)
 def test_a_cached_start_runs_and_drains_under_every_start_method(daemon_factory, start_method):
     """The cached path starts the pool before logging and the daemon exist (cli._run_cached):
     the workers must come up, run and drain under each start method as on the full path."""

@@ -12,8 +12,7 @@ import time
 import procs
 import pytest
 from daemon_harness import DaemonProcess
-
-START_METHODS = ["fork", "forkserver", "spawn"]
+from procs import START_METHODS
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)

@@ -15,10 +15,9 @@ import time
 import procs
 import pytest
 from jobs_for_tests import pid_alive, wait_gone
+from procs import START_METHODS
 
 from poolkeeper.pool.supervisor import RunEnded, Task, WorkerEvent
-
-METHODS = ["fork", "forkserver", "spawn"]
 
 
 def _detached(d, tag: str, check: bool = True) -> list[int]:
@@ -43,7 +42,7 @@ def _assert_gone(pids: list[int], log: str, timeout: float = 5.0) -> None:
     assert left == [], f"detached processes survived: {left}\n{log}"
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_a_timeout_kills_what_the_run_detached(daemon_factory, method):
     d = daemon_factory(f"""
         pool: {{workers: 2, start_method: {method}}}
@@ -62,7 +61,7 @@ def test_a_timeout_kills_what_the_run_detached(daemon_factory, method):
     assert d.wait_exit() == 0
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_the_drain_kills_what_a_loop_detached(daemon_factory, method):
     d = daemon_factory(f"""
         pool: {{workers: 2, start_method: {method}}}
@@ -81,7 +80,7 @@ def test_the_drain_kills_what_a_loop_detached(daemon_factory, method):
     assert "killed 3 processes left by job detacher: pid " in d.log()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_a_sigkilled_daemon_takes_detached_processes_along(daemon_factory, method):
     d = daemon_factory(f"""
         pool: {{workers: 2, start_method: {method}}}

@@ -14,10 +14,9 @@ import time
 
 import pytest
 from jobs_for_tests import pid_alive, wait_gone
+from procs import START_METHODS
 
 from poolkeeper.pool.supervisor import RunStarted, Task, WorkerEvent
-
-START_METHODS = ["fork", "forkserver", "spawn"]
 
 
 def T(run_id: str, func: str, *args, **kw) -> Task:

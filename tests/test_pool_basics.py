@@ -8,6 +8,7 @@ import signal
 
 import pytest
 from jobs_for_tests import TESTS_DIR, Driver
+from procs import START_METHODS
 
 from poolkeeper.pool.supervisor import (
     NotStarted,
@@ -19,8 +20,6 @@ from poolkeeper.pool.supervisor import (
     WorkerPool,
 )
 
-METHODS = ["fork", "forkserver", "spawn"]
-
 
 def T(run_id: str, func: str, *args, **kw) -> Task:
     return Task(
@@ -28,7 +27,7 @@ def T(run_id: str, func: str, *args, **kw) -> Task:
     )
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_outcomes_of_the_job_call(make_pool, method):
     d = make_pool(method)
     tasks = [
@@ -86,7 +85,7 @@ def test_outcomes_of_the_job_call(make_pool, method):
     assert d.run([T("again", "add", 1, 1)])["again"].result_repr == "2"
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_worker_setup(make_pool, method, monkeypatch):
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         monkeypatch.setenv(key, "from-systemd")
@@ -104,7 +103,7 @@ def test_worker_setup(make_pool, method, monkeypatch):
     assert ended["setup"].result_repr == "'done'"
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_job_logging_carries_journal_fields(make_pool, method, tmp_path):
     from jobs_for_tests import setup_log_file
 
@@ -137,7 +136,7 @@ def test_unpicklable_args_fail_at_once_and_touch_no_worker(make_pool):
     assert sorted(d.ready_pids()) == sorted(pids)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_drain_sets_ctx_stopping(make_pool, method):
     d = make_pool(method, workers=1)
     d.pool.submit(T("w", "wait_until_stopping", kwargs={"limit": 20.0}))
@@ -205,7 +204,7 @@ def test_close_joins_everything_and_kills_busy_workers_at_the_timeout(tmp_path):
     assert kinds.count("exited") == 2
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_stop_runs_stops_only_those_runs_and_replaces_their_worker(make_pool, method):
     """A reload stops the runs of a changed job: their ctx.stopping is set, the other runs
     carry on, and the stopped run's worker (whose stop cannot be taken back) is replaced."""

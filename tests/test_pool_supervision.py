@@ -12,10 +12,9 @@ import time
 
 import pytest
 from jobs_for_tests import TESTS_DIR, pid_alive, wait_gone
+from procs import START_METHODS
 
 from poolkeeper.pool.supervisor import RunEnded, RunStarted, Task, WorkerEvent
-
-METHODS = ["fork", "forkserver", "spawn"]
 
 
 def T(run_id: str, func: str, *args, **kw) -> Task:
@@ -39,7 +38,7 @@ def test_a_worker_dying_mid_run_is_lost_and_replaced(make_pool, func, exit_code,
     assert any(e.kind == "replaced" for e in d.events if isinstance(e, WorkerEvent))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_killing_busy_idle_and_every_worker_never_hangs(make_pool, method, tmp_path):
     d = make_pool(method)
     pids = d.wait_ready()
@@ -66,7 +65,7 @@ def test_killing_busy_idle_and_every_worker_never_hangs(make_pool, method, tmp_p
     assert not set(d.wait_ready(2)) & set(pids + now)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_timeout_kills_the_worker_group_and_its_grandchildren(make_pool, method, tmp_path):
     d = make_pool(method, workers=1)
     marker = str(tmp_path / "pids")
@@ -141,7 +140,7 @@ def test_a_failing_preload_backs_off_and_is_reported(make_pool, method):
     assert d.pool.size() <= 1 and d.pool.free_slots() <= 2
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_an_unrelated_thread_exiting_does_not_kill_workers(make_pool, method):
     """PR_SET_PDEATHSIG fires when the parent *thread* exits: start the pool from a thread
     that then ends, and the workers must live on."""
@@ -176,7 +175,7 @@ def test_kill_runs_ends_every_run_killed(make_pool):
     assert not [e for e in d.events if isinstance(e, RunEnded)]  # not repeated by poll()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_no_orphans_when_the_main_process_is_sigkilled(method, tmp_path):
     marker = str(tmp_path / "pids")
     spec = {

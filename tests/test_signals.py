@@ -11,6 +11,7 @@ import time
 import procs
 import pytest
 from daemon_harness import DaemonProcess
+from procs import START_METHODS
 
 from poolkeeper.pool.supervisor import Task
 from poolkeeper.service import control
@@ -253,7 +254,6 @@ def test_signals_during_the_start_are_handled_once_the_loop_runs(daemon_factory)
 # -- finding 6: what a job starts gets default dispositions and an empty mask -----------------
 
 
-METHODS = ["fork", "forkserver", "spawn"]
 WATCHED = (
     signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
     signal.SIGUSR2, signal.SIGALRM, signal.SIGTSTP,
@@ -264,7 +264,7 @@ def _job(run_id: str, func: str) -> Task:
     return Task(run_id=run_id, job="j", target=f"signal_jobs:{func}")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_processes_a_job_starts_get_default_signals_and_an_empty_mask(make_pool, method):
     d = make_pool(method, workers=1)
     ended = d.run([_job("exec", "exec_child"), _job("fork", "fork_child")])
@@ -281,7 +281,7 @@ def test_processes_a_job_starts_get_default_signals_and_an_empty_mask(make_pool,
         assert child["terminate"] == -signal.SIGTERM, (run_id, child)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", START_METHODS)
 def test_the_worker_itself_catches_what_it_must_survive(make_pool, method):
     """Caught by a handler that does nothing, not ignored: SIG_IGN would be inherited."""
     d = make_pool(method, workers=1)
