@@ -34,6 +34,7 @@ cost per run is O(1); `report()` is called every turn and returns at once betwee
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -78,17 +79,22 @@ class TokenBucket:
 class _Held:
     """What one job's lines did not say since the last summary."""
 
-    __slots__ = ("over_budget", "by_setting", "failures", "last_error")
+    __slots__ = ("over_budget", "by_setting", "failures", "failed", "last_error")
 
     def __init__(self) -> None:
         self.over_budget = 0  # successes of runs started over the run-line budget
         self.by_setting = 0  # successes of `log_runs: summary`
         self.failures: Counter[Outcome] = Counter()  # over the failure-line budget
+        self.failed = 0  # sum(failures.values()), kept: the summary orders jobs by it
         self.last_error: str | None = None
 
     @property
     def runs(self) -> int:
-        return self.over_budget + self.by_setting + sum(self.failures.values())
+        return self.over_budget + self.by_setting + self.failed
+
+    def rank(self) -> tuple[int, int]:
+        """Failures first, then the busiest jobs (the smallest rank is summarised first)."""
+        return (-self.failed, -self.runs)
 
 
 def mode_of(spec: Job | None) -> str:
@@ -157,6 +163,7 @@ class RunLog:
                 return True
             held = self._held(job, now)
             held.failures[outcome] += 1
+            held.failed += 1
             held.last_error = error or held.last_error
             return False
         mode = mode_of(spec)
@@ -180,16 +187,18 @@ class RunLog:
         held, self.held = self.held, {}
         self.since, self.next_summary = now, None
         last = f"in the last {window:.0f}s"
-        # Failures first, then the busiest jobs.
-        order = sorted(
-            held.items(), key=lambda kv: (-sum(kv[1].failures.values()), -kv[1].runs, kv[0])
+        # Failures first, then the busiest jobs: the first `summary_lines` by a partial sort
+        # (heapq.nsmallest), not all of them (20 ms of the loop for 10,000 jobs every 10 s).
+        top = heapq.nsmallest(
+            self.summary_lines, held.items(), key=lambda kv: (kv[1].rank(), kv[0])
         )
+        shown = {job for job, _ in top}
+        rest = [h for job, h in held.items() if job not in shown]
         lines: list[tuple[int, str, dict[str, Any]]] = []
-        rest: list[_Held] = []
-        for job, h in order:
-            if len(lines) >= self.summary_lines:
-                rest.append(h)
-                continue
+        for i, (job, h) in enumerate(top):
+            if len(lines) >= self.summary_lines:  # a job may take two lines
+                rest += [h for _, h in top[i:]]
+                break
             extra = event("runs_summarised", JOB=job)
             if h.failures:
                 text = f"{_failures(h.failures, last)}: over the unit's "
@@ -210,7 +219,8 @@ class RunLog:
         if rest:
             failures: Counter[Outcome] = Counter()
             for h in rest:
-                failures.update(h.failures)
+                if h.failed:
+                    failures.update(h.failures)
             succeeded = sum(h.over_budget + h.by_setting for h in rest)
             parts = [f"{_runs(succeeded)} succeeded {last}"] if succeeded else []
             if failures:
