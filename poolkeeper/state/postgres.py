@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
@@ -136,7 +136,8 @@ def redact(url: str) -> str:
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         netloc = f"{userinfo.split(':', 1)[0]}@{hostport}"
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "password"])
+    # Split by hand rather than parse and re-encode: the rest stays as the user wrote it.
+    query = "&".join(p for p in parts.query.split("&") if not p.startswith("password="))
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -197,8 +198,7 @@ class PostgresStore:
                 version = _version(conn)
                 self._empty = version == 0
             else:
-                _migrate(conn)
-                version = SCHEMA_VERSION
+                version = _migrate(conn)
             if version > SCHEMA_VERSION:
                 raise StateUnreadable(
                     self._location,
@@ -474,14 +474,15 @@ def _version(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     return int(row[0]) if row is not None else 0
 
 
-def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     """Bring the schema to SCHEMA_VERSION. The usual case, a database already there, reads
     the version and takes no lock. Otherwise all the missing migrations are applied in one
     transaction under the advisory lock, the version read again inside it: of two stores
     opening a new database at once, the second waits for the first and then finds nothing to
-    do. A newer version is left alone (the caller refuses it)."""
-    if _version(conn) >= SCHEMA_VERSION:
-        return
+    do. A newer version is left alone: returned, for the caller to refuse."""
+    current = _version(conn)
+    if current >= SCHEMA_VERSION:
+        return current
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute(_VERSION_TABLE)
@@ -490,6 +491,7 @@ def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
             for statement in MIGRATIONS[number - 1]:
                 conn.execute(statement)
             conn.execute("INSERT INTO pk_schema_version (version) VALUES (%s)", (number,))
+    return max(current, SCHEMA_VERSION)
 
 
 def _runs_of_same_kind(
