@@ -190,6 +190,14 @@ def test_a_reader_of_a_new_database_reads_it_empty_and_creates_nothing(url, open
     assert _sql(url, "SELECT to_regclass('pk_schema_version') IS NULL") == [(True,)]
 
 
+def test_a_readers_session_is_read_only(url, opened):
+    opened(url).close()
+    reader = opened(url, readonly=True)
+    conn = reader._conn  # the session itself: what a stray write from it would meet
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        conn.execute("DELETE FROM pk_runs")
+
+
 def test_writes_resume_after_the_connection_is_killed(url, opened, caplog, monkeypatch):
     monkeypatch.setattr(postgres, "RECONNECT_INTERVAL", 0.0)
     store = opened(url, log=logging.getLogger("pgtest"))

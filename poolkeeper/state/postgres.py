@@ -194,7 +194,9 @@ class PostgresStore:
         conn = psycopg.connect(self.url, autocommit=True, **extra)
         try:
             if self.readonly:
-                conn.read_only = True
+                # For the session, not conn.read_only: psycopg applies that at BEGIN, which
+                # autocommit never sends.
+                conn.execute("SET default_transaction_read_only = on")
                 version = _version(conn)
                 self._empty = version == 0
             else:
