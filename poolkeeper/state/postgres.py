@@ -213,12 +213,16 @@ class PostgresStore:
         return conn
 
     def _connection(self) -> psycopg.Connection[tuple[Any, ...]] | None:
-        """The open connection, reopened if it broke (a server restart, a killed backend),
-        at most once per RECONNECT_INTERVAL. None when there is none."""
+        """The open connection, reopened if it broke (a server restart, a killed backend):
+        for the daemon at most once per RECONNECT_INTERVAL (None in between: its rows are
+        lost, its reads empty, as the contract has it); a reader tries each time, since it
+        must raise rather than answer empty. None when there is none."""
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
-        if self._closed or time.monotonic() - self._last_attempt < RECONNECT_INTERVAL:
+        if self._closed:
+            return None
+        if not self.readonly and time.monotonic() - self._last_attempt < RECONNECT_INTERVAL:
             return None
         try:
             self._conn = self._connect()
@@ -294,7 +298,9 @@ class PostgresStore:
         worker_pid: int | None = None,
         error: str | None = None,
     ) -> None:
-        outcome = Outcome(outcome).value  # ValueError for an unknown one: a bug, not I/O
+        # The daemon passes Outcome (no enum lookup per run); a plain string from a careless
+        # caller is looked up: ValueError for an unknown one, a bug, not I/O. Stored as text.
+        outcome = outcome.value if type(outcome) is Outcome else Outcome(outcome).value
         if error is not None and len(error) > MAX_ERROR_CHARS:
             error = error[: MAX_ERROR_CHARS - 1] + "…"
         row = (
