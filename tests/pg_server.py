@@ -64,6 +64,10 @@ class PgServer:
 
     def unavailable(self) -> str | None:
         """Why no server can be started here, or None."""
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            return "psycopg (the `fleet` extra) is not installed: make venv installs it"
         if self.bindir is None:
             return "no PostgreSQL server installed (apt-get install postgresql)"
         if os.geteuid() == 0:
