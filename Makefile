@@ -5,8 +5,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # libsystemd-dev + pkg-config + gcc build systemd-python (the `systemd` extra);
 # systemd + util-linux (+ dbus, for systemd-run --wait) boot the real systemd 252 sandbox
-# of tests/systemd.
-APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps dbus
+# of tests/systemd. postgresql (Debian 12: 15) is the server the PostgreSQL state backend's tests
+# start themselves (tests/pg_server.py), libpq5 the library psycopg (the `fleet` extra) loads.
+APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps dbus \
+  postgresql libpq5
 
 .PHONY: help deps venv run test lint typecheck schema clean bench
 
@@ -37,9 +39,9 @@ $(BIN)/python:
 # which an installed poolkeeper does not pay and bench/ should not measure. setuptools calls
 # compat "transitional": should a release drop it, the default mode still installs.
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/pip install -q -e '.[systemd,test]' --config-settings editable_mode=compat \
-	  || $(BIN)/pip install -q -e '.[systemd,test]'
-	$(BIN)/python -c "import poolkeeper, systemd.journal, yaml, pydantic, croniter, sdnotify"
+	$(BIN)/pip install -q -e '.[systemd,test,fleet]' --config-settings editable_mode=compat \
+	  || $(BIN)/pip install -q -e '.[systemd,test,fleet]'
+	$(BIN)/python -c "import poolkeeper, systemd.journal, yaml, pydantic, croniter, sdnotify, psycopg"
 	touch $@
 
 venv: deps $(VENV)/.installed
@@ -61,8 +63,8 @@ schema: venv
 
 # matplotlib (the `bench` extra) only for bench/bench_scale.py's plot, bench/scale.png.
 $(VENV)/.bench-installed: pyproject.toml Makefile | $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[systemd,test,bench]' --config-settings editable_mode=compat \
-	  || $(BIN)/pip install -q -e '.[systemd,test,bench]'
+	$(BIN)/pip install -q -e '.[systemd,test,fleet,bench]' --config-settings editable_mode=compat \
+	  || $(BIN)/pip install -q -e '.[systemd,test,fleet,bench]'
 	$(BIN)/python -c "import matplotlib"
 	touch $@
 

@@ -44,6 +44,16 @@ def private_config_cache(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True, scope="session")
+def postgres_server():
+    """The PostgreSQL server of the session (tests/pg_server.py), if a test started it:
+    stopped, and its directory removed, when the session ends."""
+    import pg_server
+
+    yield
+    pg_server.stop()
+
+
 @pytest.fixture(autouse=True)
 def no_stray_processes(request):
     yield

@@ -22,9 +22,16 @@ def _sqlite(tmp_path: Path) -> str:
     return str(tmp_path / "state.db")
 
 
+def _postgres(tmp_path: Path) -> str:
+    import pg_server  # the session's real server, started on first use
+
+    return pg_server.fresh_database()
+
+
 # name -> a fresh location of that backend in a test's tmp_path
 BACKENDS: dict[str, Callable[[Path], str]] = {
     "sqlite": _sqlite,
+    "postgres": _postgres,
 }
 
 

@@ -1,7 +1,8 @@
 """Who a daemon is, decided from its config (not by a backend): where its state is kept, the
 single-instance lock that makes it the only daemon of that state, and where its control
 socket listens. And the factory that opens the store of a config (`open_store`), which picks
-the backend: today always SQLite (poolkeeper.state.sqlite).
+the backend: SQLite (poolkeeper.state.sqlite), or PostgreSQL (poolkeeper.state.postgres) for
+a libpq URL.
 
     state location   `state.path` resolved (state_location): a file, or ':memory:'
     lock             `<location>.lock`, an flock (InstanceLock); none for ':memory:'
@@ -106,11 +107,42 @@ def open_store(
 def store_at(
     location: str | os.PathLike[str], *, log: logging.Logger | None = None, readonly: bool = False
 ) -> StateStore:
-    """The open store at `location` (a state_location). The backend is picked here."""
+    """The open store at `location` (a state_location). The backend is picked here: a libpq
+    URL (`postgresql://...`, `postgres://...`) is PostgreSQL, anything else an SQLite file."""
     from poolkeeper.state.sqlite import SqliteStore  # sqlite3: not for the control clients
 
-    store = SqliteStore(location, log=log, readonly=readonly)
+    place = os.fspath(location)
+    if place.startswith(("postgresql://", "postgres://")):
+        return _postgres_store(place, log=log, readonly=readonly)
+    store = SqliteStore(place, log=log, readonly=readonly)
     store.open()
+    return store
+
+
+def _postgres_store(url: str, *, log: logging.Logger | None, readonly: bool) -> StateStore:
+    """PostgreSQL's store; for the daemon, an in-memory one when the database is unusable
+    (the contract: the state never stops the jobs), like SQLite's fallback."""
+    # psycopg (the `fleet` extra) is imported by this module only: without the extra, a
+    # SQLite daemon never needs it.
+    from poolkeeper.state.postgres import PostgresStore
+    from poolkeeper.state.sqlite import SqliteStore
+    from poolkeeper.state.store import StateUnreadable
+
+    store = PostgresStore(url, log=log, readonly=readonly)
+    try:
+        store.open()
+    except StateUnreadable as exc:
+        if readonly:
+            raise
+        (log or logging.getLogger("poolkeeper.state.identity")).error(
+            "state DB %s unusable (%s): keeping state in memory; run history will not "
+            "survive a restart",
+            exc.path,
+            exc.reason,
+        )
+        memory = SqliteStore(MEMORY, log=log)
+        memory.open()
+        return memory
     return store
 
 
