@@ -79,22 +79,22 @@ class TokenBucket:
 class _Held:
     """What one job's lines did not say since the last summary."""
 
-    __slots__ = ("over_budget", "by_setting", "failures", "failed", "last_error")
+    __slots__ = ("over_budget", "by_setting", "failures", "failure_count", "last_error")
 
     def __init__(self) -> None:
         self.over_budget = 0  # successes of runs started over the run-line budget
         self.by_setting = 0  # successes of `log_runs: summary`
         self.failures: Counter[Outcome] = Counter()  # over the failure-line budget
-        self.failed = 0  # sum(failures.values()), kept: the summary orders jobs by it
+        self.failure_count = 0  # sum(failures.values()), kept: the summary orders jobs by it
         self.last_error: str | None = None
 
     @property
     def runs(self) -> int:
-        return self.over_budget + self.by_setting + self.failed
+        return self.over_budget + self.by_setting + self.failure_count
 
     def rank(self) -> tuple[int, int]:
         """Failures first, then the busiest jobs (the smallest rank is summarised first)."""
-        return (-self.failed, -self.runs)
+        return (-self.failure_count, -self.runs)
 
 
 def mode_of(spec: Job | None) -> str:
@@ -163,7 +163,7 @@ class RunLog:
                 return True
             held = self._held(job, now)
             held.failures[outcome] += 1
-            held.failed += 1
+            held.failure_count += 1
             held.last_error = error or held.last_error
             return False
         mode = mode_of(spec)
@@ -219,7 +219,7 @@ class RunLog:
         if rest:
             failures: Counter[Outcome] = Counter()
             for h in rest:
-                if h.failed:
+                if h.failure_count:
                     failures.update(h.failures)
             succeeded = sum(h.over_budget + h.by_setting for h in rest)
             parts = [f"{_runs(succeeded)} succeeded {last}"] if succeeded else []
