@@ -26,14 +26,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 from poolkeeper.outcomes import RUNNING, Outcome
-from poolkeeper.state.store import ABANDONED_ERROR, MAX_ERROR_CHARS, RunRecord, StateUnreadable
+from poolkeeper.state.rows import (
+    RUN_COLUMNS,
+    Batch,
+    Row,
+    end_row,
+    record_columns,
+    runs_of_same_kind,
+    start_row,
+)
+from poolkeeper.state.store import ABANDONED_ERROR, RunRecord, StateUnreadable
 
 # The key of the transaction-scoped advisory lock that migrations are applied under, so two
 # daemons (or a daemon and a reader) opening a new database at once apply each migration once.
@@ -85,13 +93,10 @@ DEFAULT_BATCH = 20_000
 RECONNECT_INTERVAL = 5.0
 CONNECT_TIMEOUT = 5
 
-_COLUMNS = (
-    "run_id, job, attempt, scheduled, started, ended, outcome, exit_code, signal, worker_pid, error"
-)
-_SQL_START = f"""INSERT INTO pk_runs ({_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)
+_SQL_START = f"""INSERT INTO pk_runs ({RUN_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)
     ON CONFLICT (run_id) DO NOTHING"""
 # An end may arrive without a start row (a run that failed to dispatch): upsert.
-_SQL_END = f"""INSERT INTO pk_runs ({_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)
+_SQL_END = f"""INSERT INTO pk_runs ({RUN_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)
     ON CONFLICT (run_id) DO UPDATE SET job=excluded.job, attempt=excluded.attempt,
     scheduled=excluded.scheduled, started=coalesce(excluded.started, pk_runs.started),
     ended=excluded.ended, outcome=excluded.outcome, exit_code=excluded.exit_code,
@@ -102,30 +107,7 @@ _SQL_FIRE = """INSERT INTO pk_job_state (job, last_fire) VALUES (%s, %s)
 _SQL_LAST_RUN = """INSERT INTO pk_job_state (job, last_run_id) VALUES (%s, %s)
     ON CONFLICT (job) DO UPDATE SET last_run_id=excluded.last_run_id"""
 
-_RECORD_COLUMNS = ", ".join(
-    f"r.{c}"
-    for c in (
-        "job",
-        "run_id",
-        "attempt",
-        "scheduled",
-        "started",
-        "ended",
-        "outcome",
-        "exit_code",
-        "signal",
-        "worker_pid",
-        "error",
-    )
-)
-
-_Row = tuple[Any, ...]
-
-
-class _Batch(NamedTuple):
-    runs: dict[str, tuple[str, _Row]]
-    fires: dict[str, float]
-    last_run: dict[str, str]
+_RECORD_COLUMNS = record_columns("r")
 
 
 def redact(url: str) -> str:
@@ -164,7 +146,7 @@ class PostgresStore:
         self._last_attempt = 0.0  # monotonic time of the last (re)connection attempt
         # A reader opened before any daemon created the schema: it reads an empty history.
         self._empty = False
-        self._runs: dict[str, tuple[str, _Row]] = {}
+        self._runs: dict[str, tuple[str, Row]] = {}
         self._fires: dict[str, float] = {}
         self._last_run: dict[str, str] = {}
         self._counts: dict[str, int] = {}
@@ -204,8 +186,7 @@ class PostgresStore:
             if version > SCHEMA_VERSION:
                 raise StateUnreadable(
                     self._location,
-                    f"schema version {version} is newer than this poolkeeper's "
-                    f"({SCHEMA_VERSION})",
+                    f"schema version {version} is newer than this poolkeeper's ({SCHEMA_VERSION})",
                 )
         except BaseException:
             conn.close()
@@ -267,19 +248,7 @@ class PostgresStore:
         started_at: float | None,
         worker_pid: int | None,
     ) -> None:
-        row = (
-            str(run_id),
-            job,
-            attempt,
-            scheduled_at,
-            started_at,
-            None,
-            str(RUNNING),
-            None,
-            None,
-            worker_pid,
-            None,
-        )
+        row = start_row(run_id, job, attempt, scheduled_at, started_at, worker_pid)
         self._runs.setdefault(row[0], (_SQL_START, row))
         self._maybe_flush()
 
@@ -298,13 +267,8 @@ class PostgresStore:
         worker_pid: int | None = None,
         error: str | None = None,
     ) -> None:
-        # The daemon passes Outcome (no enum lookup per run); a plain string from a careless
-        # caller is looked up: ValueError for an unknown one, a bug, not I/O. Stored as text.
-        outcome = outcome.value if type(outcome) is Outcome else Outcome(outcome).value
-        if error is not None and len(error) > MAX_ERROR_CHARS:
-            error = error[: MAX_ERROR_CHARS - 1] + "…"
-        row = (
-            str(run_id),
+        row = end_row(
+            run_id,
             job,
             attempt,
             scheduled_at,
@@ -319,7 +283,7 @@ class PostgresStore:
         # Re-assigning keeps a buffered start's position: history order is start order.
         self._runs[row[0]] = (_SQL_END, row)
         self._last_run[job] = row[0]
-        self._counts[outcome] = self._counts.get(outcome, 0) + 1
+        self._counts[row[6]] = self._counts.get(row[6], 0) + 1  # by outcome
         self._maybe_flush()
 
     def set_last_fire(self, job: str, when: float) -> None:
@@ -336,7 +300,7 @@ class PostgresStore:
         the error logged once (until writes work again)."""
         if not (self._runs or self._fires or self._last_run) or self._closed:
             return
-        batch = _Batch(self._runs, self._fires, self._last_run)
+        batch = Batch(self._runs, self._fires, self._last_run)
         self._runs, self._fires, self._last_run = {}, {}, {}
         rows = len(batch.runs) + len(batch.fires)
         conn = self._connection()
@@ -346,7 +310,7 @@ class PostgresStore:
         try:
             with conn.transaction():
                 with conn.cursor() as cur:
-                    for statement, group in _runs_of_same_kind(batch.runs.values()):
+                    for statement, group in runs_of_same_kind(batch.runs.values()):
                         cur.executemany(statement, group)
                     if batch.fires:
                         cur.executemany(_SQL_FIRE, list(batch.fires.items()))
@@ -452,7 +416,7 @@ class PostgresStore:
         )
         return {outcome: int(n) for outcome, n in rows}
 
-    def _query(self, statement: str, args: _Row = ()) -> list[_Row]:
+    def _query(self, statement: str, args: Row = ()) -> list[Row]:
         if self._empty:
             return []
         conn = self._connection()
@@ -500,21 +464,3 @@ def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
                 conn.execute(statement)
             conn.execute("INSERT INTO pk_schema_version (version) VALUES (%s)", (number,))
     return max(current, SCHEMA_VERSION)
-
-
-def _runs_of_same_kind(
-    entries: Iterable[tuple[str, _Row]],
-) -> Iterator[tuple[str, list[_Row]]]:
-    """Group consecutive buffered rows by statement, keeping arrival order across groups."""
-    group_sql: str | None = None
-    group: list[_Row] = []
-    for statement, row in entries:
-        if statement is not group_sql and group:
-            assert group_sql is not None
-            yield group_sql, group
-            group = []
-        group_sql = statement
-        group.append(row)
-    if group:
-        assert group_sql is not None
-        yield group_sql, group

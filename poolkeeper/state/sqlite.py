@@ -20,11 +20,18 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple
 
 from poolkeeper.outcomes import RUNNING, Outcome
-from poolkeeper.state.store import ABANDONED_ERROR, MAX_ERROR_CHARS, RunRecord, StateUnreadable
+from poolkeeper.state.rows import (
+    RUN_COLUMNS,
+    Batch,
+    Row,
+    end_row,
+    record_columns,
+    runs_of_same_kind,
+    start_row,
+)
+from poolkeeper.state.store import ABANDONED_ERROR, RunRecord, StateUnreadable
 
 SCHEMA_VERSION = 1
 
@@ -35,18 +42,6 @@ DEFAULT_BATCH = 20_000
 
 # The GIL's switch interval while the writer thread writes (see _write_behind).
 WRITER_SWITCH_INTERVAL = 0.0002
-
-# The parameters of one statement (sqlite3 adapts each value), and a result row.
-_Row = tuple[Any, ...]
-
-
-class _Batch(NamedTuple):
-    """What one flush writes: run rows by run_id (arrival order), fires and last runs by job."""
-
-    runs: dict[str, tuple[str, _Row]]
-    fires: dict[str, float]
-    last_run: dict[str, str]
-
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -74,13 +69,10 @@ _SCHEMA = (
     )""",
 )
 
-_COLUMNS = (
-    "run_id, job, attempt, scheduled, started, ended, outcome, exit_code, signal, worker_pid, error"
-)
-_SQL_START = f"""INSERT INTO runs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+_SQL_START = f"""INSERT INTO runs ({RUN_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)
     ON CONFLICT(run_id) DO NOTHING"""
 # An end may arrive without a start row (a run that failed to dispatch): upsert.
-_SQL_END = f"""INSERT INTO runs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+_SQL_END = f"""INSERT INTO runs ({RUN_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)
     ON CONFLICT(run_id) DO UPDATE SET job=excluded.job, attempt=excluded.attempt,
     scheduled=excluded.scheduled, started=coalesce(excluded.started, runs.started),
     ended=excluded.ended, outcome=excluded.outcome, exit_code=excluded.exit_code,
@@ -121,12 +113,12 @@ class SqliteStore:
         self._db = threading.Lock()
         # The batch handed to the writer thread and not written yet (at most one: a
         # flush(wait=False) while one is pending leaves its rows in the buffers for the next).
-        self._handed: _Batch | None = None
+        self._handed: Batch | None = None
         self._handed_cv = threading.Condition(threading.Lock())
         self._writer: threading.Thread | None = None
         self._stop_writer = False
         # run_id -> (sql, row); dict order is arrival order, and an end replaces its start.
-        self._runs: dict[str, tuple[str, _Row]] = {}
+        self._runs: dict[str, tuple[str, Row]] = {}
         self._fires: dict[str, float] = {}
         self._last_run: dict[str, str] = {}
         self._counts: dict[str, int] = {}
@@ -284,19 +276,7 @@ class SqliteStore:
         started_at: float | None,
         worker_pid: int | None,
     ) -> None:
-        row = (
-            str(run_id),
-            job,
-            attempt,
-            scheduled_at,
-            started_at,
-            None,
-            RUNNING,
-            None,
-            None,
-            worker_pid,
-            None,
-        )
+        row = start_row(run_id, job, attempt, scheduled_at, started_at, worker_pid)
         with self._mutex:
             self._runs.setdefault(row[0], (_SQL_START, row))
             self._maybe_flush()
@@ -316,12 +296,8 @@ class SqliteStore:
         worker_pid: int | None = None,
         error: str | None = None,
     ) -> None:
-        if type(outcome) is not Outcome:  # the daemon passes Outcome: no enum lookup per run
-            outcome = Outcome(outcome)  # a plain string from a careless caller: ValueError
-        if error is not None and len(error) > MAX_ERROR_CHARS:
-            error = error[: MAX_ERROR_CHARS - 1] + "…"
-        row = (
-            str(run_id),
+        row = end_row(
+            run_id,
             job,
             attempt,
             scheduled_at,
@@ -337,7 +313,7 @@ class SqliteStore:
             # Re-assigning keeps a buffered start's position: history order is start order.
             self._runs[row[0]] = (_SQL_END, row)
             self._last_run[job] = row[0]
-            self._counts[outcome] = self._counts.get(outcome, 0) + 1
+            self._counts[row[6]] = self._counts.get(row[6], 0) + 1  # by outcome
             self._maybe_flush()
 
     def set_last_fire(self, job: str, when: float) -> None:
@@ -372,13 +348,13 @@ class SqliteStore:
             self._settle()
             self._write(self._take())
 
-    def _take(self) -> _Batch:
+    def _take(self) -> Batch:
         """The buffers as one batch; empty buffers in their place."""
-        batch = _Batch(self._runs, self._fires, self._last_run)
+        batch = Batch(self._runs, self._fires, self._last_run)
         self._runs, self._fires, self._last_run = {}, {}, {}
         return batch
 
-    def _write(self, batch: _Batch) -> None:
+    def _write(self, batch: Batch) -> None:
         """One transaction (the caller's thread or the writer's). Never raises."""
         runs, fires, last_run = batch
         with self._db:
@@ -387,7 +363,7 @@ class SqliteStore:
                 return
             try:
                 with conn:  # one transaction: commit, or roll back on error
-                    for sql, rows in _runs_of_same_kind(runs.values()):
+                    for sql, rows in runs_of_same_kind(runs.values()):
                         conn.executemany(sql, rows)
                     conn.executemany(_SQL_FIRE, fires.items())
                     conn.executemany(_SQL_LAST_RUN, last_run.items())
@@ -559,11 +535,11 @@ class SqliteStore:
             )
         return dict(rows)
 
-    def _query(self, sql: str, args: _Row = ()) -> list[_Row]:
+    def _query(self, sql: str, args: Row = ()) -> list[Row]:
         with self._db:
             return self._query_locked(sql, args)
 
-    def _query_locked(self, sql: str, args: _Row) -> list[_Row]:
+    def _query_locked(self, sql: str, args: Row) -> list[Row]:
         if self._conn is None:
             return []
         try:
@@ -599,40 +575,7 @@ def _after_fork() -> None:
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
-_RECORD_COLUMNS = ", ".join(
-    f"runs.{c}"
-    for c in (
-        "job",
-        "run_id",
-        "attempt",
-        "scheduled",
-        "started",
-        "ended",
-        "outcome",
-        "exit_code",
-        "signal",
-        "worker_pid",
-        "error",
-    )
-)
-
-
-def _runs_of_same_kind(
-    entries: Iterable[tuple[str, _Row]],
-) -> Iterator[tuple[str, list[_Row]]]:
-    """Group consecutive buffered rows by statement, keeping arrival order across groups."""
-    group_sql: str | None = None
-    group: list[_Row] = []
-    for sql, row in entries:
-        if sql is not group_sql and group:
-            assert group_sql is not None  # set with the group's first row
-            yield group_sql, group
-            group = []
-        group_sql = sql
-        group.append(row)
-    if group:
-        assert group_sql is not None  # likewise
-        yield group_sql, group
+_RECORD_COLUMNS = record_columns("runs")
 
 
 def _fds_open_on(path: str) -> list[int]:
