@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from state_runs import T0, end, start
 
 from poolkeeper.state.identity import InstanceLock, StateLocked, resolve_path
 from poolkeeper.state.sqlite import SCHEMA_VERSION, SqliteStore
-
-T0 = 1_700_000_000.0
 
 
 @pytest.fixture
@@ -34,25 +33,6 @@ def store(tmp_path):
     s.close()
     lock.release()
 
-
-def start(s: SqliteStore, run_id, job="rollup", at=T0, attempt=1, pid=4242) -> None:
-    s.run_started(
-        run_id=run_id, job=job, attempt=attempt, scheduled_at=at, started_at=at, worker_pid=pid
-    )
-
-
-def end(s: SqliteStore, run_id, job="rollup", at=T0, outcome="succeeded", **kw) -> None:
-    fields = dict(
-        attempt=1,
-        scheduled_at=at,
-        started_at=at,
-        exit_code=None,
-        signal=None,
-        worker_pid=4242,
-        error=None,
-    )
-    fields.update(kw)
-    s.run_ended(run_id=run_id, job=job, ended_at=at + 1, outcome=outcome, **fields)
 
 
 def rows_on_disk(path: Path) -> int:

@@ -10,12 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from state_runs import DAY, T0, end, start
 
 from poolkeeper.state.identity import store_at
 from poolkeeper.state.store import ABANDONED_ERROR, MAX_ERROR_CHARS, StateStore
-
-T0 = 1_700_000_000.0
-DAY = 86400.0
 
 
 def _sqlite(tmp_path: Path) -> str:
@@ -65,25 +63,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 def store(backend: Backend) -> StateStore:
     return backend.open()
 
-
-def start(s: StateStore, run_id, job="rollup", at=T0, attempt=1, pid=4242) -> None:
-    s.run_started(
-        run_id=run_id, job=job, attempt=attempt, scheduled_at=at, started_at=at, worker_pid=pid
-    )
-
-
-def end(s: StateStore, run_id, job="rollup", at=T0, outcome="succeeded", **kw) -> None:
-    fields = dict(
-        attempt=1,
-        scheduled_at=at,
-        started_at=at,
-        exit_code=None,
-        signal=None,
-        worker_pid=4242,
-        error=None,
-    )
-    fields.update(kw)
-    s.run_ended(run_id=run_id, job=job, ended_at=at + 1, outcome=outcome, **fields)
 
 
 # -- writes and reading them back ----------------------------------------------------------

@@ -12,6 +12,7 @@ import threading
 
 import pg_server
 import pytest
+from state_runs import T0, end
 
 if not os.environ.get("CI"):  # in CI a missing psycopg fails, as a missing server does
     pytest.importorskip("psycopg", reason="psycopg (the `fleet` extra) is not installed")
@@ -22,8 +23,6 @@ from poolkeeper.state.identity import store_at
 from poolkeeper.state.postgres import MIGRATION_LOCK, SCHEMA_VERSION, PostgresStore, redact
 from poolkeeper.state.sqlite import SqliteStore
 from poolkeeper.state.store import StateUnreadable
-
-T0 = 1_700_000_000.0
 
 
 @pytest.fixture
@@ -46,18 +45,6 @@ def opened():
         s.close()
 
 
-def _end(s, run_id, job="rollup", outcome="succeeded", at=T0):
-    s.run_ended(
-        run_id=run_id,
-        job=job,
-        attempt=1,
-        scheduled_at=at,
-        started_at=at,
-        ended_at=at + 1,
-        outcome=outcome,
-    )
-
-
 def _sql(url: str, statement: str, args=()):
     with psycopg.connect(url, autocommit=True) as conn:
         cur = conn.execute(statement, args)
@@ -71,7 +58,7 @@ def test_store_at_picks_postgres_for_a_libpq_url(url, opened):
 
 def test_a_second_store_on_the_database_sees_the_first_ones_flushed_runs(url, opened):
     first, second = opened(url), opened(url)
-    _end(first, "a")
+    end(first, "a")
     first.set_last_fire("rollup", T0)
     assert second.history() == [] and second.last_fire("rollup") is None  # buffered only
     first.flush(wait=False)
@@ -168,7 +155,7 @@ def test_a_newer_schema_is_refused_with_one_line(url, opened, caplog):
     (record,) = [r for r in caplog.records if r.name == "pgtest"]
     assert "is newer" in record.getMessage() and "in memory" in record.getMessage()
     assert "\n" not in record.getMessage()
-    _end(daemon, "x")
+    end(daemon, "x")
     daemon.flush()
     assert _sql(url, "SELECT count(*) FROM pk_runs") == [(0,)]
 
@@ -184,7 +171,7 @@ def test_an_unreachable_server_gives_the_daemon_memory_and_the_reader_an_error(
         daemon = opened(nowhere, log=logging.getLogger("pgtest"))
     assert daemon.location is None
     assert any("in memory" in r.getMessage() for r in caplog.records if r.name == "pgtest")
-    _end(daemon, "x")
+    end(daemon, "x")
     assert [r.run_id for r in daemon.history()] == ["x"]  # the jobs' history, for now
 
 
@@ -205,7 +192,7 @@ def test_a_readers_session_is_read_only(url, opened):
 def test_writes_resume_after_the_connection_is_killed(url, opened, caplog, monkeypatch):
     monkeypatch.setattr(postgres, "RECONNECT_INTERVAL", 0.0)
     store = opened(url, log=logging.getLogger("pgtest"))
-    _end(store, "before")
+    end(store, "before")
     store.flush()
     _sql(
         url,
@@ -213,9 +200,9 @@ def test_writes_resume_after_the_connection_is_killed(url, opened, caplog, monke
         "WHERE application_name = 'poolkeeper' AND datname = current_database()",
     )
     with caplog.at_level(logging.WARNING):
-        _end(store, "lost-with-the-connection")
+        end(store, "lost-with-the-connection")
         store.flush()  # fails: logged once, its rows lost, the caller not troubled
-        _end(store, "after")
+        end(store, "after")
         store.flush()  # reconnects
     messages = [r.getMessage() for r in caplog.records if r.name == "pgtest"]
     assert sum("write failed" in m for m in messages) == 1
