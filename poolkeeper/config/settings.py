@@ -99,14 +99,13 @@ class Shared:
                 return value
             key: tuple[type, Any] = (type(value), ())
         elif isinstance(value, (str, int, float, tuple)) or value is None:
-            try:
-                key = (type(value), value)
-                hash(key)
-            except TypeError:  # a tuple holding a list
-                return value
+            key = (type(value), value)
         else:
             return value
-        return self._seen.setdefault(key, value)
+        try:
+            return self._seen.setdefault(key, value)
+        except TypeError:  # a tuple holding a list: not hashable, kept as it is
+            return value
 
 
 class Pool(NamedTuple):
