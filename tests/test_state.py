@@ -9,11 +9,13 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -302,6 +304,29 @@ DEADLINE = 60.0
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
+@pytest.fixture
+def nobody_reaches_the_checkout() -> Iterator[None]:
+    """Let `nobody` import poolkeeper and its venv: search permission (o+x, never read) on
+    every directory above the checkout and the interpreter that lacks it, for the test only.
+    A clone made in `mktemp -d` (0700) is otherwise out of nobody's reach, and the daemon run
+    as nobody dies with "No module named poolkeeper" before it tests anything."""
+    import poolkeeper
+
+    changed: list[tuple[Path, int]] = []
+    targets = {Path(poolkeeper.__file__).resolve().parent.parent, Path(sys.prefix).resolve()}
+    for target in targets:
+        for directory in [*reversed(target.parents), target]:
+            mode = directory.stat().st_mode
+            if not mode & stat.S_IXOTH and all(d != directory for d, _ in changed):
+                os.chmod(directory, stat.S_IMODE(mode) | stat.S_IXOTH)
+                changed.append((directory, stat.S_IMODE(mode)))
+    try:
+        yield
+    finally:
+        for directory, mode in reversed(changed):
+            os.chmod(directory, mode)
+
+
 class _Daemon:
     """`poolkeeper run` in the foreground, as `argv_prefix` + the command, logging to a file."""
 
@@ -354,6 +379,7 @@ SETUPS = {
 
 @pytest.mark.skipif(os.getuid() != 0, reason="runs the daemon as another user: needs root")
 @pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.usefixtures("nobody_reaches_the_checkout")
 def test_state_files_it_cannot_write_still_lock_and_fall_back_to_memory(setup: str) -> None:
     """A restart that finds the state files unwritable (they belong to another user, or the
     state directory went read-only) must still be the only daemon of its spec, and keep state
@@ -403,6 +429,7 @@ def test_state_files_it_cannot_write_still_lock_and_fall_back_to_memory(setup: s
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="reads as another user: needs root")
+@pytest.mark.usefixtures("nobody_reaches_the_checkout")
 def test_another_user_reads_the_history_of_a_stopped_daemon() -> None:
     """Reading a WAL database creates its -shm file: a user who may not write the directory
     still reads a stopped daemon's history (not an error, nor an empty table)."""
