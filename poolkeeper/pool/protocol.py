@@ -49,6 +49,8 @@ class Task(NamedTuple):
     heartbeat_timeout: float | None = None  # no ctx.heartbeat() this long = hung
     env: dict[str, str] = _NONE  # set for the run, restored after
     loop: bool = False  # a loop replica: long-lived, never queued behind or ahead of anything
+    replica: int | None = None
+    fence: int | None = None
 
 
 class RunEnded(NamedTuple):
