@@ -78,9 +78,18 @@ class RunContext:
         stopping: set when the daemon drains, or a reload changes or removes this job
             (`is_set()`, `wait(timeout) -> bool`; see `Stopping`). A loop job checks it
             between units of work and returns when it is set.
+        replica: this loop replica's index (0, 1, ...); None for a scheduled run.
+        fence: in fleet mode, the fencing token of this run (the slot's epoch for a loop
+            replica, the fire's fence for a scheduled run), else None. It only grows: a job that
+            writes somewhere shared can store it and refuse writes carrying an older one. The
+            run's environment has it as POOLKEEPER_FENCE (and POOLKEEPER_REPLICA), for the
+            programs the job starts (POOLKEEPER_REPLICA only in fleet mode).
     """
 
-    __slots__ = ("job", "run_id", "attempt", "scheduled_at", "log", "stopping", "_heartbeat")
+    __slots__ = (
+        "job", "run_id", "attempt", "scheduled_at", "log", "stopping", "replica", "fence",
+        "_heartbeat",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -92,6 +101,8 @@ class RunContext:
         log: logging.Logger | logging.LoggerAdapter[Any],
         stopping: Stopping,
         heartbeat: Callable[[], None],
+        replica: int | None = None,
+        fence: int | None = None,
     ) -> None:
         self.job = job
         self.run_id = run_id
@@ -99,6 +110,8 @@ class RunContext:
         self.scheduled_at = scheduled_at
         self.log = log
         self.stopping = stopping
+        self.replica = replica
+        self.fence = fence
         self._heartbeat = heartbeat
 
     def heartbeat(self) -> None:
@@ -109,7 +122,7 @@ class RunContext:
     def __repr__(self) -> str:
         return (
             f"RunContext(job={self.job!r}, run_id={self.run_id!r}, attempt={self.attempt}, "
-            f"scheduled_at={self.scheduled_at})"
+            f"scheduled_at={self.scheduled_at}, replica={self.replica}, fence={self.fence})"
         )
 
 

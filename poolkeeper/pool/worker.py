@@ -518,8 +518,11 @@ class _WorkerLoop:
         return obj, wants_ctx
 
     def run(self, msg: tuple[Any, ...]) -> tuple[Any, ...]:
-        _, seq, target, args, kwargs, job, run_id, attempt, scheduled_at, env, _pf = msg
+        _, seq, target, args, kwargs, job, run_id, attempt, scheduled_at, env, _pf = msg[:11]
+        replica, fence = msg[11:]  # ctx.replica, ctx.fence (fleet mode)
         started = time.time()
+        if fence is not None:
+            env = _fleet_env(env, replica, fence)
         saved_env = _apply_env(env) if env else None
         _RunFields.current = (job, run_id, attempt)
         result_repr = error = tb = None
@@ -534,6 +537,8 @@ class _WorkerLoop:
                     log=logging.getLogger(f"poolkeeper.job.{job}"),
                     stopping=self.stopping,
                     heartbeat=self.heartbeat,
+                    replica=replica,
+                    fence=fence,
                 )
                 kwargs = with_ctx(kwargs, ctx)
             result = fn(*args, **kwargs)
@@ -550,6 +555,15 @@ class _WorkerLoop:
         ended = time.time()
         rss = _rss_bytes() if self.cfg.max_memory else 0
         return ("D", seq, error is None, started, ended, result_repr, error, tb, rss)
+
+
+def _fleet_env(env: dict[str, str], replica: int | None, fence: int) -> dict[str, str]:
+    """Task.env plus the fleet run's fencing token (and replica index), for the programs the
+    job starts: they cannot see ctx. Ours win over a spec's env of the same name."""
+    env = {**env, "POOLKEEPER_FENCE": str(fence)}
+    if replica is not None:
+        env["POOLKEEPER_REPLICA"] = str(replica)
+    return env
 
 
 def _apply_env(env: dict[str, str]) -> dict[str, str | None]:
