@@ -143,6 +143,23 @@ class Fleet(NamedTuple):
     host_id: str | None  # None: the host name, resolved at run time
     lease: float
 
+    def __repr__(self) -> str:  # a config printed or logged whole must not show the password
+        return (
+            f"Fleet(database={redacted_url(self.database)!r}, host_id={self.host_id!r}, "
+            f"lease={self.lease!r})"
+        )
+
+
+# The password of a libpq URL: in the user info (up to the authority's last '@') or a query
+# parameter. Only for text shown to people; the daemon connects with the URL as written.
+_URL_PASSWORD = re.compile(r"^([^:/?#]+://[^:@/?#]*):[^/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
+
+def redacted_url(url: str) -> str:
+    """`url` with any password shown as '***', for messages and logs."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
+
 
 class Config(NamedTuple):
     path: str  # absolute
