@@ -147,7 +147,7 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
 
             stop_prestarted()
         return exitcodes.USAGE
-    return _run_daemon(_host_id_applied(args, config), target, notifier)
+    return _run_daemon(_host_id_applied(args, config), target, notifier, host_id=args.host_id)
 
 
 def _run_cached(args: argparse.Namespace, path: str, config: Config, why: str) -> int:
@@ -170,7 +170,7 @@ def _run_cached(args: argparse.Namespace, path: str, config: Config, why: str) -
     logs.get_logger().info("config %s: %s; not validated again", path, why)
     from poolkeeper.service.notify import Notifier
 
-    return _run_daemon(config, target, Notifier(), pool)
+    return _run_daemon(config, target, Notifier(), pool, host_id=args.host_id)
 
 
 def _host_id_refused(args: argparse.Namespace, config: Config | None) -> bool:
@@ -196,11 +196,17 @@ def _host_id_applied(args: argparse.Namespace, config: Config) -> Config:
 
 
 def _run_daemon(
-    config: Config, target: str, notifier: Notifier, pool: WorkerPool | None = None
+    config: Config,
+    target: str,
+    notifier: Notifier,
+    pool: WorkerPool | None = None,
+    *,
+    host_id: str | None = None,
 ) -> int:
     from poolkeeper.daemon.mainloop import Daemon
 
-    code = Daemon(config, log_target=target, notifier=notifier, pool=pool).run()
+    daemon = Daemon(config, log_target=target, notifier=notifier, pool=pool, host_id=host_id)
+    code = daemon.run()
     _exit_without_teardown(code)
     return code  # not reached
 

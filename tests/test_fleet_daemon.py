@@ -180,3 +180,14 @@ jobs:
     a.wait_for(
         lambda: len([r for r in _runs(a) if r[0] == "local"]) > ran + 3, what="host jobs go on"
     )
+
+
+def test_a_host_started_with_host_id_keeps_it_across_reloads(fleet):
+    a = fleet("a", JOBS)
+    a.rewrite(_spec(fleet.url, JOBS + '  tock: {target: "fleet_daemon_jobs:note", every: 1h, args: ["$OUT"]}\n'))
+    done = _cli(a, "reload", "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    a.wait_log("reload applied")
+    status = _cli(a, "status")
+    assert "tock" in status.stdout
+    assert "fleet: registered as a" in a.log() and "registered as" not in a.log().split("reload applied")[1]

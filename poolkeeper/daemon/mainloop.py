@@ -105,11 +105,14 @@ class Daemon:
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
         pool: WorkerPool | None = None,
+        host_id: str | None = None,
     ) -> None:
         """`pool`: the config's pool, possibly started already (cli.py starts it early when
         the config comes from the cache; the state lock is then taken after it, and a second
-        daemon on the same state DB stops its fresh workers and exits 75)."""
+        daemon on the same state DB stops its fresh workers and exits 75). `host_id`: `run
+        --host-id`, already in `config`, and applied again to what a reload reads."""
         self.config = config
+        self.host_id_override = host_id
         self.log = get_logger()
         self.log_target = log_target
         # The notifier captures NOTIFY_SOCKET and WATCHDOG_* now; they are then removed from
@@ -676,9 +679,7 @@ class Daemon:
         pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
         in_flight = pool.in_flight()
         self.drained_in_flight = len(in_flight)
-        dropped = sum(len(job.pending) for job in self.jobs.values())
-        for job in self.jobs.values():
-            job.pending.clear()
+        dropped = sum(job.drop_pending() for job in self.jobs.values())
         self.agenda.drop_waiting()
         self.log.info(
             "%s: draining %d runs in flight (%d loop replicas) within %ss; "

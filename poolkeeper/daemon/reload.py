@@ -154,6 +154,9 @@ class Reloader:
         except Exception as exc:  # a bug in validation must not take the running jobs down
             self.daemon.log.exception("reload: validating %s failed", config.path)
             return None, [f"internal error while validating: {type(exc).__name__}: {exc}"]
+        override = self.daemon.host_id_override
+        if override is not None and new.fleet is not None:  # `run --host-id` still holds
+            new = new.with_host_id(override)
         why_not = refusal(config, new)
         return (None, [why_not]) if why_not else (new, [])
 
@@ -193,7 +196,7 @@ class Reloader:
     def _retire_job(self, job: JobRuntime, now: float) -> None:
         """Its waiting runs are dropped; its runs in flight see ctx.stopping and get the
         drain budget to end, then they are killed."""
-        job.pending.clear()
+        job.drop_pending()
         self.daemon.stop_runs(job, list(job.running.values()), now)
 
     def start_held(self) -> None:
