@@ -269,7 +269,7 @@ def test_a_sighup_during_the_drain_is_ignored(daemon_factory):
         """)
     d.wait_for((d.out / "stubborn.pids").exists, what="the stubborn run")
     d.signal(signal.SIGTERM)
-    d.wait_log("draining 1 runs")
+    d.wait_log("draining 1 run in flight")
     d.signal(signal.SIGHUP)
     d.wait_log("SIGHUP while draining: not reloading")
     d.signal(signal.SIGINT)  # fast stop: the stubborn run is killed

@@ -263,7 +263,7 @@ class Daemon:
         abandoned = self.state.mark_abandoned(time.time())
         if abandoned:
             self.log.warning(
-                "%d runs of a previous daemon had no outcome: recorded as lost", abandoned
+                "%s of a previous daemon had no outcome: recorded as lost", count(abandoned, "run")
             )
 
     def _shutdown(self) -> None:
@@ -457,8 +457,8 @@ class Daemon:
             return False
         task = job.make_task(run)
         try:
-            pool.submit(task)
-        except PoolFull:  # a big payload waits for a worker that is reading its pipe
+            pool.submit(task, announce=self._on_started)  # "run started" before the job's output
+        except PoolFull:  # no worker reads its pipe yet (a big payload, announce): its R wakes us
             return False
         job.dispatched(run, task)
         return True
@@ -482,9 +482,9 @@ class Daemon:
             elif self.drain_deadline is not None and now >= self.drain_deadline:
                 left = self.live_pool.in_flight()
                 self.log.warning(
-                    "drain budget of %ss spent: killing %d runs still in flight (%s)",
-                    self.config.shutdown.drain_timeout,
-                    len(left),
+                    "drain budget of %ss spent: killing %s still in flight (%s)",
+                    _secs(self.config),
+                    count(len(left), "run"),
                     ", ".join(sorted({t.job for t in left})),
                 )
                 why = f"killed at the drain deadline (drain_timeout {_secs(self.config)}s)"
@@ -518,7 +518,9 @@ class Daemon:
             self._next_prune = now + PRUNE_EVERY
             pruned = self.store.prune(self.config.state.keep, time.time())
             if pruned:
-                self.log.info("pruned %d runs older than state.keep from the history", pruned)
+                self.log.info(
+                    "pruned %s older than state.keep from the history", count(pruned, "run")
+                )
 
     # -- events -------------------------------------------------------------------------
 
@@ -682,13 +684,12 @@ class Daemon:
         dropped = sum(job.drop_pending() for job in self.jobs.values())
         self.agenda.drop_waiting()
         self.log.info(
-            "%s: draining %d runs in flight (%d loop replicas) within %ss; "
-            "%d waiting runs will not start",
+            "%s: draining %s in flight (%s) within %ss; %s will not start",
             why,
-            len(in_flight),
-            sum(1 for t in in_flight if t.loop),
-            self.config.shutdown.drain_timeout,
-            dropped,
+            count(len(in_flight), "run"),
+            count(sum(1 for t in in_flight if t.loop), "loop replica"),
+            _secs(self.config),
+            count(dropped, "waiting run"),
             extra=event("drain_started"),
         )
 
@@ -704,9 +705,9 @@ class Daemon:
         done = {k: v for k, v in self.drain_outcomes.items() if k != Outcome.KILLED}
         summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(done.items()))
         self.log.info(
-            "drain finished in %.2fs: %d runs were in flight; drained: %s; killed: %d",
+            "drain finished in %.2fs: %s in flight; drained: %s; killed: %d",
             took,
-            self.drained_in_flight,
+            count(self.drained_in_flight, "run"),
             summary or "none",
             self.drain_outcomes.get(Outcome.KILLED, 0),
             extra=event("drain_finished"),
