@@ -332,9 +332,22 @@ def _ask_quietly(
     path = socket_path or identity.socket_path(config)
     try:
         reply = None if path is None else control.request(path, payload, timeout=5.0)
-    except control.ControlError:
+    except control.NotListening:
         return None
-    return reply if reply is not None and reply.get("ok") is True else None
+    except control.ControlError as exc:  # a daemon is there: say why its answer is not used
+        _unusable_answer(str(exc))
+        return None
+    if reply is not None and reply.get("ok") is not True:
+        _unusable_answer(f"the daemon says: {reply.get('message')}")
+        return None
+    return reply
+
+
+def _unusable_answer(why: str) -> None:
+    print(
+        f"poolkeeper: {printable(why)}; showing the jobs of the file and the state DB instead",
+        file=sys.stderr,
+    )
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:

@@ -8,8 +8,10 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -303,3 +305,52 @@ def test_the_readme_jq_examples_work(recorded):
             assert proc.stdout == expected, example
         else:
             assert proc.stdout.strip(), example
+
+
+def test_status_of_20000_jobs_comes_from_the_daemon(daemon_factory):
+    """The status reply of 20,000 jobs is some 3 MB: over the control socket's old 1 MiB,
+    `status` fell back to the file and said 'daemon: not reachable'."""
+    n = 20_000
+    jobs = "".join(f"  j{i}: {{target: daemon_jobs:ok, cron: '0 0 1 1 *'}}\n" for i in range(n))
+    d = daemon_factory("pool: {workers: 1, start_method: fork}\njobs:\n" + jobs)
+    d.wait_log("ready", timeout=120)
+    text = pk("status", "-c", str(d.config))
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith(f"daemon: {n:,} jobs, 0/1 workers busy"), text.stdout[:200]
+    assert len(text.stdout.splitlines()) == 2 + n
+    doc = as_json("status", "-c", str(d.config))
+    assert (doc["source"], doc["daemon"]["pid"], len(doc["jobs"])) == ("daemon", d.pid, n)
+    assert doc["jobs"][-1]["name"] == f"j{n - 1}" and doc["jobs"][-1]["state"] == "idle"
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_status_says_why_it_falls_back_when_a_daemon_answers_unusably(recorded, tmp_path):
+    """A daemon that is there but whose answer cannot be used (refused, cut, garbled) is
+    said on stderr; before, it passed for 'not reachable' (how the 1 MiB bound hid)."""
+    spec, _ = recorded
+    path = str(tmp_path / "fake.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b'{"ok": false, "message": "the reply is too big", "exit": 70}\n')
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    try:
+        proc = pk("status", "--json", "-c", str(spec), "--socket", path)
+    finally:
+        thread.join(10)
+        server.close()
+    assert proc.returncode == 0 and json.loads(proc.stdout)["source"] == "state"
+    assert proc.stderr == (
+        "poolkeeper: the daemon says: the reply is too big; showing the jobs of the file and "
+        "the state DB instead\n"
+    )
+    quiet = pk("status", "--json", "-c", str(spec), "--socket", path)  # nobody listens now
+    assert (quiet.returncode, quiet.stderr) == (0, "")
