@@ -7,8 +7,9 @@ BIN    := $(VENV)/bin
 # systemd + util-linux (+ dbus, for systemd-run --wait) boot the real systemd 252 sandbox
 # of tests/systemd. postgresql (Debian 12: 15) is the server the PostgreSQL state backend's tests
 # start themselves (tests/pg_server.py), libpq5 the library psycopg (the `fleet` extra) loads.
+# jq runs the README's examples of `--json` (tests/test_cli_json.py).
 APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps dbus \
-  postgresql libpq5
+  postgresql libpq5 jq
 
 .PHONY: help deps venv run test lint typecheck schema clean bench
 
