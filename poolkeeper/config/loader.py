@@ -49,7 +49,7 @@ class ConfigError(Exception):
 
 # --- Loading -----------------------------------------------------------------------------------
 
-_SECTIONS = ("pool", "shutdown", "state", "defaults", "jobs")
+_SECTIONS = ("pool", "shutdown", "state", "defaults", "jobs", "metrics")
 # Unicode letters and digits are welcome (`\w` of a str pattern): names travel as UTF-8 in
 # journal fields and STATUS=, which python-systemd sends correctly.
 JOB_NAME_PATTERN = r"^[^\W_][\w.@-]{0,63}$"
@@ -148,6 +148,7 @@ class _Loading:
                 "shutdown": top.shutdown.model_dump(),
                 "state": {**top.state.model_dump(), "path": self.state_path(top.state.path)},
                 "jobs": {name: {**job.model_dump(), "name": name} for name, job in jobs.items()},
+                "metrics": top.metrics.model_dump() if top.metrics is not None else None,
             }
         )
 

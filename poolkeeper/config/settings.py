@@ -125,6 +125,12 @@ class State(NamedTuple):
     keep: float
 
 
+class Metrics(NamedTuple):
+    listen: str | None  # 'host:port', as written (poolkeeper.service.metrics binds it)
+    textfile: str | None  # absolute
+    textfile_every: float
+
+
 class Config(NamedTuple):
     path: str  # absolute
     pythonpath: list[str]  # absolute
@@ -132,6 +138,7 @@ class Config(NamedTuple):
     shutdown: Shutdown
     state: State
     jobs: dict[str, Job]  # in file order, included fragments after the main file
+    metrics: Metrics | None  # None: no `metrics:` section, no metrics (issue 12)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
@@ -143,6 +150,7 @@ class Config(NamedTuple):
             shutdown=Shutdown(**data["shutdown"]),
             state=State(**data["state"]),
             jobs=_jobs(data["jobs"]),
+            metrics=Metrics(**data["metrics"]) if data.get("metrics") is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
