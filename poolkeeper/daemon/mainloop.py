@@ -511,7 +511,6 @@ class Daemon:
             started_at=ev.started_at,
             worker_pid=ev.worker_pid,
         )
-        self.metrics.run_started(ev)
         spec = self.config.jobs.get(task.job)
         if self.runlog.started(task.job, task.run_id, spec, time.monotonic()):
             self.log.info(

@@ -1,7 +1,7 @@
 """What the main loop holds of the metrics, whether they are on or off (issue 12).
 
-The daemon calls one hook per event (a run started or ended, a worker replaced, a drain, a
-reload) and one at report time. With no `metrics:` section they go to `NoMetrics`, whose hooks
+The daemon calls one hook per event (a run ended, a worker replaced, a drain, a reload) and
+one at report time. With no `metrics:` section they go to `NoMetrics`, whose hooks
 do nothing, and prometheus_client is never imported (~70 ms of start-up, a thread and a port
 that nobody asked for). With one, `start_metrics` imports poolkeeper.service.metrics, whose
 `Metrics` implements the same hooks.
@@ -20,7 +20,7 @@ from poolkeeper.exitcodes import UNAVAILABLE
 if TYPE_CHECKING:
     from poolkeeper.config.settings import Config
     from poolkeeper.daemon.mainloop import Daemon
-    from poolkeeper.pool.protocol import RunEnded, RunStarted, WorkerEvent
+    from poolkeeper.pool.protocol import RunEnded, WorkerEvent
     from poolkeeper.state.store import StateStore
 
 
@@ -33,8 +33,6 @@ class MetricsFailed(Exception):
 
 
 class MetricsHooks(Protocol):
-    def run_started(self, ev: RunStarted) -> None: ...
-
     def run_ended(self, ev: RunEnded) -> None: ...
 
     def worker_event(self, ev: WorkerEvent) -> None: ...
@@ -54,9 +52,6 @@ class MetricsHooks(Protocol):
 
 class NoMetrics:
     """Metrics off: every hook is a no-op (a method call per event, nothing more)."""
-
-    def run_started(self, ev: RunStarted) -> None:
-        pass
 
     def run_ended(self, ev: RunEnded) -> None:
         pass
@@ -96,11 +91,12 @@ def start_metrics(config: Config, store: StateStore, log: logging.Logger) -> Met
     fired)."""
     if config.metrics is None:
         return NoMetrics()
-    from poolkeeper.service import metrics
+    from poolkeeper.service.metrics import Metrics
+    from poolkeeper.service.metrics_textfile import Unavailable
 
     try:
-        return metrics.Metrics(config, store, log)
-    except metrics.Unavailable as exc:
+        return Metrics(config, store, log)
+    except Unavailable as exc:
         raise MetricsFailed(str(exc), exc.errno) from None
 
 
