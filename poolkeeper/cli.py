@@ -399,6 +399,12 @@ def _cmd_by_hand(args: argparse.Namespace) -> int:
     return _ask_daemon(args, {"command": args.command, "job": args.job})
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    """print the running daemon's metrics, Prometheus text format (on with the spec's
+    `metrics:` section; docs/monitoring.md)"""
+    return _ask_daemon(args, {"command": "metrics"})
+
+
 def _ask_daemon(args: argparse.Namespace, payload: dict[str, Any], *, wait: bool = True) -> int:
     """Send one request over the control socket (poolkeeper.service.control) and report the reply."""
     from poolkeeper.config.yamlload import LoadError
@@ -573,6 +579,10 @@ def _add_other_commands(
         p.add_argument("job", metavar="JOB")
         _add_socket_options(p, config_help)
         p.set_defaults(func=_cmd_by_hand)
+
+    p = sub.add_parser("metrics", help=_cmd_metrics.__doc__)
+    _add_socket_options(p, config_help)
+    p.set_defaults(func=_cmd_metrics)
 
     p = sub.add_parser(
         "unit", help="print a systemd unit for this installation (its real ExecStart path)"

@@ -373,7 +373,7 @@ def test_unknown_commands_and_garbage_get_an_answer_not_a_hang(daemon_factory):
     reply = control.request(f"{d.db}.sock", {"command": "explode"})
     assert reply == {
         "ok": False,
-        "message": "unknown command 'explode' (known: reload, status, pause, resume, run-now)",
+        "message": "unknown command 'explode' (known: reload, status, metrics, pause, resume, run-now)",
         "exit": 64,
     }
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:

@@ -161,6 +161,12 @@ def redacted_url(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
 
 
+class Metrics(NamedTuple):
+    listen: str | None  # 'host:port', as written (poolkeeper.service.metrics binds it)
+    textfile: str | None  # absolute
+    textfile_every: float
+
+
 class Config(NamedTuple):
     path: str  # absolute
     pythonpath: list[str]  # absolute
@@ -169,6 +175,7 @@ class Config(NamedTuple):
     state: State
     fleet: Fleet | None  # None: a single host, no fleet
     jobs: dict[str, Job]  # in file order, included fragments after the main file
+    metrics: Metrics | None  # None: no `metrics:` section, no metrics (issue 12)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
@@ -181,6 +188,7 @@ class Config(NamedTuple):
             state=State(**data["state"]),
             fleet=None if data["fleet"] is None else Fleet(**data["fleet"]),
             jobs=_jobs(data["jobs"]),
+            metrics=Metrics(**data["metrics"]) if data.get("metrics") is not None else None,
         )
 
     def with_host_id(self, host_id: str) -> Config:

@@ -54,9 +54,11 @@ class ControlHandlers:
             return d.reloader.reload("reload request")
         if command == "status":
             return self.live_status()
+        if command == "metrics":  # poolkeeper.service.metrics: the text format, or why not
+            return d.metrics.reply(d)
         by_hand = {"pause": self.pause, "resume": self.resume, "run-now": self.run_now}
         if command not in by_hand:
-            known = ", ".join(["reload", "status", *by_hand])
+            known = ", ".join(["reload", "status", "metrics", *by_hand])
             return refused(f"unknown command {shown(command)} (known: {known})", exitcodes.USAGE)
         if d.phase != "running":
             return refused(f"the daemon is {d.phase}: not now", exitcodes.UNAVAILABLE)

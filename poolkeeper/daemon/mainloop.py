@@ -57,6 +57,7 @@ from poolkeeper.pool.supervisor import (
 )
 from poolkeeper.service import control
 from poolkeeper.service.logs import ended_event, event, get_logger
+from poolkeeper.service.metrics_hooks import MetricsFailed, MetricsHooks, NoMetrics, start_metrics
 from poolkeeper.service.notify import MAIN_ONLY_ENV, Notifier
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state.identity import InstanceLock, StateLocked, open_store, socket_path
@@ -126,6 +127,7 @@ class Daemon:
         self.signals = SignalQueue(signals.caught())
         self._waiter = Waiter()
         self.control: control.ControlServer | None = None
+        self.metrics: MetricsHooks = NoMetrics()  # the real ones from _start(), if the spec says
         self.state: StateStore | None = None
         self.instance_lock: InstanceLock | None = None  # held from start to the very end
         self.pool: WorkerPool | None = pool
@@ -207,6 +209,10 @@ class Daemon:
         helper_processes.add_main_only_fds(self._main_only_fds)
         self._open_state()
         self._open_control()
+        try:
+            self.metrics = start_metrics(self.config, self.store, self.log)
+        except MetricsFailed as exc:
+            raise StartupFailed(str(exc), exitcodes.UNAVAILABLE, exc.errno) from None
         cfg = self.config
         # The forkserver inherits this process's sys.path: without the spec's pythonpath
         # its preload of the job modules would fail (silently) and every worker would
@@ -275,6 +281,7 @@ class Daemon:
                 self._on_ended(ev)
             reaper.kill_orphans()
         self.runlog.report(time.monotonic(), final=True)  # what those last ends counted
+        self.metrics.close()
         if self.fleet is not None:  # every end written, the slots given back, the lease ended
             self.fleet.close()
         if self.drain_started is not None:
@@ -305,6 +312,7 @@ class Daemon:
             fds += self.fleet.member.fds()
         if self.state is not None:
             fds += self.state.fds()  # the DB and its WAL
+        fds += self.metrics.fds()
         return fds
 
     # -- one turn -----------------------------------------------------------------------
@@ -498,6 +506,7 @@ class Daemon:
             self._next_status = now + STATUS_EVERY
             self.notifier.status(self.status_text(now))
         self.runlog.report(now, final=self.phase == "stopped")  # runs counted, not logged
+        self.metrics.report(self, now)
         if self.phase in ("starting", "draining") and now >= self._next_extend:
             self._next_extend = now + EXTEND_EVERY
             budget = EXTEND_BY
@@ -548,6 +557,7 @@ class Daemon:
     def _on_ended(self, ev: RunEnded) -> None:
         task = ev.task
         self.outcomes[ev.outcome] += 1
+        self.metrics.run_ended(ev)
         if self.drain_started is not None:
             self.drain_outcomes[ev.outcome] += 1
         self.store.run_ended(
@@ -617,6 +627,7 @@ class Daemon:
         job.handed_back(ev.task, time.monotonic())
 
     def _on_worker_event(self, ev: WorkerEvent) -> None:
+        self.metrics.worker_event(ev)
         if ev.kind == "started":
             self.workers_up.add(ev.pid)
         elif ev.kind == "exited":
@@ -671,6 +682,7 @@ class Daemon:
     def _begin_drain(self, why: str) -> None:
         now = time.monotonic()
         self.notifier.stopping()
+        self.metrics.drain_started()
         self.phase = "draining"
         self.reloader.forget()  # definitions a reload left waiting never start now
         self.drain_started = now

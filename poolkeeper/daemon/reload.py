@@ -30,6 +30,7 @@ from poolkeeper.daemon.jobs import JobRuntime
 from poolkeeper.daemon.status import count, first_of
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.supervisor import pool_for
+from poolkeeper.service import metrics_hooks
 from poolkeeper.service.control import refused
 from poolkeeper.service.logs import event
 from poolkeeper.state import identity
@@ -95,7 +96,7 @@ def plan(old: Config, new: Config) -> Plan:
 
 def refusal(old: Config, new: Config) -> str | None:
     """Why `new` cannot be applied by a reload at all, or None."""
-    return identity.reload_refusal(old, new)
+    return identity.reload_refusal(old, new) or metrics_hooks.reload_refusal(old, new)
 
 
 class Reloader:
@@ -124,11 +125,13 @@ class Reloader:
             new, problems = self._read_config_again()
             if new is None:
                 self._reject(problems)
+                d.metrics.reloaded(applied=False)
                 reply = refused(self._rejected_line(problems), exitcodes.CONFIG)
                 return {**reply, "problems": problems}
             changes = plan(d.config, new)
             self.rejected = None
             self._apply(new, changes)
+            d.metrics.reloaded(applied=True)
             message = "reload applied: " + (
                 changes.summary() if changes.changes_anything else "nothing changed"
             )
