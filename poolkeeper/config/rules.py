@@ -124,6 +124,40 @@ def job_shape_issues(
     return issues
 
 
+# --- Fleet scope -------------------------------------------------------------------------------
+
+SCOPES = ("fleet", "host")
+
+
+def resolved_scope(scope: Any, fleet_mode: bool) -> str:
+    """A job's scope: as written, else 'fleet' when the spec has a `fleet:` section."""
+    if scope in SCOPES:
+        return str(scope)
+    return "fleet" if fleet_mode else "host"
+
+
+def scope_issues(job: Mapping[Any, Any], fleet_mode: bool, where: _Where) -> list[Issue]:
+    """`scope: fleet` needs a `fleet:` section; what runs as a host starts (`at: startup`,
+    `before_ready`) cannot be a fleet job. `job`: a job with its defaults merged, or
+    `defaults:` itself (its scope is checked; the rest only means something in a job). A
+    scope that is no valid choice is the model's to report."""
+    scope = job.get("scope")
+    if scope is not None and scope not in SCOPES:
+        return []
+    if scope == "fleet" and not fleet_mode:
+        message = "scope: fleet needs a fleet: section (the database the hosts share); add one or set scope: host"
+        return [Issue.at(where.pos(("scope",)), message)]
+    if resolved_scope(scope, fleet_mode) != "fleet":
+        return []
+    if job.get("before_ready") is True:
+        message = "before_ready runs on each host as it starts: set scope: host"
+        return [Issue.at(where.pos(("before_ready",)), message)]
+    if job.get("at") == "startup":
+        message = "at: startup runs on each host as it starts: set scope: host"
+        return [Issue.at(where.pos(("at",)), message)]
+    return []
+
+
 def capacity_issues(
     loop_replicas: Mapping[str, int | None], workers: int, wheres: Mapping[str, _Where]
 ) -> list[Issue]:
@@ -361,5 +395,7 @@ __all__ = [
     "exception_line",
     "job_shape_issues",
     "merge_defaults",
+    "resolved_scope",
+    "scope_issues",
     "target_issues",
 ]
