@@ -69,6 +69,40 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def fleet_spec(
+    url: str,
+    *,
+    lease: float | None = 5.0,
+    workers: int = 5,
+    every: str | None = "200ms",
+    cron: bool = False,
+    replicas: int = 0,
+) -> str:
+    """The spec of the chaos test and the bench (below FleetDaemon's header): `tick`, an
+    interval job, `minute`, a cron job every minute, `spin`, a loop of `replicas`, each
+    recording itself (tests/fleet_jobs.py) in the database at `url`; no `fleet:` section when
+    `lease` is None (a single host)."""
+    db = f'kwargs: {{db: "{url}"}}'
+    lines = [f"pool: {{workers: {workers}}}"]
+    if lease is not None:
+        lines.append(f'fleet: {{database: "{url}", lease: {lease}s}}')
+    lines.append("jobs:")
+    if every is not None:
+        lines.append(
+            f"  tick: {{target: fleet_jobs:record_fire, every: {every}, timeout: 5s,"
+            f" log_runs: failures, {db}}}"
+        )
+    if cron:  # catchup: a minute that fell in an outage runs when it is over
+        lines.append(
+            f'  minute: {{target: fleet_jobs:record_fire, cron: "* * * * *", catchup: once, {db}}}'
+        )
+    if replicas:
+        lines.append(
+            f"  spin: {{target: fleet_jobs:replica_loop, loop: {{replicas: {replicas}}}, {db}}}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 class FleetDaemon:
     def __init__(self, root: Path, host: str, spec: str, *, env: dict[str, str] | None = None):
         self.host = host
