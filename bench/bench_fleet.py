@@ -311,12 +311,7 @@ def bench_failover(root: Path, rounds: int) -> tuple[list[str], float]:
         fleet.stop()
     finally:
         fleet.close()
-    overlap = query(
-        url,
-        "SELECT extract(epoch FROM max(upper(f.span) - s.first)) FROM fenced_out f JOIN"
-        " (SELECT job, replica, fence, min(lower(span)) AS first FROM slot_spans"
-        "  GROUP BY 1, 2, 3) s ON s.job = f.job AND s.replica = f.replica AND s.fence = f.epoch",
-    )[0][0]
+    overlap = max((s for _, s in query(url, fleet_jobs.OUTLIVED)), default=0.0)
     violations = query(url, "SELECT count(*) FROM violations")[0][0]
     lost = query(url, "SELECT count(*) FROM pk_fires WHERE outcome = %s", (Outcome.LOST.value,))[0][
         0
@@ -339,7 +334,7 @@ def bench_failover(root: Path, rounds: int) -> tuple[list[str], float]:
         )
     lines += [
         "",
-        f"SIGSTOP: the frozen host's run outlived its slot by at most {overlap or 0:.2f} s"
+        f"SIGSTOP: the frozen host's run outlived its slot by at most {overlap:.2f} s"
         " (its workers are not frozen; its writes were fenced out by ctx.fence). Fires lost"
         f" with their host: {lost}. Violations (duplicate fires, overlapping slots): {violations}.",
         "",

@@ -138,6 +138,7 @@ class FleetDaemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
+                cwd=self.dir,  # not the caller's: `python -m` puts the cwd first on sys.path
                 start_new_session=True,
             )
 

@@ -47,6 +47,15 @@ CREATE TABLE IF NOT EXISTS violations (
     detail text);
 """
 
+# Each fenced-out run: its host, and how long it was still alive (its last, refused write)
+# after its slot's next run began (the first span of the epoch that replaced it).
+OUTLIVED = """
+SELECT f.host, coalesce(extract(epoch FROM upper(f.span) - s.first)::float8, 0)
+FROM fenced_out f LEFT JOIN (
+    SELECT job, replica, fence, min(lower(span)) AS first FROM slot_spans GROUP BY 1, 2, 3
+) s ON s.job = f.job AND s.replica = f.replica AND s.fence = f.epoch
+"""
+
 
 def create_tables(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
