@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from poolkeeper.config.yamlload import Issue, Pos
 from poolkeeper.kinds import JobKind
-from poolkeeper.pool.context import accepts_ctx, with_ctx
+from poolkeeper.pool.context import ctx_passing, with_ctx
 
 # A tuple, not the enum: `key in KINDS` must also take a key that is no kind (or no string).
 KINDS: tuple[JobKind, ...] = tuple(JobKind)
@@ -324,19 +324,22 @@ def target_issues(call: Call, importer: Importer) -> list[Issue]:
     signature = importer.signature(call.target, fn)
     if signature is None:  # some builtins have no signature: nothing to check
         return []
-    takes_ctx = accepts_ctx(signature)
-    if call.loop and not takes_ctx:
+    passing = ctx_passing(signature)
+    if call.loop and not passing:
         message = f"{target} is a loop job's target but has no 'ctx' parameter, so it cannot see ctx.stopping and would never stop on its own"
         return [Issue.at(where.pos(("target",)), message)]
     if call.args is None or call.kwargs is None:
         return []
     try:
         # Bind exactly the call the worker makes.
-        signature.bind(*call.args, **(with_ctx(call.kwargs, None) if takes_ctx else call.kwargs))
+        args, kwargs = call.args, call.kwargs
+        if passing:
+            args, kwargs = with_ctx(passing, args, kwargs, None)
+        signature.bind(*args, **kwargs)
     except TypeError as exc:
         reason = _one_line(str(exc))
-        if takes_ctx and "'ctx'" in reason:
-            reason += " (ctx is passed as a keyword: declare it after the positional parameters, e.g. 'def run(n, *, ctx)')"
+        if passing == "keyword" and "'ctx'" in reason:
+            reason += " (ctx is passed first when it is the first parameter, else as a keyword: declare it first, e.g. 'def run(ctx, n)', or keyword-only, e.g. 'def run(n, *, ctx)')"
         at = ("args",) if call.args else ("kwargs",) if call.kwargs else ("target",)
         return [
             Issue.at(where.pos(at), f"{target} cannot be called with these arguments: {reason}")
