@@ -19,7 +19,7 @@ import fleet_jobs  # noqa: E402
 import psycopg  # noqa: E402
 from fleet_harness import Fleet, fleet_spec, query, terminate_backends, wait_until  # noqa: E402
 
-from poolkeeper.outcomes import RUNNING  # noqa: E402
+from poolkeeper.outcomes import RUNNING, Outcome  # noqa: E402
 
 # A stand-in for the fleet's pk_slots (FLEET.md) where no daemon has created it: the oracle
 # test below runs the jobs by hand, without a fleet.
@@ -186,6 +186,7 @@ def test_the_fleet_survives_crashes_freezes_and_database_outages(tmp_path, capsy
         wait_whole(f"pg_terminate_backend of {ours} daemon connections", t0)
 
         # 4. The server stopped for longer than the lease, then started again.
+        halted = time.time()
         server.halt()
         try:
             time.sleep(LEASE + 2)  # the outage itself: its length is the fault
@@ -193,6 +194,17 @@ def test_the_fleet_survives_crashes_freezes_and_database_outages(tmp_path, capsy
             server.resume()
         t0 = time.time()
         wait_whole(f"a {LEASE + 2:.0f}s outage of the server", t0)
+        # Each host stopped its replicas before its lease ran out (on_db_loss: stop), by the
+        # runs' own ends (written once the database was back) against their leases' ends.
+        wait_until(lambda: _outage_runs(url, halted), 30, "the outage's runs' ends")
+        runs = _outage_runs(url, halted)
+        assert runs is not None
+        late = [(h, e - halted, u - halted) for h, e, u in runs if e >= u]
+        assert not late, f"replicas ran past their lease (host, end, lease end): {late}"
+        report.append(
+            f"outage: {len(runs)} replicas stopped by {max(e for _, e, _ in runs) - halted:.2f}s"
+            f" after the server, >= {min(u - e for _, e, u in runs):.2f}s before their leases"
+        )
 
         # Run on past a minute, to the cron job's first run at least.
         wait_until(
@@ -219,6 +231,22 @@ def test_the_fleet_survives_crashes_freezes_and_database_outages(tmp_path, capsy
         fleet.close()
         if server.pid is None:
             server.resume()
+
+
+def _outage_runs(url: str, halted: float) -> list[tuple[str, float, float]] | None:
+    """The replica runs alive as the server stopped: (host, end, the end of its incarnation's
+    lease); None while one has no end recorded yet, or only the reaper's (`lost` when the
+    server came back, later than the host's own record, which replaces it once written)."""
+    rows = query(
+        url,
+        "SELECT r.host_id, r.ended, extract(epoch FROM h.lease_until)::float8, r.outcome"
+        " FROM pk_runs r JOIN pk_hosts h USING (incarnation) WHERE r.job = 'spin'"
+        " AND r.started < %s AND (r.ended IS NULL OR r.ended > %s)",
+        (halted, halted),
+    )
+    if not rows or any(o in (RUNNING, Outcome.LOST.value) for *_, o in rows):
+        return None
+    return [(host, ended, until) for host, ended, until, _ in rows]
 
 
 def _oracles(url: str) -> list[str]:
