@@ -96,6 +96,12 @@ class PgServer:
                 f"listen_addresses = ''\nunix_socket_directories = '{self.dir}'\n"
                 "fsync = off\nfull_page_writes = off\nsynchronous_commit = off\n"
             )
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on its data directory (first start, or after halt())."""
+        assert self.dir is not None
+        data = os.path.join(self.dir, "data")
         log = os.path.join(self.dir, "server.log")
         self._run(f"{self.bindir}/pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start")
         # pg_ctl's shell exits once the server is up: the postmaster is then re-parented to
@@ -103,6 +109,19 @@ class PgServer:
         with open(os.path.join(data, "postmaster.pid")) as f:
             self.pid = int(f.readline())
         procs.ALLOWED.add(self.pid)
+
+    def halt(self) -> None:
+        """Stop the server (`pg_ctl stop -m fast`: sessions are cut) and keep its data, for a
+        test of a database outage; resume() starts it again."""
+        assert self.dir is not None and self.pid is not None
+        data = os.path.join(self.dir, "data")
+        self._run(f"{self.bindir}/pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+        while self.pid in procs.children():  # pg_ctl -w returns once postmaster.pid is gone
+            procs.reap_zombies()
+            time.sleep(0.01)
+        procs.reap_zombies()
+        procs.ALLOWED.discard(self.pid)
+        self.pid = None
 
     def stop(self) -> None:
         if self.dir is None:
