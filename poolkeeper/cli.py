@@ -93,10 +93,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, held_during_start())
 
     path = args.config or default_config_path()
+    if _host_id_refused(args, None):
+        return exitcodes.USAGE
     cache = None if args.no_config_cache else validation_cache.cache_dir()
     cached, why = validation_cache.lookup(path, cache) if cache else (None, "")
     if cached is not None:
-        return _run_cached(args, path, cached, why)
+        if _host_id_refused(args, cached):
+            return exitcodes.USAGE
+        return _run_cached(args, path, _host_id_applied(args, cached), why)
     return _run_validated(args, path, cache, why)
 
 
@@ -137,7 +141,13 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
         problem = validation_cache.store(config, inputs, cache)
         if problem:
             log.info("config %s: validated; not cached: %s", path, problem)
-    return _run_daemon(config, target, notifier)
+    if _host_id_refused(args, config):
+        if prestarted:
+            from poolkeeper.pool.helper_processes import stop_prestarted
+
+            stop_prestarted()
+        return exitcodes.USAGE
+    return _run_daemon(_host_id_applied(args, config), target, notifier)
 
 
 def _run_cached(args: argparse.Namespace, path: str, config: Config, why: str) -> int:
@@ -161,6 +171,28 @@ def _run_cached(args: argparse.Namespace, path: str, config: Config, why: str) -
     from poolkeeper.service.notify import Notifier
 
     return _run_daemon(config, target, Notifier(), pool)
+
+
+def _host_id_refused(args: argparse.Namespace, config: Config | None) -> bool:
+    """`run --host-id NAME` cannot be applied: NAME is no host id, or the spec (once read)
+    has no fleet: section. True after saying so in one line on stderr."""
+    from poolkeeper.config.settings import host_id_ok
+
+    name = args.host_id
+    if name is None:
+        return False
+    if not host_id_ok(name):
+        problem = f"'{name}' is not a host id: use letters, digits and . _ - (1 to 64 characters)"
+    elif config is not None and config.fleet is None:
+        problem = f"{config.path} has no fleet: section, so there is no host id to set"
+    else:
+        return False
+    print(f"poolkeeper run: --host-id: {printable(problem)}", file=sys.stderr)
+    return True
+
+
+def _host_id_applied(args: argparse.Namespace, config: Config) -> Config:
+    return config if args.host_id is None else config.with_host_id(args.host_id)
 
 
 def _run_daemon(
@@ -396,6 +428,12 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="validate the config in full even if its inputs are unchanged since the last "
         "start (see docs/config.md, 'Start-up and the validation cache')",
+    )
+    p.add_argument(
+        "--host-id",
+        metavar="NAME",
+        help="this host's id in the fleet (overrides fleet.host_id; the spec needs a fleet: "
+        "section)",
     )
     p.set_defaults(func=_cmd_run)
     if not only_run:

@@ -37,6 +37,12 @@ def echo_ctx(ctx) -> dict:
     }
 
 
+def fleet_ctx(ctx) -> tuple:
+    """ctx.replica and ctx.fence, and what the run's environment says of them."""
+    env = tuple(os.environ.get(k) for k in ("POOLKEEPER_REPLICA", "POOLKEEPER_FENCE"))
+    return ctx.replica, ctx.fence, env, repr(ctx)
+
+
 def my_pid() -> int:
     return os.getpid()
 

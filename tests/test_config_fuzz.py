@@ -31,6 +31,7 @@ TOP_KEYS = [
     "pool",
     "shutdown",
     "state",
+    "fleet",
     "defaults",
     "jobs",
     "jbos",
@@ -44,10 +45,14 @@ SECTION_KEYS = [
     "drain_timeout",
     "path",
     "keep",
+    "database",
+    "host_id",
+    "lease",
 ]
 JOB_KEYS = [
     "target", "loop", "every", "cron", "at", "timezone", "before_ready", "jitter", "timeout", "heartbeat_timeout",
     "retry", "restart", "backoff", "overlap", "max_concurrent", "catchup", "args", "kwargs", "env", "replicas",
+    "scope", "on_lost", "on_db_loss",
     "attempts", "initial", "factor", "max", "<<",
 ]  # fmt: skip
 SCALARS = st.one_of(
@@ -94,6 +99,13 @@ SCALARS = st.one_of(
             ".",
             "conf.d",
             "example_jobs",
+            "fleet",
+            "host",
+            "retry",
+            "keep",
+            "postgresql:///pk",
+            "postgres://u:pw@[::1/pk",
+            "web-1",
         ]
     ),  # fmt: skip
     st.integers(-(2**70), 2**70),
@@ -119,6 +131,9 @@ SPEC = st.fixed_dictionaries(
     optional={
         "pythonpath": st.sampled_from([["."], [], ".", ["nowhere"]]),
         "pool": st.dictionaries(st.sampled_from(SECTION_KEYS), _spec_like(), max_size=4),
+        "fleet": st.one_of(
+            st.dictionaries(st.sampled_from(SECTION_KEYS), _spec_like(), max_size=4), _spec_like()
+        ),
         "defaults": JOB,
         "jobs": st.dictionaries(
             st.one_of(st.sampled_from(["a", "b", "on", "1"]), st.text(max_size=5)), JOB, max_size=4

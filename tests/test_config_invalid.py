@@ -26,7 +26,7 @@ def work(n, *, ctx, region="eu"):
 def plain(a, b=1):
     pass
 
-def first_ctx(ctx, n):
+def late_ctx(n, ctx):
     pass
 
 def spin():
@@ -599,10 +599,10 @@ CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
-        "ctx first with args",
-        job("target: jobs:first_ctx\nevery: 5m\nargs: [1]"),
+        "ctx later, given by args too",
+        job("target: jobs:late_ctx\nevery: 5m\nargs: [1, 2]"),
         [
-            "8:11: target 'jobs:first_ctx' cannot be called with these arguments: multiple values for argument 'ctx' (ctx is passed as a keyword: declare it after the positional parameters, e.g. 'def run(n, *, ctx)')"
+            "8:11: target 'jobs:late_ctx' cannot be called with these arguments: multiple values for argument 'ctx' (ctx is passed first when it is the first parameter, else as a keyword: declare it first, e.g. 'def run(ctx, n)', or keyword-only, e.g. 'def run(n, *, ctx)')"
         ],
     ),
     (

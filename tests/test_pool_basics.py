@@ -85,6 +85,31 @@ def test_outcomes_of_the_job_call(make_pool, method):
     assert d.run([T("again", "add", 1, 1)])["again"].result_repr == "2"
 
 
+def test_fleet_runs_see_their_replica_and_fence_in_ctx_and_environment(make_pool, monkeypatch):
+    """ctx.replica / ctx.fence (FLEET.md): a fleet run has them in ctx and, for the programs
+    it starts, in its environment (POOLKEEPER_REPLICA only for a replica), restored after the
+    run like Task.env; a run outside the fleet has None and the environment it inherited."""
+    monkeypatch.setenv("POOLKEEPER_REPLICA", "inherited")
+    monkeypatch.delenv("POOLKEEPER_FENCE", raising=False)
+    d = make_pool("fork", workers=1)  # one worker: each run sees what the previous one left
+    task = functools.partial(Task, job="eat", target="jobs_for_tests:fleet_ctx")
+    ended = d.run([
+        task(run_id="replica", replica=2, fence=41, loop=True),
+        task(run_id="fire", fence=7, env={"POOLKEEPER_FENCE": "from-spec", "OTHER": "x"}),
+        task(run_id="local"),
+        Task(run_id="no-ctx", job="j", target="jobs_for_tests:env_value",
+             args=("POOLKEEPER_FENCE",), fence=9),
+        task(run_id="after", replica=1),
+    ])  # fmt: skip
+    replica, fence, env, text = eval(ended["replica"].result_repr)
+    assert (replica, fence, env) == (2, 41, ("2", "41"))
+    assert "replica=2, fence=41" in text
+    assert eval(ended["fire"].result_repr)[:3] == (None, 7, ("inherited", "7"))
+    assert eval(ended["local"].result_repr)[:3] == (None, None, ("inherited", None))
+    assert ended["no-ctx"].result_repr == "'9'"  # a job without ctx still passes it on
+    assert eval(ended["after"].result_repr)[:3] == (1, None, ("inherited", None))
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 def test_worker_setup(make_pool, method, monkeypatch):
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):

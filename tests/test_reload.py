@@ -66,7 +66,7 @@ def _config(jobs: dict, workers: int = 2, state_path: str = "auto") -> Config:
         "restart": "always",
         "backoff": {"initial": 1.0, "max": 10.0, "factor": 2.0, "jitter": "none"},
         "overlap": "skip", "max_concurrent": 1, "catchup": "none", "args": [], "kwargs": {},
-        "env": {}, "log_runs": "all",
+        "env": {}, "log_runs": "all", "scope": "host", "on_lost": "record", "on_db_loss": "stop",
     }  # fmt: skip
     return Config.from_dict(
         {
@@ -81,6 +81,7 @@ def _config(jobs: dict, workers: int = 2, state_path: str = "auto") -> Config:
             },  # fmt: skip
             "shutdown": {"drain_timeout": 5.0},
             "state": {"path": state_path, "keep": 86400.0},
+            "fleet": None,
             "jobs": {name: {**job, "name": name, **over} for name, over in jobs.items()},
         }
     )

@@ -24,6 +24,8 @@ from poolkeeper.state.postgres import MIGRATION_LOCK, SCHEMA_VERSION, PostgresSt
 from poolkeeper.state.sqlite import SqliteStore
 from poolkeeper.state.store import StateUnreadable
 
+# Each migration applied once, in order: one row per version.
+ALL_VERSIONS = [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 
 @pytest.fixture
 def url() -> str:
@@ -90,7 +92,7 @@ def test_migrations_are_applied_once_when_stores_open_at_once(url, opened):
         t.join()
     assert errors == []
     assert all(isinstance(s, PostgresStore) for s in stores) and len(stores) == n
-    assert _sql(url, "SELECT version FROM pk_schema_version") == [(SCHEMA_VERSION,)]
+    assert _sql(url, "SELECT version FROM pk_schema_version ORDER BY 1") == ALL_VERSIONS
 
 
 def test_migrations_are_applied_once_by_processes_opening_at_once(url):
@@ -123,7 +125,7 @@ def test_migrations_are_applied_once_by_processes_opening_at_once(url):
                 p.kill()
                 p.wait()
     assert [out.strip() for out, _ in outputs] == ["PostgresStore"] * 4, outputs
-    assert _sql(url, "SELECT version FROM pk_schema_version") == [(SCHEMA_VERSION,)]
+    assert _sql(url, "SELECT version FROM pk_schema_version ORDER BY 1") == ALL_VERSIONS
 
 
 def test_migration_waits_for_the_advisory_lock(url, opened):

@@ -49,7 +49,7 @@ class ConfigError(Exception):
 
 # --- Loading -----------------------------------------------------------------------------------
 
-_SECTIONS = ("pool", "shutdown", "state", "defaults", "jobs")
+_SECTIONS = ("pool", "shutdown", "state", "fleet", "defaults", "jobs")
 # Unicode letters and digits are welcome (`\w` of a str pattern): names travel as UTF-8 in
 # journal fields and STATUS=, which python-systemd sends correctly.
 JOB_NAME_PATTERN = r"^[^\W_][\w.@-]{0,63}$"
@@ -120,15 +120,22 @@ class _Loading:
         self.bad_sections: set[Any] = set()
         self.bad_default_keys: set[Any] = set()
         self.calls: list[rules.Call] = []  # targets to import and bind, once pythonpath is known
+        # The spec has a `fleet:` section (valid or not): it decides the jobs' default scope.
+        self.fleet_mode = False
 
     def run(self) -> Config:
         doc = self.read_main()
         top = self.validate_top(doc)
         defaults = self.usable_defaults(doc)
+        self.fleet_mode = "fleet" in doc.data
+        in_defaults = Where(doc, ("defaults",))
+        self.issues += rules.scope_issues(
+            {"scope": defaults.get("scope")}, self.fleet_mode, in_defaults
+        )
         jobs: dict[str, JobModel] = {}
         wheres: dict[str, Where] = {}
         for raw_job in self.collect_jobs(doc, top):
-            validated = self.validate_job(raw_job, defaults, Where(doc, ("defaults",)))
+            validated = self.validate_job(raw_job, defaults, in_defaults)
             if validated is not None:
                 jobs[raw_job.name], wheres[raw_job.name] = validated
         if top is not None and "pool" not in self.bad_sections:
@@ -147,9 +154,16 @@ class _Loading:
                 "pool": top.pool.model_dump(),
                 "shutdown": top.shutdown.model_dump(),
                 "state": {**top.state.model_dump(), "path": self.state_path(top.state.path)},
-                "jobs": {name: {**job.model_dump(), "name": name} for name, job in jobs.items()},
+                "fleet": None if top.fleet is None else top.fleet.model_dump(),
+                "jobs": {name: self.job_settings(name, job) for name, job in jobs.items()},
             }
         )
+
+    def job_settings(self, name: str, job: JobModel) -> dict[str, Any]:
+        settings = job.model_dump()
+        settings["name"] = name
+        settings["scope"] = rules.resolved_scope(job.scope, self.fleet_mode)
+        return settings
 
     def read_main(self) -> Document:
         try:
@@ -322,6 +336,7 @@ class _Loading:
         merged = rules.merge_defaults(job.raw, defaults)
         where = JobWhere(job.doc, name, in_defaults, {k for k in merged if k not in job.raw})
         shape = rules.job_shape_issues(name, merged, where.merged, where)
+        shape += rules.scope_issues(merged, self.fleet_mode, where)
         model, errors = _validate(JobModel, merged)
         self.issues += shape + [issue_for(error, where, JobModel) for error in errors]
         self.calls += rules.call_to_check(

@@ -42,12 +42,14 @@ from poolkeeper.config.durations import (
     parse_size,
 )
 from poolkeeper.config.messages import Invalid, did_you_mean
+from poolkeeper.config.settings import HOST_ID_PATTERN, host_id_ok
 from poolkeeper.config.validation_cache import cpu_count
+from poolkeeper.config.yamlload import describe
 from poolkeeper.kinds import JobKind
 
 __all__ = [
-    "BackoffModel", "ConfigModel", "JobDefaultsModel", "JobModel", "LoopModel", "PoolModel",
-    "RetryModel", "ShutdownModel", "StateModel",
+    "BackoffModel", "ConfigModel", "FleetModel", "JobDefaultsModel", "JobModel", "LoopModel",
+    "PoolModel", "RetryModel", "ShutdownModel", "StateModel",
 ]  # fmt: skip
 
 
@@ -217,6 +219,48 @@ def _env_value(value: Any) -> str:
     return text
 
 
+# libpq's URL schemes. The keyword form ('host=... dbname=...') is not taken: one form to check.
+DATABASE_SCHEMES = ("postgresql", "postgres")
+DATABASE_PATTERN = r"^postgres(ql)?://"
+MIN_LEASE = 2.0
+
+
+def _database(value: Any) -> str:
+    """A libpq URL. The messages never repeat the text: it may hold a password."""
+    text = _require_str(value, "a PostgreSQL URL like 'postgresql://user@host/dbname'")
+    scheme, sep, _ = text.partition("://")
+    if not sep or scheme not in DATABASE_SCHEMES:
+        raise Invalid(
+            "expected a PostgreSQL URL starting with postgresql:// or postgres:// "
+            "(e.g. 'postgresql://user@host/dbname')"
+        )
+    if "\0" in text or any(char.isspace() for char in text):
+        raise Invalid("a PostgreSQL URL cannot contain spaces or NUL characters")
+    from urllib.parse import urlsplit  # here: only a fleet spec needs it
+
+    try:
+        urlsplit(text)
+    except ValueError:  # e.g. an unclosed '[' of an IPv6 address
+        raise Invalid("not a valid URL (is a '[' of an IPv6 address left unclosed?)") from None
+    return text
+
+
+def _host_id(value: Any) -> str:
+    text = _require_str(value, "a host id like 'web-1'")
+    if not host_id_ok(text):
+        raise Invalid(
+            f"'{text}' is not a host id: use letters, digits and . _ - (1 to 64 characters)"
+        )
+    return text
+
+
+def _lease(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds < MIN_LEASE:
+        raise Invalid(f"must be at least {format_duration(MIN_LEASE)}, got '{value}'")
+    return seconds
+
+
 def _nonempty(what: str) -> Callable[[Any], str]:
     def validate(value: Any) -> str:
         text = _require_str(value, what)
@@ -267,12 +311,33 @@ _Overlap = Literal["skip", "queue", "allow"]
 _Catchup = Literal["none", "once"]
 _StartMethod = Literal["forkserver", "spawn", "fork"]
 _LogRuns = Literal["all", "summary", "failures"]  # poolkeeper.daemon.runlog.LOG_RUNS
+_Scope = Literal["fleet", "host"]
+_OnLost = Literal["record", "retry"]
+_OnDbLoss = Literal["stop", "keep"]
 Jitter = Annotated[_Jitter, _enum_validator(_Jitter), _enum_schema(_Jitter)]
 Restart = Annotated[_Restart, _enum_validator(_Restart), _enum_schema(_Restart)]
 Overlap = Annotated[_Overlap, _enum_validator(_Overlap), _enum_schema(_Overlap)]
 Catchup = Annotated[_Catchup, _enum_validator(_Catchup), _enum_schema(_Catchup)]
 StartMethod = Annotated[_StartMethod, _enum_validator(_StartMethod), _enum_schema(_StartMethod)]
 LogRuns = Annotated[_LogRuns, _enum_validator(_LogRuns), _enum_schema(_LogRuns)]
+Scope = Annotated[_Scope, _enum_validator(_Scope), _enum_schema(_Scope)]
+OnLost = Annotated[_OnLost, _enum_validator(_OnLost), _enum_schema(_OnLost)]
+OnDbLoss = Annotated[_OnDbLoss, _enum_validator(_OnDbLoss), _enum_schema(_OnDbLoss)]
+Database = Annotated[
+    str,
+    PlainValidator(_database),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": DATABASE_PATTERN,
+            "examples": ["postgresql:///poolkeeper?host=/run/postgresql"],
+        }
+    ),
+]
+HostId = Annotated[
+    str, PlainValidator(_host_id), WithJsonSchema({"type": "string", "pattern": HOST_ID_PATTERN})
+]
+Lease = Annotated[float, PlainValidator(_lease), WithJsonSchema(_DURATION_SCHEMA)]
 Target = Annotated[
     str, PlainValidator(_target), WithJsonSchema({"type": "string", "pattern": TARGET_PATTERN})
 ]
@@ -462,6 +527,24 @@ class JobModel(_Model):
         "up to 100 lines/s for the unit, the rest counted per job every 10s), summary (counted "
         "per job every 10s), failures (none). Runs that do not succeed get theirs in any case.",
     )
+    # None until loader.py resolves it: the default depends on the spec's `fleet:` section.
+    scope: Scope | None = Field(
+        None,
+        description="fleet: each fire runs once across the fleet (the default when the spec "
+        "has a fleet: section); host: the job runs on every host, as without a fleet (the "
+        "default otherwise).",
+    )
+    on_lost: OnLost = Field(
+        "record",
+        description="A fleet run whose host died (its lease expired): record it as lost, or "
+        "also retry: run the fire again on another host (then at least once, not at most once).",
+    )
+    on_db_loss: OnDbLoss = Field(
+        "stop",
+        description="A fleet loop replica when its host cannot reach the database: stop it "
+        "before its slot could be taken over elsewhere, or keep it running (two copies of the "
+        "replica may then run at once).",
+    )
 
     @property
     def kind(self) -> JobKind:
@@ -545,6 +628,37 @@ class StateModel(_Model):
     )
 
 
+class FleetModel(_Model):
+    """Fleet mode: every host running this spec shares one PostgreSQL database."""
+
+    model_config = ConfigDict(title="Fleet")
+
+    database: Database = Field(
+        description="The shared PostgreSQL database, as a libpq URL: postgresql://... or "
+        "postgres://... (never printed: it may hold a password)."
+    )
+    host_id: HostId | None = Field(
+        None,
+        description="This host's name in the fleet: letters, digits and . _ - (at most 64). "
+        "Default: the host name. `poolkeeper run --host-id NAME` overrides it.",
+    )
+    lease: Lease = Field(
+        30.0,
+        description="How long a host stays live without renewing its lease (at least 2s): "
+        "a dead host's work is taken over after this.",
+        json_schema_extra={"default": "30s"},
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: Any) -> Any:
+        # pydantic's own message would repeat the value: a URL written here may hold a password.
+        if not isinstance(data, dict):
+            got = "a string" if isinstance(data, str) else describe(data)
+            raise Invalid(f"expected a mapping with a database: key, got {got}")
+        return data
+
+
 class ConfigModel(_Model):
     """A poolkeeper job spec (version 1)."""
 
@@ -566,6 +680,11 @@ class ConfigModel(_Model):
     )
     state: StateModel = Field(
         default_factory=StateModel, description="Where run history is kept, and for how long."
+    )
+    fleet: FleetModel | None = Field(
+        None,
+        description="Run this spec on several hosts as one fleet over a shared PostgreSQL "
+        "database; without it, the host runs alone.",
     )
     defaults: JobDefaultsModel = Field(
         default_factory=JobDefaultsModel,

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from poolkeeper.config.yamlload import Issue, Pos
 from poolkeeper.kinds import JobKind
-from poolkeeper.pool.context import accepts_ctx, with_ctx
+from poolkeeper.pool.context import ctx_passing, with_ctx
 
 # A tuple, not the enum: `key in KINDS` must also take a key that is no kind (or no string).
 KINDS: tuple[JobKind, ...] = tuple(JobKind)
@@ -122,6 +122,40 @@ def job_shape_issues(
         if reason:
             issues.append(Issue.at(where.pos((key,), key=True), reason))
     return issues
+
+
+# --- Fleet scope -------------------------------------------------------------------------------
+
+SCOPES = ("fleet", "host")
+
+
+def resolved_scope(scope: Any, fleet_mode: bool) -> str:
+    """A job's scope: as written, else 'fleet' when the spec has a `fleet:` section."""
+    if scope in SCOPES:
+        return str(scope)
+    return "fleet" if fleet_mode else "host"
+
+
+def scope_issues(job: Mapping[Any, Any], fleet_mode: bool, where: _Where) -> list[Issue]:
+    """`scope: fleet` needs a `fleet:` section; what runs as a host starts (`at: startup`,
+    `before_ready`) cannot be a fleet job. `job`: a job with its defaults merged, or
+    `defaults:` itself (its scope is checked; the rest only means something in a job). A
+    scope that is no valid choice is the model's to report."""
+    scope = job.get("scope")
+    if scope is not None and scope not in SCOPES:
+        return []
+    if scope == "fleet" and not fleet_mode:
+        message = "scope: fleet needs a fleet: section (the database the hosts share); add one or set scope: host"
+        return [Issue.at(where.pos(("scope",)), message)]
+    if resolved_scope(scope, fleet_mode) != "fleet":
+        return []
+    if job.get("before_ready") is True:
+        message = "before_ready runs on each host as it starts: set scope: host"
+        return [Issue.at(where.pos(("before_ready",)), message)]
+    if job.get("at") == "startup":
+        message = "at: startup runs on each host as it starts: set scope: host"
+        return [Issue.at(where.pos(("at",)), message)]
+    return []
 
 
 def capacity_issues(
@@ -290,19 +324,22 @@ def target_issues(call: Call, importer: Importer) -> list[Issue]:
     signature = importer.signature(call.target, fn)
     if signature is None:  # some builtins have no signature: nothing to check
         return []
-    takes_ctx = accepts_ctx(signature)
-    if call.loop and not takes_ctx:
+    passing = ctx_passing(signature)
+    if call.loop and not passing:
         message = f"{target} is a loop job's target but has no 'ctx' parameter, so it cannot see ctx.stopping and would never stop on its own"
         return [Issue.at(where.pos(("target",)), message)]
     if call.args is None or call.kwargs is None:
         return []
     try:
         # Bind exactly the call the worker makes.
-        signature.bind(*call.args, **(with_ctx(call.kwargs, None) if takes_ctx else call.kwargs))
+        args, kwargs = call.args, call.kwargs
+        if passing:
+            args, kwargs = with_ctx(passing, args, kwargs, None)
+        signature.bind(*args, **kwargs)
     except TypeError as exc:
         reason = _one_line(str(exc))
-        if takes_ctx and "'ctx'" in reason:
-            reason += " (ctx is passed as a keyword: declare it after the positional parameters, e.g. 'def run(n, *, ctx)')"
+        if passing == "keyword" and "'ctx'" in reason:
+            reason += " (ctx is passed first when it is the first parameter, else as a keyword: declare it first, e.g. 'def run(ctx, n)', or keyword-only, e.g. 'def run(n, *, ctx)')"
         at = ("args",) if call.args else ("kwargs",) if call.kwargs else ("target",)
         return [
             Issue.at(where.pos(at), f"{target} cannot be called with these arguments: {reason}")
@@ -361,5 +398,7 @@ __all__ = [
     "exception_line",
     "job_shape_issues",
     "merge_defaults",
+    "resolved_scope",
+    "scope_issues",
     "target_issues",
 ]

@@ -9,6 +9,7 @@ from pydantic.json_schema import GenerateJsonSchema
 
 from poolkeeper.config import model
 from poolkeeper.config.model import ConfigModel
+from poolkeeper.config.schema_checks import add_checks
 
 
 class _SchemaNames(GenerateJsonSchema):
@@ -24,7 +25,7 @@ class _SchemaNames(GenerateJsonSchema):
 
 def json_schema() -> dict[str, Any]:
     """A draft 2020-12 schema for editors (yaml-language-server: completion, hover, checks)."""
-    schema = ConfigModel.model_json_schema(schema_generator=_SchemaNames)
+    schema = add_checks(ConfigModel.model_json_schema(schema_generator=_SchemaNames))
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://poolkeeper.invalid/schema/v1.json",

@@ -9,6 +9,7 @@ records round-trip through JSON without it. Equality compares every setting.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -61,6 +62,9 @@ class Job(NamedTuple):
     kwargs: dict[str, Any]
     env: dict[str, str]
     log_runs: str  # 'all', 'summary' or 'failures' (poolkeeper.daemon.runlog)
+    scope: str  # 'fleet' (once across the fleet) or 'host'; resolved at validation
+    on_lost: str  # 'record' or 'retry': a fleet fire whose host died
+    on_db_loss: str  # 'stop' or 'keep': a fleet loop replica when the lease cannot be renewed
 
     @property
     def kind(self) -> JobKind:
@@ -125,12 +129,28 @@ class State(NamedTuple):
     keep: float
 
 
+# Here rather than in model.py: `run --host-id` checks a name without importing pydantic.
+HOST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+_HOST_ID = re.compile(HOST_ID_PATTERN)
+
+
+def host_id_ok(name: str) -> bool:
+    return bool(_HOST_ID.fullmatch(name))
+
+
+class Fleet(NamedTuple):
+    database: str  # a libpq URL (postgresql:// or postgres://); may hold a password
+    host_id: str | None  # None: the host name, resolved at run time
+    lease: float
+
+
 class Config(NamedTuple):
     path: str  # absolute
     pythonpath: list[str]  # absolute
     pool: Pool
     shutdown: Shutdown
     state: State
+    fleet: Fleet | None  # None: a single host, no fleet
     jobs: dict[str, Job]  # in file order, included fragments after the main file
 
     @classmethod
@@ -142,8 +162,14 @@ class Config(NamedTuple):
             pool=Pool(**data["pool"]),
             shutdown=Shutdown(**data["shutdown"]),
             state=State(**data["state"]),
+            fleet=None if data["fleet"] is None else Fleet(**data["fleet"]),
             jobs=_jobs(data["jobs"]),
         )
+
+    def with_host_id(self, host_id: str) -> Config:
+        """`run --host-id`: this config with fleet.host_id replaced (it has a fleet section)."""
+        assert self.fleet is not None
+        return self._replace(fleet=self.fleet._replace(host_id=host_id))
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = _plain(self)  # a NamedTuple becomes a dict

@@ -55,7 +55,8 @@ else:
         except ImportError:
             from hashlib import sha256
 
-FORMAT = 2  # 2: jobs as rows of values (_compact)
+# 2: jobs as rows of values (_compact); 3: `fleet:`, and each job's scope, on_lost, on_db_loss
+FORMAT = 3
 # An entry holds the validated config (about 190 bytes a job: 10 MB for 50,000 jobs) and a
 # digest per import-path directory. The bound only keeps a broken or foreign file from costing
 # the start its memory; it is twice the largest config file read (readfile.MAX_CONFIG_BYTES).

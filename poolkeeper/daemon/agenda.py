@@ -45,7 +45,9 @@ class Agenda:
         self.fires: TimerHeap[JobRuntime] = TimerHeap()  # wall clock
         self.backoffs: TimerHeap[JobRuntime] = TimerHeap()  # monotonic: backing off until
         self.paused = 0
-        self._delayed: list[_Entry] = []  # by due (monotonic)
+        # By due alone (monotonic): a replica-first order here would keep a due run waiting
+        # behind a replica whose restart is later (found by test_agenda's property test).
+        self._delayed: list[tuple[float, int, _Entry]] = []
         self._ready: list[_Entry] = []  # by (replica first, due)
         self._held_fires: list[JobRuntime] = []
         self._held_runs: list[_Entry] = []
@@ -78,9 +80,8 @@ class Agenda:
 
     def queued(self, job: JobRuntime, run: PendingRun) -> None:
         self._seq += 1
-        heapq.heappush(
-            self._delayed, (0 if run.replica is not None else 1, run.due, self._seq, job, run)
-        )
+        entry = (0 if run.replica is not None else 1, run.due, self._seq, job, run)
+        heapq.heappush(self._delayed, (run.due, self._seq, entry))
 
     def backoff_changed(self, job: JobRuntime) -> None:
         until = job.backing_off_until
@@ -120,9 +121,8 @@ class Agenda:
         """Offer the ready runs to `take`, head first, until it declines one. Returns how
         many it took."""
         delayed, ready = self._delayed, self._ready
-        while delayed and delayed[0][1] <= now_mono:
-            entry = heapq.heappop(delayed)
-            heapq.heappush(ready, entry)
+        while delayed and delayed[0][0] <= now_mono:
+            heapq.heappush(ready, heapq.heappop(delayed)[2])
         taken = 0
         while ready:
             entry = ready[0]
@@ -150,7 +150,7 @@ class Agenda:
                 self.rearm(job)
         held_runs, self._held_runs = self._held_runs, []
         for entry in held_runs:
-            heapq.heappush(self._delayed, entry)
+            heapq.heappush(self._delayed, (entry[1], entry[2], entry))
 
     def clock_stepped_back(self, now_wall: float, step: float) -> None:
         """The wall clock went back `step` seconds: every schedule decides whether to rebase
@@ -173,7 +173,7 @@ class Agenda:
         delayed = self._delayed
         if not delayed:
             return None
-        due = delayed[0][1]
+        due = delayed[0][0]
         return due if due > now_mono else now_mono
 
     def backing_off(self, now_mono: float) -> tuple[int, JobRuntime | None, float]:

@@ -79,13 +79,17 @@ class ControlHandlers:
         }
         for name, spec in d.reloader.held.items():
             jobs[name] = _view(spec, None, "restarting (reload)")
-        return {"ok": True, "message": d.status_text(now), "jobs": jobs}
+        reply = {"ok": True, "message": d.status_text(now), "jobs": jobs}
+        if d.fleet is not None:
+            reply["fleet"] = d.fleet.status()
+        return reply
 
     def pause(self, job: JobRuntime) -> dict[str, Any]:
         if job.paused:
             return {"ok": True, "message": f"{job.name}: already paused"}
         loops = job.pause()
         self.daemon.stop_runs(job, loops, time.monotonic())
+        self._tell_fleet(job, paused=True)
         self.daemon.log.info("%s: paused by hand (%d loop replicas stopping)", job.name, len(loops))
         stopping = f"; {count(len(loops), 'loop replica')} stopping" if loops else ""
         return {"ok": True, "message": f"{job.name}: paused, no new runs{stopping}"}
@@ -95,8 +99,15 @@ class ControlHandlers:
             return {"ok": True, "message": f"{job.name}: not paused"}
         stopping = {run_id for run_id in job.running if run_id in self.daemon.retiring}
         job.resume(time.time(), time.monotonic(), stopping)
+        self._tell_fleet(job, paused=False)
         self.daemon.log.info("%s: resumed by hand", job.name)
         return {"ok": True, "message": f"{job.name}: resumed"}
+
+    def _tell_fleet(self, job: JobRuntime, *, paused: bool) -> None:
+        """A fleet job is paused or resumed on every host (each hears it from the database)."""
+        fleet = self.daemon.fleet
+        if fleet is not None and job.spec.name in fleet.member_jobs():
+            fleet.pause(job.name, paused)
 
     def run_now(self, job: JobRuntime) -> dict[str, Any]:
         why_not = job.run_now(time.time(), time.monotonic())

@@ -46,6 +46,9 @@ class PendingRun(NamedTuple):
     scheduled_at: float  # wall clock: when the schedule wanted it
     due: float  # monotonic: not before
     replica: int | None = None
+    # Fleet mode: what the run holds in the fleet's database, a claimed fire or a replica's
+    # slot (poolkeeper.fleet.jobs); a retry or a restart inherits it.
+    claim: object | None = None
 
 
 class JobRuntime:

@@ -65,6 +65,8 @@ from poolkeeper.state.store import StateStore
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
 
+    from poolkeeper.config.settings import Job
+    from poolkeeper.fleet.loop import FleetSide
     from poolkeeper.pool.protocol import Event
 
 MAX_WAIT = 1.0  # the loop turns at least this often: status, watchdog, wall-clock jumps
@@ -148,6 +150,7 @@ class Daemon:
         self.runlog = RunLog(self.log)  # which runs get journal lines (docs/journal.md)
         self.reloader = Reloader(self)
         self.handlers = ControlHandlers(self)
+        self.fleet: FleetSide | None = None  # fleet mode (poolkeeper.fleet.loop)
 
     @property
     def live_pool(self) -> WorkerPool:
@@ -186,6 +189,8 @@ class Daemon:
             self._handle_signals()
         self.handlers.serve(ready)
         self._collect()
+        if self.fleet is not None:
+            self.fleet.turn(ready)
         self._fire_schedules()
         self._dispatch()
         self._advance_phase()
@@ -207,11 +212,13 @@ class Daemon:
         if self.pool is None:
             self.pool = pool_for(cfg, self.log_target, logging.getLogger().level)
         self.pool.start()
+        if cfg.fleet is not None:
+            self.fleet = _fleet_side(self)
         now_wall, now_mono = time.time(), time.monotonic()
         for spec in cfg.jobs.values():
-            # One random stream for every job (jitter, backoff): a Random is 2.5 KB of state,
-            # 25 MB for 10,000 jobs; no decision needs a job's draws apart from the others'.
-            self.add_job(JobRuntime(spec, self.rng), now_wall, now_mono)
+            self.add_job(self.runtime_for(spec), now_wall, now_mono)
+        if self.fleet is not None:
+            self.fleet.start()
         self._before_ready = [job for job in self.jobs.values() if job.spec.before_ready]
         self.log.info(
             "started: %s, %s (%s), state %s",
@@ -265,6 +272,8 @@ class Daemon:
                 self._on_ended(ev)
             reaper.kill_orphans()
         self.runlog.report(time.monotonic(), final=True)  # what those last ends counted
+        if self.fleet is not None:  # every end written, the slots given back, the lease ended
+            self.fleet.close()
         if self.drain_started is not None:
             self._log_drain_summary()
         if self.state is not None:
@@ -289,11 +298,24 @@ class Daemon:
             fds.append(sock)
         if self.instance_lock is not None:
             fds += self.instance_lock.fds()
+        if self.fleet is not None:
+            fds += self.fleet.member.fds()
         if self.state is not None:
             fds += self.state.fds()  # the DB and its WAL
         return fds
 
     # -- one turn -----------------------------------------------------------------------
+
+    def runtime_for(self, spec: Job) -> JobRuntime:
+        """A new job's runtime: a fleet job's runs come from the fleet (poolkeeper.fleet)."""
+        if self.fleet is not None:
+            from poolkeeper.fleet.loop import is_fleet_job
+
+            if is_fleet_job(spec):
+                return self.fleet.runtime(spec, self)
+        # One random stream for every job (jitter, backoff): a Random is 2.5 KB of state,
+        # 25 MB for 10,000 jobs; no decision needs a job's draws apart from the others'.
+        return JobRuntime(spec, self.rng)
 
     def add_job(self, job: JobRuntime, now_wall: float, now_mono: float) -> None:
         """Start `job` (at daemon start, or its new definition after a reload)."""
@@ -315,6 +337,8 @@ class Daemon:
         """`name` is no longer scheduled (a reload removed or changed it)."""
         job = self.jobs.pop(name)
         self.agenda.remove(job)
+        if self.fleet is not None:
+            self.fleet.jobs_changed = True
         return job
 
     def _wait(self) -> set[int]:
@@ -332,6 +356,9 @@ class Daemon:
         if self._watchdog:
             deadlines.append(self._next_ping)
         readers: list[FileDescriptorLike] = [*self.live_pool.waitables(), self.signals]
+        if self.fleet is not None:  # its events; the deadline of what this host holds
+            deadlines.append(self.fleet.next_deadline())
+            readers.append(self.fleet.member.fileno())
         writers: Sequence[FileDescriptorLike] = []
         if self.control is not None:  # its clients' deadlines, their sockets (control.py)
             deadlines.append(self.control.next_deadline())
@@ -502,6 +529,8 @@ class Daemon:
             started_at=ev.started_at,
             worker_pid=ev.worker_pid,
         )
+        if self.fleet is not None:
+            self.fleet.run_started(task, ev.started_at, ev.worker_pid)
         spec = self.config.jobs.get(task.job)
         if self.runlog.started(task.job, task.run_id, spec, time.monotonic()):
             self.log.info(
@@ -529,6 +558,8 @@ class Daemon:
             worker_pid=ev.worker_pid,
             error=ev.error,
         )
+        if self.fleet is not None:
+            self.fleet.run_ended(ev)
         retired = self.retiring.pop(task.run_id)
         job = retired if retired is not None else self.jobs.get(task.job)
         follow_up = ""
@@ -640,6 +671,8 @@ class Daemon:
         self.drain_started = now
         self.drain_deadline = now + self.config.shutdown.drain_timeout
         pool = self.live_pool
+        if self.fleet is not None:
+            self.fleet.member.quiesce()  # nothing more claimed; the rest is for other hosts
         pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
         in_flight = pool.in_flight()
         self.drained_in_flight = len(in_flight)
@@ -717,6 +750,19 @@ class Daemon:
 
     def status_text(self, now: float) -> str:
         return status_line(self, now)
+
+
+def _fleet_side(daemon: Daemon) -> FleetSide:
+    try:
+        from poolkeeper.fleet.loop import FleetSide  # psycopg: only in fleet mode
+    except ImportError as exc:
+        raise StartupFailed(
+            f"the spec has a fleet: section, but {exc.name or 'psycopg'} cannot be imported: "
+            "install the fleet extra (pip install 'poolkeeper[fleet]')",
+            exitcodes.UNAVAILABLE,
+            errno.ENOPKG,
+        ) from None
+    return FleetSide(daemon, daemon.log)
 
 
 def _secs(config: Config) -> str:

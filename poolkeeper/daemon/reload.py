@@ -206,7 +206,7 @@ class Reloader:
         now_wall, now_mono = time.time(), time.monotonic()
         startable = [name for name in self.held if name not in busy]
         for name in startable:
-            d.add_job(JobRuntime(self.held.pop(name), d.rng), now_wall, now_mono)
+            d.add_job(d.runtime_for(self.held.pop(name)), now_wall, now_mono)
         if startable:
             d.freeze_what_is_built()
 

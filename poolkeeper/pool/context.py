@@ -1,8 +1,8 @@
 """What a job sees of poolkeeper: the `ctx` argument (`poolkeeper.RunContext`).
 
 A RunContext only lives inside a worker process, for the duration of one run. It is built by
-`poolkeeper.pool.worker` and handed to the job as the `ctx` keyword when the job's function declares
-a parameter of that name: the rule is `accepts_ctx` and the call `with_ctx`, here once for the
+`poolkeeper.pool.worker` and handed to the job when the job's function declares a parameter named
+ctx, first or as a keyword: the rule is `ctx_passing` and the call `with_ctx`, here once for the
 worker that calls and for `poolkeeper check` (config/rules.py) that checks the call. Light on
 purpose: the config package may import this module, and every worker does.
 """
@@ -14,12 +14,12 @@ import math
 import select
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import inspect  # not at run time: kept off the start of the main process and of every worker
 
-__all__ = ["RunContext", "Stopping", "accepts_ctx", "with_ctx"]
+__all__ = ["CtxPassing", "RunContext", "Stopping", "ctx_passing", "with_ctx"]
 
 _MAX_POLL_MS = 2**31 - 1  # poll(2)'s timeout is a C int
 
@@ -78,9 +78,18 @@ class RunContext:
         stopping: set when the daemon drains, or a reload changes or removes this job
             (`is_set()`, `wait(timeout) -> bool`; see `Stopping`). A loop job checks it
             between units of work and returns when it is set.
+        replica: this loop replica's index (0, 1, ...); None for a scheduled run.
+        fence: in fleet mode, the fencing token of this run (the slot's epoch for a loop
+            replica, the fire's fence for a scheduled run), else None. It only grows: a job that
+            writes somewhere shared can store it and refuse writes carrying an older one. The
+            run's environment has it as POOLKEEPER_FENCE (and POOLKEEPER_REPLICA), for the
+            programs the job starts (POOLKEEPER_REPLICA only in fleet mode).
     """
 
-    __slots__ = ("job", "run_id", "attempt", "scheduled_at", "log", "stopping", "_heartbeat")
+    __slots__ = (
+        "job", "run_id", "attempt", "scheduled_at", "log", "stopping", "replica", "fence",
+        "_heartbeat",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -92,6 +101,8 @@ class RunContext:
         log: logging.Logger | logging.LoggerAdapter[Any],
         stopping: Stopping,
         heartbeat: Callable[[], None],
+        replica: int | None = None,
+        fence: int | None = None,
     ) -> None:
         self.job = job
         self.run_id = run_id
@@ -99,6 +110,8 @@ class RunContext:
         self.scheduled_at = scheduled_at
         self.log = log
         self.stopping = stopping
+        self.replica = replica
+        self.fence = fence
         self._heartbeat = heartbeat
 
     def heartbeat(self) -> None:
@@ -109,18 +122,35 @@ class RunContext:
     def __repr__(self) -> str:
         return (
             f"RunContext(job={self.job!r}, run_id={self.run_id!r}, attempt={self.attempt}, "
-            f"scheduled_at={self.scheduled_at})"
+            f"scheduled_at={self.scheduled_at}, replica={self.replica}, fence={self.fence})"
         )
 
 
-def accepts_ctx(signature: inspect.Signature) -> bool:
-    """Whether a job's callable is passed `ctx`: it declares a parameter named ctx (positional
-    or keyword, but not `*ctx` or `**ctx`)."""
+CtxPassing = Literal["", "first", "keyword"]
+"""How a job's callable is passed ctx: "" not at all, "first" as the first positional argument,
+"keyword" as the keyword argument ctx=."""
+
+
+def ctx_passing(signature: inspect.Signature) -> CtxPassing:
+    """How a job's callable is passed `ctx`, from its signature. It gets ctx when it declares
+    a parameter named ctx (not `*ctx` or `**ctx`): as the first positional argument when that
+    is its first parameter and not keyword-only (`def tick(ctx, path)`, like a bound method's
+    self), otherwise as a keyword (`def tick(path, ctx)`, `def tick(path, *, ctx)`)."""
     param = signature.parameters.get("ctx")
-    return param is not None and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+    if param is None or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        return ""
+    first = next(iter(signature.parameters.values()))
+    if first is param and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+        return "first"
+    return "keyword"
 
 
-def with_ctx(kwargs: Mapping[str, Any], ctx: Any) -> dict[str, Any]:
-    """The keyword arguments of a call to a callable that accepts ctx: the call is always
-    fn(*args, ctx=ctx, **kwargs), ctx passed as a keyword (the spec may not set a 'ctx' kwarg)."""
-    return {"ctx": ctx, **kwargs}
+def with_ctx(
+    passing: CtxPassing, args: tuple[Any, ...], kwargs: Mapping[str, Any], ctx: Any
+) -> tuple[tuple[Any, ...], Mapping[str, Any]]:
+    """The positional and keyword arguments of the call to a callable that takes ctx the way
+    `passing` says (the spec may not set a 'ctx' kwarg): fn(ctx, *args, **kwargs) or
+    fn(*args, ctx=ctx, **kwargs)."""
+    if passing == "first":
+        return (ctx, *args), kwargs
+    return args, {"ctx": ctx, **kwargs}

@@ -9,7 +9,8 @@ the standard library here.
 Messages, each a pickled tuple framed like multiprocessing.Connection (4-byte length):
 
     main -> worker   ("T", seq, target, args, kwargs, job, run_id, attempt, scheduled_at, env,
-                      check_cancel)          run this (check_cancel: it was queued, not awaited)
+                      check_cancel, replica, fence)
+                                             run this (check_cancel: it was queued, not awaited)
                      ("C", seq)              cancel seq if not started yet (drain / kill_runs)
                      None                    exit when the queue is done
     worker -> main   ("R", pid)              initialised, ready
@@ -49,6 +50,10 @@ class Task(NamedTuple):
     heartbeat_timeout: float | None = None  # no ctx.heartbeat() this long = hung
     env: dict[str, str] = _NONE  # set for the run, restored after
     loop: bool = False  # a loop replica: long-lived, never queued behind or ahead of anything
+    replica: int | None = None  # ctx.replica: the loop replica's index (fleet mode)
+    # ctx.fence: the fencing token of a fleet run (slot epoch or fire fence); also in the run's
+    # environment as POOLKEEPER_FENCE (and POOLKEEPER_REPLICA), for the job's subprocesses
+    fence: int | None = None
 
 
 class RunEnded(NamedTuple):
@@ -89,7 +94,7 @@ def encode_task(task: Task, seq: int, prefetched: bool) -> bytes:
     queued behind a run rather than awaited, so the worker checks for a cancel first."""
     return pickle.dumps(
         ("T", seq, task.target, task.args, task.kwargs, task.job, task.run_id,
-         task.attempt, task.scheduled_at, task.env, prefetched),
+         task.attempt, task.scheduled_at, task.env, prefetched, task.replica, task.fence),
         PICKLE_PROTOCOL,
     )  # fmt: skip
 

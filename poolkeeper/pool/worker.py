@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
 
 from poolkeeper import signals
 from poolkeeper.pool import reaper
-from poolkeeper.pool.context import RunContext, Stopping, accepts_ctx, with_ctx
+from poolkeeper.pool.context import CtxPassing, RunContext, Stopping, ctx_passing, with_ctx
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.protocol import PICKLE_PROTOCOL, frame, take_messages
 from poolkeeper.service.notify import MAIN_ONLY_ENV
@@ -402,7 +402,7 @@ class _WorkerLoop:
         self.cfg = cfg
         self.pid = os.getpid()
         self.send_lock = threading.Lock()
-        self.targets: dict[str, tuple[Callable[..., Any], bool]] = {}
+        self.targets: dict[str, tuple[Callable[..., Any], CtxPassing]] = {}
         self.inbox: collections.deque[Any] = collections.deque()
         self.cancelled: set[int] = set()
         self.last_heartbeat = 0.0
@@ -486,7 +486,7 @@ class _WorkerLoop:
 
     # -- one run ----------------------------------------------------------------------------
 
-    def resolve(self, target: str) -> tuple[Callable[..., Any], bool]:
+    def resolve(self, target: str) -> tuple[Callable[..., Any], CtxPassing]:
         hit = self.targets.get(target)
         if hit is not None:
             return hit
@@ -510,22 +510,26 @@ class _WorkerLoop:
             raise _TargetError(f"target {target!r} is not callable", "")
         import inspect  # here: kept off the start of the main process and of every worker
 
+        passing: CtxPassing
         try:
-            wants_ctx = accepts_ctx(inspect.signature(obj))  # the rule `poolkeeper check` applies
+            passing = ctx_passing(inspect.signature(obj))  # the rule `poolkeeper check` applies
         except (TypeError, ValueError):  # builtins without a signature
-            wants_ctx = False
-        self.targets[target] = (obj, wants_ctx)
-        return obj, wants_ctx
+            passing = ""
+        self.targets[target] = (obj, passing)
+        return obj, passing
 
     def run(self, msg: tuple[Any, ...]) -> tuple[Any, ...]:
-        _, seq, target, args, kwargs, job, run_id, attempt, scheduled_at, env, _pf = msg
+        _, seq, target, args, kwargs, job, run_id, attempt, scheduled_at, env, _pf = msg[:11]
+        replica, fence = msg[11:]  # ctx.replica, ctx.fence (fleet mode)
         started = time.time()
+        if fence is not None:
+            env = _fleet_env(env, replica, fence)
         saved_env = _apply_env(env) if env else None
         _RunFields.current = (job, run_id, attempt)
         result_repr = error = tb = None
         try:
-            fn, wants_ctx = self.resolve(target)
-            if wants_ctx:
+            fn, passing = self.resolve(target)
+            if passing:
                 ctx = RunContext(
                     job=job,
                     run_id=run_id,
@@ -534,8 +538,10 @@ class _WorkerLoop:
                     log=logging.getLogger(f"poolkeeper.job.{job}"),
                     stopping=self.stopping,
                     heartbeat=self.heartbeat,
+                    replica=replica,
+                    fence=fence,
                 )
-                kwargs = with_ctx(kwargs, ctx)
+                args, kwargs = with_ctx(passing, args, kwargs, ctx)
             result = fn(*args, **kwargs)
             result_repr = _safe_repr(result)
             del result
@@ -550,6 +556,15 @@ class _WorkerLoop:
         ended = time.time()
         rss = _rss_bytes() if self.cfg.max_memory else 0
         return ("D", seq, error is None, started, ended, result_repr, error, tb, rss)
+
+
+def _fleet_env(env: dict[str, str], replica: int | None, fence: int) -> dict[str, str]:
+    """Task.env plus the fleet run's fencing token (and replica index), for the programs the
+    job starts: they cannot see ctx. Ours win over a spec's env of the same name."""
+    env = {**env, "POOLKEEPER_FENCE": str(fence)}
+    if replica is not None:
+        env["POOLKEEPER_REPLICA"] = str(replica)
+    return env
 
 
 def _apply_env(env: dict[str, str]) -> dict[str, str | None]:

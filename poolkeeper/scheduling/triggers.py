@@ -417,7 +417,8 @@ class JobSchedule:
             return
         if isinstance(self.trigger, IntervalTrigger):
             if self.next.nominal > now + self.trigger.every:
-                self.next = self._fire(now + self.trigger.every)
+                # following(), not now + every: a fleet's interval stays on its grid
+                self.next = self._fire(self.trigger.following(now, now))
         elif step > BACKWARD_TOLERANCE and isinstance(self.trigger, CronTrigger):
             self.next = self._fire(self.trigger.next_fire(now))
 

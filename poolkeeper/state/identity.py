@@ -89,7 +89,20 @@ def reload_refusal(old: Any, new: Any) -> str | None:
             f"state.path changed ({old.state.path} -> {new.state.path}): a running daemon "
             "keeps its state database; restart it to apply this (systemctl restart)"
         )
+    if old.fleet != new.fleet:
+        return (
+            f"{_fleet_change(old.fleet, new.fleet)}: a running daemon keeps its place in the "
+            "fleet (its database, host id and lease); restart it to apply this (systemctl restart)"
+        )
     return None
+
+
+def _fleet_change(old: Any, new: Any) -> str:
+    """What changed in `fleet:`, without the database URL (it may hold a password)."""
+    if old is None or new is None:
+        return "the fleet: section was " + ("added" if old is None else "removed")
+    changed = [f"fleet.{key}" for key in old._fields if getattr(old, key) != getattr(new, key)]
+    return f"{' and '.join(changed)} changed"
 
 
 # --- the store ---------------------------------------------------------------------------

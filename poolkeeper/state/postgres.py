@@ -77,6 +77,72 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_run_id text
         )""",
     ),
+    # 2: fleet mode (poolkeeper.fleet.db has the statements that use these tables).
+    (
+        # One row per daemon incarnation (one run of the process); live while lease_until is
+        # ahead of the database's now(). fillfactor: the heartbeat rewrites the row every few
+        # seconds, and a HOT update needs room on its page.
+        """CREATE TABLE pk_hosts (
+            incarnation uuid PRIMARY KEY,
+            host_id text NOT NULL,
+            version text NOT NULL,
+            spec_hash text NOT NULL,
+            pid integer,
+            capacity integer NOT NULL,
+            busy integer NOT NULL DEFAULT 0,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            lease_until timestamptz NOT NULL
+        ) WITH (fillfactor = 50)""",
+        # The fleet's view of each job: the cursor (nominal time of the last fire created) stops
+        # old fires being created again whatever the history holds; the rest is what the hosts
+        # need to agree on without reading each other's specs.
+        """CREATE TABLE pk_jobs (
+            job text PRIMARY KEY,
+            cursor_at double precision,
+            paused boolean NOT NULL DEFAULT false,
+            overlap text NOT NULL DEFAULT 'allow',
+            on_lost text NOT NULL DEFAULT 'record',
+            replicas integer NOT NULL DEFAULT 0,
+            control_gen bigint NOT NULL DEFAULT 0
+        )""",
+        "CREATE SEQUENCE pk_fence",
+        # A fire: one row per scheduled time of a fleet job (UNIQUE (job, fire_key)).
+        """CREATE TABLE pk_fires (
+            id bigserial PRIMARY KEY,
+            job text NOT NULL,
+            fire_key text NOT NULL,
+            scheduled double precision NOT NULL,
+            due_at timestamptz NOT NULL,
+            state text NOT NULL DEFAULT 'ready',
+            attempt integer NOT NULL DEFAULT 1,
+            claimed_inc uuid,
+            host_id text,
+            fence bigint,
+            outcome text,
+            error text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            claimed_at timestamptz,
+            ended_at timestamptz,
+            UNIQUE (job, fire_key)
+        )""",
+        "CREATE INDEX pk_fires_ready ON pk_fires (due_at, id) WHERE state = 'ready'",
+        "CREATE INDEX pk_fires_claimed ON pk_fires (claimed_inc) WHERE state = 'claimed'",
+        "CREATE INDEX pk_fires_ended ON pk_fires (ended_at) WHERE state = 'ended'",
+        # A loop replica of a fleet job: owned by at most one live incarnation; the epoch goes
+        # up at every change of owner (the fencing token the replica's run sees).
+        """CREATE TABLE pk_slots (
+            job text NOT NULL,
+            replica integer NOT NULL,
+            owner_inc uuid,
+            epoch bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (job, replica)
+        ) WITH (fillfactor = 50)""",
+        # Fleet-wide history: which host (and incarnation) ran it; a run still marked running
+        # whose incarnation is no longer live gets its outcome from the reaper (fleet.db.reap).
+        "ALTER TABLE pk_runs ADD COLUMN host_id text",
+        "ALTER TABLE pk_runs ADD COLUMN incarnation uuid",
+        f"CREATE INDEX pk_runs_running ON pk_runs (incarnation) WHERE outcome = '{RUNNING}'",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -10,6 +10,9 @@
 #                       another filesystem than /, because the overlay shows the root fs only,
 #                       or under /tmp, /run, /dev, which the sandbox replaces
 #       SANDBOX_SCRATCH where to mount the scratch tmpfs (default /tmp): never above a bind
+#       SANDBOX_FRESH   ':'-separated paths of the host the sandbox must not see (what an
+#                       earlier install of poolkeeper left: its state, cache, configs); inside
+#                       they are absent, as on a machine that never had it
 #       SANDBOX_NAME    value of $container and the hostname (default poolkeeper-sandbox)
 # The `outer` stage joins SANDBOX_CGROUP and re-executes this script as `inner` under
 # `unshare`; `inner` runs as PID 1 of the new PID namespace, builds the root and execs systemd.
@@ -62,6 +65,16 @@ mount_api_filesystems() {
     mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$m/sys/fs/cgroup"
     mount -t tmpfs -o mode=755,nosuid,nodev run "$m/run"
     mount -t tmpfs -o mode=1777,nosuid,nodev tmp "$m/tmp"
+}
+
+hide_host_leftovers() {
+    local m=$1 p
+    local IFS=:
+    for p in ${SANDBOX_FRESH:-}; do
+        # Removed from the overlay only: a whiteout in the tmpfs upper layer hides the host's
+        # entry; overlayfs never writes to its lower layer, the host's root filesystem.
+        [ -n "$p" ] && rm -rf -- "$m$p"
+    done
 }
 
 bind_other_filesystems() {
@@ -137,6 +150,7 @@ inner() {
     mkdir "$r/upper" "$r/work" "$r/merged"
     m=$r/merged
     mount -t overlay overlay -o "lowerdir=/,upperdir=$r/upper,workdir=$r/work" "$m"
+    hide_host_leftovers "$m"
     mount_dev "$m"
     mount_api_filesystems "$m"
     bind_other_filesystems "$m"

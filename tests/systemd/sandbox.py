@@ -36,6 +36,17 @@ INSIDE_ENV = {
     "TERM": "dumb",
 }
 
+# What an earlier install of poolkeeper on the host left, hidden from the sandbox (boot.sh
+# removes them from its overlay) so that every session starts as on a fresh machine: a host's
+# /var/lib/poolkeeper/poolkeeper.db showed through, and the daemons of the tests saw jobs that
+# were not theirs. (/run is a tmpfs of the sandbox's own already; private/: DynamicUser=.)
+HOST_LEFTOVERS = (
+    "/etc/poolkeeper",
+    "/var/lib/poolkeeper", "/var/lib/private/poolkeeper",
+    "/var/cache/poolkeeper", "/var/cache/private/poolkeeper",
+    "/var/log/poolkeeper", "/var/log/private/poolkeeper",
+)  # fmt: skip
+
 T = TypeVar("T")
 
 
@@ -198,6 +209,7 @@ class Sandbox:
             "SANDBOX_CGROUP": str(cgroup),
             "SANDBOX_BINDS": ":".join(bind_list),
             "SANDBOX_SCRATCH": scratch_dir(bind_list),
+            "SANDBOX_FRESH": ":".join(HOST_LEFTOVERS),
             "SANDBOX_NAME": NAME,
         }
         # A session of its own: a Ctrl-C meant for pytest must not reach systemd (SIGINT to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from sandbox import HostGuard, Sandbox
@@ -144,3 +145,14 @@ def test_the_host_is_not_touched(systemd_sandbox: Sandbox, host_guard: HostGuard
         sb.write_file(str(marker), "sandbox")
     assert host_guard.changes() == []
     # (After poweroff the host_guard fixture checks again.)
+
+
+def test_the_hosts_poolkeeper_files_do_not_show_through(
+    systemd_sandbox: Sandbox, host_leftovers: list[Path]
+):
+    """A host where poolkeeper was installed before: its state, cache and configs stay out
+    of the sandbox (a host's poolkeeper.db used to show through the overlay)."""
+    assert host_leftovers, "no marker placed on the host"
+    for marker in host_leftovers:
+        assert marker.is_file()  # on the host, from before the boot
+        assert systemd_sandbox.run("test", "-e", str(marker), check=False).returncode == 1
