@@ -11,13 +11,14 @@ import e2e_support as e2e
 import pytest
 from sandbox import Sandbox
 
+from poolkeeper.config.model import FleetModel
+from poolkeeper.fleet.member import HEARTBEAT_PARTS
 from poolkeeper.service import unit as units
 
 PACKAGING = Path(__file__).resolve().parents[2] / "packaging" / "systemd"
 NETWORK_MAX, OFFLINE_MAX = 1.5, 0.5
 # fleet.conf's Wants=/After= for a local PostgreSQL, as a host that runs one uncomments them.
-# fleet.lease's default (FLEET.md).
-DEFAULT_LEASE = 30.0
+DEFAULT_LEASE = FleetModel.model_fields["lease"].default  # fleet.lease's, in seconds
 LOCAL_DB_LINES = ("#Wants=postgresql.service\n", "#After=postgresql.service\n")
 
 
@@ -141,7 +142,8 @@ def test_fleet_dropin_kills_a_frozen_daemon_before_its_lease_can_be_taken_over(
         assert shown["ActiveState"] == "active"
         watchdog = _seconds(shown["WatchdogUSec"])
         abort = _seconds(shown["TimeoutAbortUSec"])
-        assert watchdog + abort < DEFAULT_LEASE - DEFAULT_LEASE / 6
+        # The frozen daemon's last renewal was at most a heartbeat before the freeze.
+        assert watchdog + abort < DEFAULT_LEASE - DEFAULT_LEASE / HEARTBEAT_PARTS
     sb.run("rm", "-rf", f"/etc/systemd/system/{unit}.d")
     sb.systemctl("daemon-reload")
 
