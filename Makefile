@@ -7,8 +7,10 @@ BIN    := $(VENV)/bin
 # systemd + util-linux (+ dbus, for systemd-run --wait) boot the real systemd 252 sandbox
 # of tests/systemd. postgresql (Debian 12: 15) is the server the PostgreSQL state backend's tests
 # start themselves (tests/pg_server.py), libpq5 the library psycopg (the `fleet` extra) loads.
+# jq runs the README's examples of `--json` (tests/test_cli_json.py); prometheus (Debian 12:
+# 2.42) is the server and promtool the metrics tests run (issue 12).
 APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps dbus \
-  postgresql libpq5
+  postgresql libpq5 jq prometheus
 
 .PHONY: help deps venv run test lint typecheck schema clean bench
 
@@ -41,7 +43,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q -e '.[systemd,test,fleet]' --config-settings editable_mode=compat \
 	  || $(BIN)/pip install -q -e '.[systemd,test,fleet]'
-	$(BIN)/python -c "import poolkeeper, systemd.journal, yaml, pydantic, croniter, sdnotify, psycopg"
+	$(BIN)/python -c "import poolkeeper, systemd.journal, yaml, pydantic, croniter, sdnotify, psycopg, prometheus_client"
 	touch $@
 
 venv: deps $(VENV)/.installed

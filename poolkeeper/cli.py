@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from poolkeeper import __version__, exitcodes
@@ -147,7 +148,7 @@ def _run_validated(args: argparse.Namespace, path: str, cache: str | None, why: 
 
             stop_prestarted()
         return exitcodes.USAGE
-    return _run_daemon(_host_id_applied(args, config), target, notifier)
+    return _run_daemon(_host_id_applied(args, config), target, notifier, host_id=args.host_id)
 
 
 def _run_cached(args: argparse.Namespace, path: str, config: Config, why: str) -> int:
@@ -170,7 +171,7 @@ def _run_cached(args: argparse.Namespace, path: str, config: Config, why: str) -
     logs.get_logger().info("config %s: %s; not validated again", path, why)
     from poolkeeper.service.notify import Notifier
 
-    return _run_daemon(config, target, Notifier(), pool)
+    return _run_daemon(config, target, Notifier(), pool, host_id=args.host_id)
 
 
 def _host_id_refused(args: argparse.Namespace, config: Config | None) -> bool:
@@ -196,11 +197,17 @@ def _host_id_applied(args: argparse.Namespace, config: Config) -> Config:
 
 
 def _run_daemon(
-    config: Config, target: str, notifier: Notifier, pool: WorkerPool | None = None
+    config: Config,
+    target: str,
+    notifier: Notifier,
+    pool: WorkerPool | None = None,
+    *,
+    host_id: str | None = None,
 ) -> int:
     from poolkeeper.daemon.mainloop import Daemon
 
-    code = Daemon(config, log_target=target, notifier=notifier, pool=pool).run()
+    daemon = Daemon(config, log_target=target, notifier=notifier, pool=pool, host_id=host_id)
+    code = daemon.run()
     _exit_without_teardown(code)
     return code  # not reached
 
@@ -273,6 +280,29 @@ def _state_unreadable(exc: Exception) -> int:
     return exitcodes.IOERR
 
 
+def _history_filters(args: argparse.Namespace) -> tuple[float | None, str | None] | None:
+    """--since and --outcome as (epoch seconds, outcome), or None after one line on stderr.
+    Checked here, not by argparse: a usage error is one line, not argparse's usage dump."""
+    from poolkeeper.outcomes import RUNNING, Outcome
+
+    since = None
+    if args.since is not None:
+        from poolkeeper.config.durations import parse_duration
+
+        try:
+            since = time.time() - parse_duration(args.since)
+        except ValueError as exc:
+            print(f"poolkeeper: --since: {printable(exc)}", file=sys.stderr)
+            return None
+    known = [*Outcome, RUNNING]
+    if args.outcome is not None and args.outcome not in known:
+        shown = printable(args.outcome[:40])
+        names = ", ".join(known)
+        print(f"poolkeeper: --outcome: unknown outcome '{shown}' (known: {names})", file=sys.stderr)
+        return None
+    return since, args.outcome
+
+
 @_with_config
 def _cmd_history(args: argparse.Namespace, config: Config) -> int:
     from poolkeeper.report import open_readonly, print_history
@@ -284,16 +314,25 @@ def _cmd_history(args: argparse.Namespace, config: Config) -> int:
             file=sys.stderr,
         )
         return exitcodes.USAGE
+    filters = _history_filters(args)
+    if filters is None:
+        return exitcodes.USAGE
+    since, outcome = filters
     limit = _capped(args.n, MAX_HISTORY)
     try:
         store = open_readonly(config)
         try:
-            records = store.history(args.job, limit=limit)
+            records = store.history(args.job, limit=limit, since=since, outcome=outcome)
         finally:
             store.close()
     except StateUnreadable as exc:
         return _state_unreadable(exc)
-    print_history(records, sys.stdout)
+    if args.json:
+        from poolkeeper.reportjson import dump, run_document
+
+        dump([run_document(r) for r in records], sys.stdout)
+    else:
+        print_history(records, sys.stdout)
     return exitcodes.OK
 
 
@@ -306,7 +345,13 @@ def _cmd_status(args: argparse.Namespace, config: Config) -> int:
     try:
         store = open_readonly(config)
         try:  # reads the DB before it prints anything
-            print_status(config, store, sys.stdout, live=live)
+            if args.json:
+                from poolkeeper.reportjson import dump, status_document
+
+                document = status_document(config, store.last_outcomes(), live, time.time())
+                dump(document, sys.stdout)
+            else:
+                print_status(config, store, sys.stdout, live=live)
         finally:
             store.close()
     except StateUnreadable as exc:
@@ -325,9 +370,22 @@ def _ask_quietly(
     path = socket_path or identity.socket_path(config)
     try:
         reply = None if path is None else control.request(path, payload, timeout=5.0)
-    except control.ControlError:
+    except control.NotListening:
         return None
-    return reply if reply is not None and reply.get("ok") is True else None
+    except control.ControlError as exc:  # a daemon is there: say why its answer is not used
+        _unusable_answer(str(exc))
+        return None
+    if reply is not None and reply.get("ok") is not True:
+        _unusable_answer(f"the daemon says: {reply.get('message')}")
+        return None
+    return reply
+
+
+def _unusable_answer(why: str) -> None:
+    print(
+        f"poolkeeper: {printable(why)}; showing the jobs of the file and the state DB instead",
+        file=sys.stderr,
+    )
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
@@ -339,6 +397,12 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 def _cmd_by_hand(args: argparse.Namespace) -> int:
     """pause, resume, run-now: one job, in the running daemon."""
     return _ask_daemon(args, {"command": args.command, "job": args.job})
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    """print the running daemon's metrics, Prometheus text format (on with the spec's
+    `metrics:` section; docs/monitoring.md)"""
+    return _ask_daemon(args, {"command": "metrics"})
 
 
 def _ask_daemon(args: argparse.Namespace, payload: dict[str, Any], *, wait: bool = True) -> int:
@@ -389,7 +453,14 @@ def _cmd_next(args: argparse.Namespace, config: Config) -> int:
         known = ", ".join(config.jobs) or "none"
         print(f"poolkeeper: no job named '{printable(args.job)}' (jobs: {known})", file=sys.stderr)
         return exitcodes.USAGE
-    print_next(job, _capped(args.n, MAX_NEXT), sys.stdout)
+    n = _capped(args.n, MAX_NEXT)
+    if args.json:
+        from poolkeeper.report import fire_times
+        from poolkeeper.reportjson import dump, next_document
+
+        dump(next_document(job, fire_times(job, n, time.time())), sys.stdout)
+    else:
+        print_next(job, n, sys.stdout)
     return exitcodes.OK
 
 
@@ -455,6 +526,7 @@ def _add_other_commands(
         "when it answers, else from the file and the state DB)",
     )
     _add_socket_options(p, config_help)
+    _add_json_option(p)
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("history", help="recent runs, newest first (from the state DB)")
@@ -462,8 +534,19 @@ def _add_other_commands(
     p.add_argument(
         "-n", type=_count, default=50, help=f"how many runs (default 50, at most {MAX_HISTORY})"
     )
+    p.add_argument(
+        "--since",
+        metavar="DURATION",
+        help="only runs started within DURATION before now (e.g. 30m, 1h, 2d)",
+    )
+    p.add_argument(
+        "--outcome",
+        metavar="OUTCOME",
+        help="only runs of this outcome (succeeded, failed, timeout, lost, killed, running)",
+    )
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
     _add_unit_option(p)
+    _add_json_option(p)
     p.set_defaults(func=_cmd_history)
 
     p = sub.add_parser("next", help="upcoming fire times of a job")
@@ -471,6 +554,7 @@ def _add_other_commands(
     p.add_argument("-n", type=_count, default=5, help=f"how many (default 5, at most {MAX_NEXT})")
     p.add_argument("--config", "-c", metavar="CONFIG", help=config_help)
     _add_unit_option(p)
+    _add_json_option(p)
     p.set_defaults(func=_cmd_next)
 
     p = sub.add_parser(
@@ -496,6 +580,10 @@ def _add_other_commands(
         _add_socket_options(p, config_help)
         p.set_defaults(func=_cmd_by_hand)
 
+    p = sub.add_parser("metrics", help=_cmd_metrics.__doc__)
+    _add_socket_options(p, config_help)
+    p.set_defaults(func=_cmd_metrics)
+
     p = sub.add_parser(
         "unit", help="print a systemd unit for this installation (its real ExecStart path)"
     )
@@ -512,6 +600,14 @@ def _add_other_commands(
 
     p = sub.add_parser("schema", help="print the JSON Schema of the job spec")
     p.set_defaults(func=_cmd_schema)
+
+
+def _add_json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON document instead of the table (fields: docs/json.md, a stable interface)",
+    )
 
 
 def _add_unit_option(p: argparse.ArgumentParser) -> None:

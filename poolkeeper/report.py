@@ -107,21 +107,28 @@ def print_status(
     _table(rows, out)
 
 
+def next_fire(job: Job, now: float) -> float | None:
+    """The job's next fire after `now` by its schedule (no daemon asked), or None."""
+    fires = fire_times(job, 1, now)
+    return fires[0] if fires else None
+
+
 def _next_fire(job: Job, now: float) -> str:
+    return _when(next_fire(job, now))
+
+
+def fire_times(job: Job, n: int, now: float) -> list[float]:
+    """The next `n` fire times of a job (epoch seconds); none for a loop job."""
     trigger = make_trigger(job)
-    if trigger is None:
-        return "-"
-    fires = upcoming(trigger, 1, now)
-    return _when(fires[0]) if fires else "-"
+    return [] if trigger is None else upcoming(trigger, n, now)
 
 
 def print_next(job: Job, n: int, out: TextIO, now: float | None = None) -> int:
     """Upcoming fire times of one job; returns how many were printed."""
-    trigger = make_trigger(job)
-    if trigger is None:
+    if make_trigger(job) is None:
         out.write(f"{printable(job.name)}: a loop job runs continuously; it has no fire times\n")
         return 0
-    fires = upcoming(trigger, n, time.time() if now is None else now)
+    fires = fire_times(job, n, time.time() if now is None else now)
     tz = zone(job.timezone) if job.timezone else None
     for ts in fires:
         local = datetime.fromtimestamp(ts, tz) if tz else datetime.fromtimestamp(ts).astimezone()

@@ -210,3 +210,8 @@ def detach_then_die(ctx, out_dir):
     left to kill them."""
     detach_children(out_dir, "die")
     os.kill(os.getpid(), 9)
+
+
+def say_hello(ctx):
+    """A job whose first act is a line on stdout, naming its run as the daemon's log does."""
+    print(f"hello from run {ctx.run_id[:8]}", flush=True)

@@ -16,7 +16,7 @@ import pytest
 from poolkeeper import cli
 from poolkeeper.config import validation_cache
 from poolkeeper.config.loader import load_config
-from poolkeeper.config.settings import Config, Fleet
+from poolkeeper.config.settings import Config, Fleet, redacted_url
 from poolkeeper.daemon import reload
 
 JOBS_PY = """
@@ -115,6 +115,28 @@ def test_defaults_set_the_fleet_keys_and_a_job_overrides_them(tmp_path: Path) ->
 def test_the_settings_survive_json(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FLEET_SPEC))
     assert Config.from_dict(json.loads(json.dumps(config.to_json()))) == config
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (f"postgresql://bob:{SECRET}@db:5432/pk", "postgresql://bob:***@db:5432/pk"),
+        (f"postgres://bob:{SECRET}@with@at@db/pk", "postgres://bob:***@db/pk"),
+        (
+            f"postgresql:///pk?host=/run&password={SECRET}&user=u",
+            "postgresql:///pk?host=/run&password=***&user=u",
+        ),
+        ("postgresql://bob@db/pk?sslmode=require", "postgresql://bob@db/pk?sslmode=require"),
+        ("postgresql://h1:5432,h2:5433/pk", "postgresql://h1:5432,h2:5433/pk"),
+    ],
+)
+def test_a_printed_config_shows_no_password(tmp_path: Path, url: str, shown: str) -> None:
+    assert redacted_url(url) == shown
+    config = load_config(
+        write(tmp_path, FLEET_SPEC.replace("postgresql:///pk?host=/tmp/pgdir", url))
+    )
+    assert config.fleet is not None and config.fleet.database == url  # connected to as written
+    assert SECRET not in repr(config) and shown in repr(config)
 
 
 # --- errors: one line each, at the offending spot, exit 78 ------------------------------------

@@ -84,7 +84,7 @@ def test_second_signal_is_a_fast_stop(daemon_factory):
         """)
     d.wait_for((d.out / "stubborn.pids").exists, what="stubborn job to start")
     d.signal(signal.SIGTERM)
-    d.wait_log("draining 1 runs in flight")
+    d.wait_log("draining 1 run in flight")
     d.signal(signal.SIGINT)
     assert d.wait_exit(timeout=15) == 0
     assert [(r["outcome"], r["error"]) for r in d.runs()] == [
@@ -256,7 +256,7 @@ def test_history_older_than_keep_is_pruned_at_start(daemon_factory, tmp_path):
         """,
         keep="1d",
     )
-    d.wait_log("pruned 1 runs")
+    d.wait_log("pruned 1 run older")
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     assert "old" not in {r["run_id"] for r in d.runs()}
@@ -304,10 +304,10 @@ def test_a_run_in_flight_when_the_daemon_was_killed_is_recorded_lost(daemon_fact
     assert [r["outcome"] for r in d.runs()] == ["running"]
     (d.out / "stubborn.pids").unlink()
     again = daemon_factory(spec)
-    again.wait_log("1 runs of a previous daemon had no outcome: recorded as lost")
+    again.wait_log("1 run of a previous daemon had no outcome: recorded as lost")
     again.wait_for((d.out / "stubborn.pids").exists, what="the new run to start")
     # The new stubborn run is killed.
-    assert again.fast_stop(signal.SIGINT, signal.SIGINT, draining="draining 1 runs") == 0
+    assert again.fast_stop(signal.SIGINT, signal.SIGINT, draining="draining 1 run in flight") == 0
     outcomes = [(r["outcome"], r["error"]) for r in again.runs()]
     assert outcomes[0] == ("lost", "daemon exited while the run was in flight")
     assert outcomes[1][0] == "killed"

@@ -269,7 +269,7 @@ def test_a_sighup_during_the_drain_is_ignored(daemon_factory):
         """)
     d.wait_for((d.out / "stubborn.pids").exists, what="the stubborn run")
     d.signal(signal.SIGTERM)
-    d.wait_log("draining 1 runs")
+    d.wait_log("draining 1 run in flight")
     d.signal(signal.SIGHUP)
     d.wait_log("SIGHUP while draining: not reloading")
     d.signal(signal.SIGINT)  # fast stop: the stubborn run is killed
@@ -373,7 +373,7 @@ def test_unknown_commands_and_garbage_get_an_answer_not_a_hang(daemon_factory):
     reply = control.request(f"{d.db}.sock", {"command": "explode"})
     assert reply == {
         "ok": False,
-        "message": "unknown command 'explode' (known: reload, status, pause, resume, run-now)",
+        "message": "unknown command 'explode' (known: reload, status, metrics, pause, resume, run-now)",
         "exit": 64,
     }
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:

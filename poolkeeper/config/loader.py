@@ -49,7 +49,7 @@ class ConfigError(Exception):
 
 # --- Loading -----------------------------------------------------------------------------------
 
-_SECTIONS = ("pool", "shutdown", "state", "fleet", "defaults", "jobs")
+_SECTIONS = ("pool", "shutdown", "state", "fleet", "defaults", "jobs", "metrics")
 # Unicode letters and digits are welcome (`\w` of a str pattern): names travel as UTF-8 in
 # journal fields and STATUS=, which python-systemd sends correctly.
 JOB_NAME_PATTERN = r"^[^\W_][\w.@-]{0,63}$"
@@ -156,6 +156,7 @@ class _Loading:
                 "state": {**top.state.model_dump(), "path": self.state_path(top.state.path)},
                 "fleet": None if top.fleet is None else top.fleet.model_dump(),
                 "jobs": {name: self.job_settings(name, job) for name, job in jobs.items()},
+                "metrics": top.metrics.model_dump() if top.metrics is not None else None,
             }
         )
 

@@ -49,7 +49,7 @@ from poolkeeper.kinds import JobKind
 
 __all__ = [
     "BackoffModel", "ConfigModel", "FleetModel", "JobDefaultsModel", "JobModel", "LoopModel",
-    "PoolModel", "RetryModel", "ShutdownModel", "StateModel",
+    "PoolModel", "RetryModel", "ShutdownModel", "StateModel", "MetricsModel",
 ]  # fmt: skip
 
 
@@ -691,3 +691,80 @@ class ConfigModel(_Model):
         description="Any job key, applied to every job that doesn't set it.",
     )
     jobs: dict[str, JobModel] = Field(default_factory=dict, description="The jobs, by name.")
+    # --- metrics (issue 12): kept in this one block, the last field -------------------------
+    metrics: MetricsModel | None = Field(
+        None,
+        description="Prometheus metrics (docs/monitoring.md): the section turns them on "
+        "(`poolkeeper metrics` prints them); `listen` and `textfile` expose them.",
+    )
+
+
+# --- metrics (issue 12) ------------------------------------------------------------------------
+
+
+def _listen(value: Any) -> str:
+    """`host:port` with an IP address (IPv6 in brackets), `localhost` or nothing (every
+    IPv4 interface) as host: bound as written, no name is looked up."""
+    text = _require_str(value, "an address like '127.0.0.1:9108' or '[::1]:9108'")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise Invalid(f"'{text}' is not 'address:port' with a port from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        version = 6
+    else:
+        version = 4
+    if host in ("", "localhost") and version == 4:
+        return text
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or address.version != version:
+        raise Invalid(
+            f"'{text}': the address must be an IPv4 address, an IPv6 address in brackets "
+            "('[::1]:9108'), 'localhost' or empty (every interface: ':9108')"
+        )
+    return text
+
+
+def _absolute_prom_path(value: Any) -> str:
+    text = _require_str(value, "an absolute path ending in .prom")
+    if not text.startswith("/") or not text.endswith(".prom") or "\0" in text:
+        raise Invalid(
+            f"'{text}' is not an absolute path ending in .prom (node_exporter's textfile "
+            "collector reads only *.prom files)"
+        )
+    return text
+
+
+Listen = Annotated[
+    str,
+    PlainValidator(_listen),
+    WithJsonSchema({"type": "string", "examples": ["127.0.0.1:9108", "[::1]:9108", ":9108"]}),
+]
+PromPath = Annotated[
+    str,
+    PlainValidator(_absolute_prom_path),
+    WithJsonSchema({"type": "string", "pattern": r"^/.*\.prom$"}),
+]
+
+
+class MetricsModel(_Model):
+    """Prometheus metrics of the daemon; exposed by an HTTP listener and/or a textfile."""
+
+    model_config = ConfigDict(title="Metrics")
+
+    listen: Listen | None = Field(
+        None, description="Serve /metrics over HTTP at this address, e.g. '127.0.0.1:9108'."
+    )
+    textfile: PromPath | None = Field(
+        None,
+        description="Write the metrics to this file for node_exporter's textfile collector "
+        "(atomically: a temporary file in the same directory, then a rename).",
+    )
+    textfile_every: Duration = Field(
+        15.0, description="How often the textfile is written.", json_schema_extra={"default": "15s"}
+    )

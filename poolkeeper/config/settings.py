@@ -143,6 +143,29 @@ class Fleet(NamedTuple):
     host_id: str | None  # None: the host name, resolved at run time
     lease: float
 
+    def __repr__(self) -> str:  # a config printed or logged whole must not show the password
+        return (
+            f"Fleet(database={redacted_url(self.database)!r}, host_id={self.host_id!r}, "
+            f"lease={self.lease!r})"
+        )
+
+
+# The password of a libpq URL: in the user info (up to the authority's last '@') or a query
+# parameter. Only for text shown to people; the daemon connects with the URL as written.
+_URL_PASSWORD = re.compile(r"^([^:/?#]+://[^:@/?#]*):[^/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
+
+def redacted_url(url: str) -> str:
+    """`url` with any password shown as '***', for messages and logs."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
+
+
+class Metrics(NamedTuple):
+    listen: str | None  # 'host:port', as written (poolkeeper.service.metrics binds it)
+    textfile: str | None  # absolute
+    textfile_every: float
+
 
 class Config(NamedTuple):
     path: str  # absolute
@@ -152,6 +175,7 @@ class Config(NamedTuple):
     state: State
     fleet: Fleet | None  # None: a single host, no fleet
     jobs: dict[str, Job]  # in file order, included fragments after the main file
+    metrics: Metrics | None  # None: no `metrics:` section, no metrics (issue 12)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
@@ -164,6 +188,7 @@ class Config(NamedTuple):
             state=State(**data["state"]),
             fleet=None if data["fleet"] is None else Fleet(**data["fleet"]),
             jobs=_jobs(data["jobs"]),
+            metrics=Metrics(**data["metrics"]) if data.get("metrics") is not None else None,
         )
 
     def with_host_id(self, host_id: str) -> Config:

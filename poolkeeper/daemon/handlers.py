@@ -10,6 +10,7 @@ with (`control.refused`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -53,9 +54,11 @@ class ControlHandlers:
             return d.reloader.reload("reload request")
         if command == "status":
             return self.live_status()
+        if command == "metrics":  # poolkeeper.service.metrics: the text format, or why not
+            return d.metrics.reply(d)
         by_hand = {"pause": self.pause, "resume": self.resume, "run-now": self.run_now}
         if command not in by_hand:
-            known = ", ".join(["reload", "status", *by_hand])
+            known = ", ".join(["reload", "status", "metrics", *by_hand])
             return refused(f"unknown command {shown(command)} (known: {known})", exitcodes.USAGE)
         if d.phase != "running":
             return refused(f"the daemon is {d.phase}: not now", exitcodes.UNAVAILABLE)
@@ -71,15 +74,30 @@ class ControlHandlers:
         return by_hand[command](job)
 
     def live_status(self) -> dict[str, Any]:
-        """`poolkeeper status` from the running daemon: its jobs as it runs them."""
+        """`poolkeeper status` (and `top`) from the running daemon: its jobs as it runs them,
+        its workers and what waits for one (docs/json.md)."""
         d, now = self.daemon, time.monotonic()
-        jobs = {
-            name: _view(job.spec, None if job.paused else job.next_fire, _doing(job, now))
-            for name, job in d.jobs.items()
-        }
+        jobs = {name: _view(job, now) for name, job in d.jobs.items()}
         for name, spec in d.reloader.held.items():
-            jobs[name] = _view(spec, None, "restarting (reload)")
-        reply = {"ok": True, "message": d.status_text(now), "jobs": jobs}
+            jobs[name] = _spec_view(spec, None, "restarting (reload)", "restarting", 0)
+        # Waiting for a worker: runs due in the jobs' queues, and runs a worker holds unstarted.
+        due = sum(1 for job in d.jobs.values() for run in job.pending if run.due <= now)
+        pool = d.pool
+        views = pool.worker_views() if pool is not None else []
+        prefetched = sum(1 for _, _, runs in views for _, started in runs if started is None)
+        reply: dict[str, Any] = {
+            "ok": True,
+            "message": d.status_text(now),
+            "phase": d.phase,
+            "pid": os.getpid(),
+            "workers": {
+                "busy": pool.busy_count() if pool is not None else 0,
+                "total": pool.size() if pool is not None else 0,
+            },
+            "queued": due + prefetched,
+            "finished": sum(d.outcomes.values()),
+            "jobs": jobs,
+        }
         if d.fleet is not None:
             reply["fleet"] = d.fleet.status()
         return reply
@@ -124,9 +142,31 @@ def _some(names: Iterable[str], at_most: int = 20) -> str:
     return (", ".join(listed[:at_most]) or "none") + more
 
 
-def _view(spec: Job, next_fire: float | None, doing: str) -> dict[str, Any]:
-    """One job as `poolkeeper status` shows it."""
-    return {"kind": spec.kind, "schedule": schedule_text(spec), "next": next_fire, "now": doing}
+def _view(job: JobRuntime, now: float) -> dict[str, Any]:
+    """One running job as `poolkeeper status` shows it."""
+    if job.paused:
+        state = "paused"
+    elif job.backing_off(now) is not None:
+        state = "backing_off"
+    else:
+        state = "running" if job.running else "idle"
+    next_fire = None if job.paused else job.next_fire
+    return _spec_view(job.spec, next_fire, _doing(job, now), state, len(job.running))
+
+
+def _spec_view(
+    spec: Job, next_fire: float | None, doing: str, state: str, running: int
+) -> dict[str, Any]:
+    # scope: fleet mode's settings.Job.scope, absent from a config without it.
+    return {
+        "kind": spec.kind,
+        "scope": getattr(spec, "scope", None),
+        "schedule": schedule_text(spec),
+        "next": next_fire,
+        "now": doing,
+        "state": state,
+        "running": running,
+    }
 
 
 def _doing(job: JobRuntime, now: float) -> str:

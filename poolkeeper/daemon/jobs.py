@@ -201,6 +201,13 @@ class JobRuntime:
         self.running[task.run_id] = task
         self.replica_of[task.run_id] = run.replica
 
+    def drop_pending(self) -> int:
+        """Nothing waiting will start (a drain, a reload replacing the job); returns how many
+        runs were waiting."""
+        dropped = len(self.pending)
+        self.pending.clear()
+        return dropped
+
     def dropped(self, task: Task) -> None:
         """A submitted run that will never start (handed back during a drain)."""
         self._forget(task)

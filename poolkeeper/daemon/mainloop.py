@@ -57,6 +57,7 @@ from poolkeeper.pool.supervisor import (
 )
 from poolkeeper.service import control
 from poolkeeper.service.logs import ended_event, event, get_logger
+from poolkeeper.service.metrics_hooks import MetricsFailed, MetricsHooks, NoMetrics, start_metrics
 from poolkeeper.service.notify import MAIN_ONLY_ENV, Notifier
 from poolkeeper.signals import SignalQueue
 from poolkeeper.state.identity import InstanceLock, StateLocked, open_store, socket_path
@@ -105,11 +106,14 @@ class Daemon:
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
         pool: WorkerPool | None = None,
+        host_id: str | None = None,
     ) -> None:
         """`pool`: the config's pool, possibly started already (cli.py starts it early when
         the config comes from the cache; the state lock is then taken after it, and a second
-        daemon on the same state DB stops its fresh workers and exits 75)."""
+        daemon on the same state DB stops its fresh workers and exits 75). `host_id`: `run
+        --host-id`, already in `config`, and applied again to what a reload reads."""
         self.config = config
+        self.host_id_override = host_id
         self.log = get_logger()
         self.log_target = log_target
         # The notifier captures NOTIFY_SOCKET and WATCHDOG_* now; they are then removed from
@@ -123,6 +127,7 @@ class Daemon:
         self.signals = SignalQueue(signals.caught())
         self._waiter = Waiter()
         self.control: control.ControlServer | None = None
+        self.metrics: MetricsHooks = NoMetrics()  # the real ones from _start(), if the spec says
         self.state: StateStore | None = None
         self.instance_lock: InstanceLock | None = None  # held from start to the very end
         self.pool: WorkerPool | None = pool
@@ -204,6 +209,10 @@ class Daemon:
         helper_processes.add_main_only_fds(self._main_only_fds)
         self._open_state()
         self._open_control()
+        try:
+            self.metrics = start_metrics(self.config, self.store, self.log)
+        except MetricsFailed as exc:
+            raise StartupFailed(str(exc), exitcodes.UNAVAILABLE, exc.errno) from None
         cfg = self.config
         # The forkserver inherits this process's sys.path: without the spec's pythonpath
         # its preload of the job modules would fail (silently) and every worker would
@@ -260,7 +269,7 @@ class Daemon:
         abandoned = self.state.mark_abandoned(time.time())
         if abandoned:
             self.log.warning(
-                "%d runs of a previous daemon had no outcome: recorded as lost", abandoned
+                "%s of a previous daemon had no outcome: recorded as lost", count(abandoned, "run")
             )
 
     def _shutdown(self) -> None:
@@ -272,6 +281,7 @@ class Daemon:
                 self._on_ended(ev)
             reaper.kill_orphans()
         self.runlog.report(time.monotonic(), final=True)  # what those last ends counted
+        self.metrics.close()
         if self.fleet is not None:  # every end written, the slots given back, the lease ended
             self.fleet.close()
         if self.drain_started is not None:
@@ -302,6 +312,7 @@ class Daemon:
             fds += self.fleet.member.fds()
         if self.state is not None:
             fds += self.state.fds()  # the DB and its WAL
+        fds += self.metrics.fds()
         return fds
 
     # -- one turn -----------------------------------------------------------------------
@@ -454,8 +465,8 @@ class Daemon:
             return False
         task = job.make_task(run)
         try:
-            pool.submit(task)
-        except PoolFull:  # a big payload waits for a worker that is reading its pipe
+            pool.submit(task, announce=self._on_started)  # "run started" before the job's output
+        except PoolFull:  # no worker reads its pipe yet (a big payload, announce): its R wakes us
             return False
         job.dispatched(run, task)
         return True
@@ -479,9 +490,9 @@ class Daemon:
             elif self.drain_deadline is not None and now >= self.drain_deadline:
                 left = self.live_pool.in_flight()
                 self.log.warning(
-                    "drain budget of %ss spent: killing %d runs still in flight (%s)",
-                    self.config.shutdown.drain_timeout,
-                    len(left),
+                    "drain budget of %ss spent: killing %s still in flight (%s)",
+                    _secs(self.config),
+                    count(len(left), "run"),
                     ", ".join(sorted({t.job for t in left})),
                 )
                 why = f"killed at the drain deadline (drain_timeout {_secs(self.config)}s)"
@@ -495,6 +506,7 @@ class Daemon:
             self._next_status = now + STATUS_EVERY
             self.notifier.status(self.status_text(now))
         self.runlog.report(now, final=self.phase == "stopped")  # runs counted, not logged
+        self.metrics.report(self, now)
         if self.phase in ("starting", "draining") and now >= self._next_extend:
             self._next_extend = now + EXTEND_EVERY
             budget = EXTEND_BY
@@ -515,7 +527,9 @@ class Daemon:
             self._next_prune = now + PRUNE_EVERY
             pruned = self.store.prune(self.config.state.keep, time.time())
             if pruned:
-                self.log.info("pruned %d runs older than state.keep from the history", pruned)
+                self.log.info(
+                    "pruned %s older than state.keep from the history", count(pruned, "run")
+                )
 
     # -- events -------------------------------------------------------------------------
 
@@ -543,6 +557,7 @@ class Daemon:
     def _on_ended(self, ev: RunEnded) -> None:
         task = ev.task
         self.outcomes[ev.outcome] += 1
+        self.metrics.run_ended(ev)
         if self.drain_started is not None:
             self.drain_outcomes[ev.outcome] += 1
         self.store.run_ended(
@@ -612,6 +627,7 @@ class Daemon:
         job.handed_back(ev.task, time.monotonic())
 
     def _on_worker_event(self, ev: WorkerEvent) -> None:
+        self.metrics.worker_event(ev)
         if ev.kind == "started":
             self.workers_up.add(ev.pid)
         elif ev.kind == "exited":
@@ -666,6 +682,7 @@ class Daemon:
     def _begin_drain(self, why: str) -> None:
         now = time.monotonic()
         self.notifier.stopping()
+        self.metrics.drain_started()
         self.phase = "draining"
         self.reloader.forget()  # definitions a reload left waiting never start now
         self.drain_started = now
@@ -676,18 +693,15 @@ class Daemon:
         pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
         in_flight = pool.in_flight()
         self.drained_in_flight = len(in_flight)
-        dropped = sum(len(job.pending) for job in self.jobs.values())
-        for job in self.jobs.values():
-            job.pending.clear()
+        dropped = sum(job.drop_pending() for job in self.jobs.values())
         self.agenda.drop_waiting()
         self.log.info(
-            "%s: draining %d runs in flight (%d loop replicas) within %ss; "
-            "%d waiting runs will not start",
+            "%s: draining %s in flight (%s) within %ss; %s will not start",
             why,
-            len(in_flight),
-            sum(1 for t in in_flight if t.loop),
-            self.config.shutdown.drain_timeout,
-            dropped,
+            count(len(in_flight), "run"),
+            count(sum(1 for t in in_flight if t.loop), "loop replica"),
+            _secs(self.config),
+            count(dropped, "waiting run"),
             extra=event("drain_started"),
         )
 
@@ -703,9 +717,9 @@ class Daemon:
         done = {k: v for k, v in self.drain_outcomes.items() if k != Outcome.KILLED}
         summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(done.items()))
         self.log.info(
-            "drain finished in %.2fs: %d runs were in flight; drained: %s; killed: %d",
+            "drain finished in %.2fs: %s in flight; drained: %s; killed: %d",
             took,
-            self.drained_in_flight,
+            count(self.drained_in_flight, "run"),
             summary or "none",
             self.drain_outcomes.get(Outcome.KILLED, 0),
             extra=event("drain_finished"),

@@ -30,6 +30,7 @@ from poolkeeper.daemon.jobs import JobRuntime
 from poolkeeper.daemon.status import count, first_of
 from poolkeeper.pool.prestart import add_to_sys_path
 from poolkeeper.pool.supervisor import pool_for
+from poolkeeper.service import metrics_hooks
 from poolkeeper.service.control import refused
 from poolkeeper.service.logs import event
 from poolkeeper.state import identity
@@ -95,7 +96,7 @@ def plan(old: Config, new: Config) -> Plan:
 
 def refusal(old: Config, new: Config) -> str | None:
     """Why `new` cannot be applied by a reload at all, or None."""
-    return identity.reload_refusal(old, new)
+    return identity.reload_refusal(old, new) or metrics_hooks.reload_refusal(old, new)
 
 
 class Reloader:
@@ -124,11 +125,13 @@ class Reloader:
             new, problems = self._read_config_again()
             if new is None:
                 self._reject(problems)
+                d.metrics.reloaded(applied=False)
                 reply = refused(self._rejected_line(problems), exitcodes.CONFIG)
                 return {**reply, "problems": problems}
             changes = plan(d.config, new)
             self.rejected = None
             self._apply(new, changes)
+            d.metrics.reloaded(applied=True)
             message = "reload applied: " + (
                 changes.summary() if changes.changes_anything else "nothing changed"
             )
@@ -154,6 +157,9 @@ class Reloader:
         except Exception as exc:  # a bug in validation must not take the running jobs down
             self.daemon.log.exception("reload: validating %s failed", config.path)
             return None, [f"internal error while validating: {type(exc).__name__}: {exc}"]
+        override = self.daemon.host_id_override
+        if override is not None and new.fleet is not None:  # `run --host-id` still holds
+            new = new.with_host_id(override)
         why_not = refusal(config, new)
         return (None, [why_not]) if why_not else (new, [])
 
@@ -193,7 +199,7 @@ class Reloader:
     def _retire_job(self, job: JobRuntime, now: float) -> None:
         """Its waiting runs are dropped; its runs in flight see ctx.stopping and get the
         drain budget to end, then they are killed."""
-        job.pending.clear()
+        job.drop_pending()
         self.daemon.stop_runs(job, list(job.running.values()), now)
 
     def start_held(self) -> None:

@@ -31,7 +31,7 @@ def status_line(daemon: Daemon, now: float) -> str:
     if daemon.phase == "draining":
         in_flight = len(daemon.live_pool.in_flight())
         budget = max(0.0, (daemon.drain_deadline or now) - now)
-        return f"draining: {in_flight} runs in flight, {budget:.0f}s left; {tail}"
+        return f"draining: {count(in_flight, 'run')} in flight, {budget:.0f}s left; {tail}"
     if daemon.phase == "starting":
         waiting = ", ".join(job.name for job in daemon.before_ready_waiting())
         return f"starting: waiting for {waiting}" if waiting else "starting"

@@ -180,6 +180,21 @@ class FleetJobRuntime(JobRuntime):
         finally:
             self._carry = None
 
+    def drop_pending(self) -> int:
+        """What waits here will not start: claimed fires go back to the fleet (another host
+        runs them), slots are released."""
+        for run in self.pending:
+            if isinstance(run.claim, Claim) and run.claim.fire_id in self.member.waiting:
+                self.member.waiting.discard(run.claim.fire_id)
+                self.member.give_back(run.claim)
+            elif isinstance(run.claim, Claim):  # a retry: the fire ends with this attempt
+                self.member.fire_ended(
+                    Ended(run.claim.fire_id, run.claim.fence, Outcome.KILLED, "not retried")
+                )
+            elif isinstance(run.claim, Slot) and run.replica is not None:
+                self._release(run.replica)
+        return super().drop_pending()
+
     def dropped(self, task: Task) -> None:
         """Never started (a drain): a claimed fire goes back to the fleet for another host."""
         hold = self.held.pop(task.run_id, None)

@@ -276,16 +276,22 @@ class WorkerPool:
                 n += 1
         return n
 
-    def submit(self, task: Task) -> None:
+    def submit(self, task: Task, announce: Callable[[RunStarted], None] | None = None) -> None:
         """Hand `task` to a worker now (one write to its pipe, O(workers) to pick it). Raises
         PoolFull if no worker can take it (free_slots() is 0, or a big payload waits for a
         worker that reads its pipe). A task whose arguments cannot be pickled ends at once
         (RunEnded 'failed', from the next poll()); one whose worker went away comes back as
         NotStarted. A task given to an idle worker starts now: its RunStarted is in the next
-        poll()."""
+        poll().
+
+        With `announce`, the task only goes to an idle worker (PoolFull otherwise, as for a
+        big payload: the worker's R wakes the caller) and `announce(RunStarted)` is called
+        before the worker can begin it, instead of the event: what the caller logs then comes
+        before anything the job prints (the daemon's "run started" line). Should the write
+        fail, the worker died under the run, which ends lost like any run whose worker dies."""
         if self._closing or not self._started:
             raise PoolFull("pool is closed" if self._closing else "pool is not started")
-        w = self._pick(task.loop, big=False)
+        w = self._pick(task.loop, big=announce is not None)
         seq = next(self._seq)
         awaits = w.awaits()
         try:
@@ -303,6 +309,14 @@ class WorkerPool:
             )  # fmt: skip
             return
         sent_at = time.time()
+        if announce is not None:  # w awaits (picked as for a big payload)
+            w.queue.append(Slot(task, seq))
+            w.assigned += 1
+            started = w.promote(self._clock(), sent_at)
+            if started is not None:
+                announce(started)
+            w.send(payload)
+            return
         if not w.send(payload):
             self._events.append(NotStarted(task, f"worker {w.pid} went away"))
             return

@@ -22,7 +22,7 @@ reads or writes only what can be at once. What a client gets, whatever it does:
   before parsing). Anything else is answered `bad request: <why>` (exit 64); a late one
   `no complete request within 2s` (exit 69). Text of the client's echoed in a reply is
   quoted, escaped and cut short.
-- a reply is one line of at most MAX_REPLY (1 MiB); the client has CONNECTION_TIME from the
+- a reply is one line of at most MAX_REPLY (64 MiB); the client has CONNECTION_TIME from the
   moment it is ready to read it, then the daemon hangs up on it.
 - at most MAX_CONNECTIONS (16) connections are open at once; more are told `too many
   connections` and closed at once. When the daemon runs out of descriptors it stops
@@ -54,7 +54,10 @@ from typing import Any
 from poolkeeper.exitcodes import SOFTWARE, UNAVAILABLE, USAGE
 
 MAX_REQUEST = 4096  # bytes: one JSON line; anything longer is refused
-MAX_REPLY = 1 << 20  # bytes: one JSON line, its newline included; what `request` reads
+# bytes: one JSON line, its newline included; what `request` reads. `status` of 50,000 jobs
+# is some 8 MB (1 MiB, the old bound, made `status` of 7,000 jobs fall back to the file):
+# this is room for some 400,000 jobs, while still a bound on what a client holds.
+MAX_REPLY = 64 << 20
 MAX_DEPTH = 4  # JSON nesting of a request (one flat object): refused before parsing
 MAX_TEXT = 256  # characters of a request's string values (a job name has at most 64)
 REQUEST_KEYS = ("command", "job")
@@ -73,6 +76,11 @@ _UNIX_PATH_MAX = 107  # sun_path is 108 bytes, NUL included
 
 class ControlError(Exception):
     """The socket cannot be reached or the daemon's answer is not one."""
+
+
+class NotListening(ControlError):
+    """No daemon listens on the socket (no socket file, or nobody accepting): not an error
+    for `status`, which then reads the file and the state DB."""
 
 
 def socket_of_config(config_path: str) -> str | None:
@@ -412,7 +420,7 @@ def request(
         try:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise ControlError(
+            raise NotListening(
                 f"no poolkeeper daemon is listening on {path}; is it running? "
                 f"({running_hint(path)})"
             ) from None
@@ -457,17 +465,24 @@ def refused(message: str, exit_code: int) -> dict[str, Any]:
 
 
 def _read_line(sock: socket.socket, limit: int) -> bytes:
-    data = bytearray()
-    while b"\n" not in data:
-        chunk = sock.recv(4096)
+    """The first line `sock` sends (without its newline), at most `limit` bytes. Each chunk
+    is searched once, on its own: a reply of megabytes costs one pass, not one per chunk."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = sock.recv(1 << 16)
         if not chunk:
-            if data:
-                break
+            if chunks:
+                return b"".join(chunks)
             raise ValueError("connection closed without a message")
-        data += chunk
-        if len(data) > limit:
+        end = chunk.find(b"\n")
+        if end >= 0:
+            chunks.append(chunk[:end])
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise ValueError(f"message longer than {limit} bytes")
-    return bytes(data.split(b"\n", 1)[0])
 
 
 def _peer_uid(conn: socket.socket) -> int:

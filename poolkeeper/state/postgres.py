@@ -36,7 +36,9 @@ from poolkeeper.state.rows import (
     RUN_COLUMNS,
     Batch,
     Row,
+    by_job,
     end_row,
+    history_filter,
     record_columns,
     runs_of_same_kind,
     start_row,
@@ -454,15 +456,30 @@ class PostgresStore:
         value: float | None = rows[0][0] if rows else None
         return value
 
-    def history(self, job: str | None = None, limit: int | None = 50) -> list[RunRecord]:
+    def history(
+        self,
+        job: str | None = None,
+        limit: int | None = 50,
+        *,
+        since: float | None = None,
+        outcome: str | None = None,
+    ) -> list[RunRecord]:
         """Runs, newest first in start order; at most `limit` (None: all)."""
         self.flush()
-        where, args = ("WHERE r.job = %s", (job,)) if job is not None else ("", ())
+        where, args = history_filter(job, since, outcome, "%s", "r.")
         rows = self._query(
             f"SELECT {_RECORD_COLUMNS} FROM pk_runs r {where} ORDER BY r.seq DESC LIMIT %s",
             (*args, limit),  # LIMIT NULL: no limit
         )
         return [RunRecord(*r) for r in rows]
+
+    def ended_since(self, since: float) -> dict[str, dict[str, int]]:
+        self.flush()
+        rows = self._query(
+            "SELECT job, outcome, count(*) FROM pk_runs WHERE ended >= %s GROUP BY job, outcome",
+            (since,),
+        )
+        return by_job(rows)
 
     def last_outcomes(self) -> dict[str, RunRecord]:
         self.flush()

@@ -25,6 +25,34 @@ def record_columns(table: str) -> str:
     return ", ".join(f"{table}.{field}" for field in RunRecord._fields)
 
 
+def history_filter(
+    job: str | None, since: float | None, outcome: str | None, mark: str, prefix: str = ""
+) -> tuple[str, Row]:
+    """The WHERE clause (or "") and its parameters of a `history` read, for a backend whose
+    placeholder is `mark` (? or %s). `since`: the run started then or later (a run that never
+    started: was scheduled then or later), so `--since 1h` also shows what failed to start."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if job is not None:
+        clauses.append(f"{prefix}job = {mark}")
+        args.append(job)
+    if since is not None:
+        clauses.append(f"coalesce({prefix}started, {prefix}scheduled, {prefix}ended) >= {mark}")
+        args.append(since)
+    if outcome is not None:
+        clauses.append(f"{prefix}outcome = {mark}")
+        args.append(outcome)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
+
+
+def by_job(rows: Iterable[Row]) -> dict[str, dict[str, int]]:
+    """(job, outcome, count) rows as job -> outcome -> count."""
+    counts: dict[str, dict[str, int]] = {}
+    for job, outcome, n in rows:
+        counts.setdefault(job, {})[outcome] = int(n)
+    return counts
+
+
 class Batch(NamedTuple):
     """What one flush writes: run rows by run_id (arrival order, each with the statement that
     writes it), fires and last runs by job."""

@@ -26,7 +26,9 @@ from poolkeeper.state.rows import (
     RUN_COLUMNS,
     Batch,
     Row,
+    by_job,
     end_row,
+    history_filter,
     record_columns,
     runs_of_same_kind,
     start_row,
@@ -502,10 +504,17 @@ class SqliteStore:
             row = self._query("SELECT last_fire FROM jobs WHERE job = ?", (job,))
             return row[0][0] if row else None
 
-    def history(self, job: str | None = None, limit: int | None = 50) -> list[RunRecord]:
+    def history(
+        self,
+        job: str | None = None,
+        limit: int | None = 50,
+        *,
+        since: float | None = None,
+        outcome: str | None = None,
+    ) -> list[RunRecord]:
         """Runs, newest first (by when they were first recorded, i.e. start order); at most
-        `limit` (None: all)."""
-        where, args = ("WHERE job = ?", (job,)) if job is not None else ("", ())
+        `limit` (None: all); only those since `since` or of `outcome` if given."""
+        where, args = history_filter(job, since, outcome, "?")
         with self._mutex:
             self.flush()
             rows = self._query(
@@ -513,6 +522,16 @@ class SqliteStore:
                 (*args, -1 if limit is None else limit),  # LIMIT -1: no limit
             )
         return [RunRecord(*r) for r in rows]
+
+    def ended_since(self, since: float) -> dict[str, dict[str, int]]:
+        """job -> outcome -> runs that ended at `since` or later (the `ended` index)."""
+        with self._mutex:
+            self.flush()
+            rows = self._query(
+                "SELECT job, outcome, count(*) FROM runs WHERE ended >= ? GROUP BY job, outcome",
+                (since,),
+            )
+        return by_job(rows)
 
     def last_outcomes(self) -> dict[str, RunRecord]:
         """The last finished run of each job."""

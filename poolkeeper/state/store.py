@@ -42,8 +42,12 @@ Maintenance (the daemon, at start and hourly; may be slow)
 Reads (readers, the daemon's start; they see every write made before them, flushing first;
 may be slow)
     last_fire(job)        the last set_last_fire of a job, or None.
-    history(job, limit)   runs, newest first in the order they were first recorded (start
-                          order), of one job or all; at most `limit` (None: all).
+    history(job, limit, since=, outcome=)
+                          runs, newest first in the order they were first recorded (start
+                          order), of one job or all; at most `limit` (None: all); only those
+                          started at `since` or later (never started: scheduled), only those
+                          of `outcome`, when given.
+    ended_since(t)        job -> outcome -> how many runs ended at t or later (`top`).
     last_outcomes()       job -> its last finished run (RunRecord).
     counts(overall)       outcome -> finished runs recorded since this store was opened (O(1),
                           in memory: the daemon's STATUS= figures); `overall=True` counts the
@@ -158,7 +162,16 @@ class StateStore(Protocol):
 
     def last_fire(self, job: str) -> float | None: ...
 
-    def history(self, job: str | None = None, limit: int | None = 50) -> list[RunRecord]: ...
+    def history(
+        self,
+        job: str | None = None,
+        limit: int | None = 50,
+        *,
+        since: float | None = None,
+        outcome: str | None = None,
+    ) -> list[RunRecord]: ...
+
+    def ended_since(self, since: float) -> dict[str, dict[str, int]]: ...
 
     def last_outcomes(self) -> dict[str, RunRecord]: ...
 
