@@ -116,14 +116,17 @@ def _spec(dsn: str) -> str:
     )
 
 
+# Two members on one machine: each its own host id, its instance name (both would default to
+# the host name).
+HOST_ID_FROM_INSTANCE = (
+    f"ExecStart=\nExecStart={units.exec_quote(e2e.COMMAND)} run /etc/poolkeeper/%i.yaml"
+    " --host-id %i\n"
+)
+
+
 def _install_member(sb: Sandbox, name: str, spec: str) -> str:
-    dropin = (
-        "ExecStart=\n"
-        f"ExecStart={units.exec_quote(e2e.COMMAND)} run /etc/poolkeeper/%i.yaml --host-id %i\n"
-        + WATCHDOG
-        # A SIGKILLed member stays dead, as a crashed host would: no Restart= to bring it back.
-        + "Restart=no\n"
-    )
+    # A SIGKILLed member stays dead, as a crashed host would: no Restart= to bring it back.
+    dropin = HOST_ID_FROM_INSTANCE + WATCHDOG + "Restart=no\n"
     unit = e2e.install_instance(sb, name, spec, dropin)
     e2e.keep_loaded(sb, unit)
     return unit
@@ -233,3 +236,66 @@ def _assert_fences_grew(
     assert moved
     for replica in moved:
         assert after[replica][1] > before[replica][1], (replica, before, after)
+
+
+LOCAL_PG = "pk-e2e-postgresql.service"
+LOCAL_SOCKET = "/run/pk-e2e-postgresql"  # RuntimeDirectory= of LOCAL_PG
+
+
+def test_a_member_reaches_a_local_database_by_its_socket_with_peer_authentication(
+    systemd_sandbox: Sandbox,
+):
+    """A host that runs the fleet's database itself (fleet.conf's commented lines): the shipped
+    template and fleet.conf, hardened as they are (PrivateUsers=, ProtectSystem=strict), reach
+    it over its unix socket, and peer authentication knows the unit's user as `poolkeeper`."""
+    sb = systemd_sandbox
+    e2e.prepare(sb)
+    bindir = pg_server.PgServer().bindir
+    assert bindir is not None, "PostgreSQL is not installed (the README's make test installs it)"
+    data = "/var/lib/pk-e2e-postgresql"
+    sb.run("install", "-d", "-o", "postgres", "-g", "postgres", "-m", "700", data)
+    sb.run("runuser", "-u", "postgres", "--", f"{bindir}/initdb", "-D", data, "-U", "postgres",
+           "--auth-local=peer", "--auth-host=reject", "--no-sync")  # fmt: skip
+    unit = ""
+    try:
+        # Type=notify: Debian's server speaks sd_notify, so this returns once it accepts.
+        sb.run("systemd-run", f"--unit={LOCAL_PG}", "-p", "Type=notify", "-p", "User=postgres",
+               "-p", f"RuntimeDirectory={LOCAL_SOCKET.removeprefix('/run/')}",
+               f"{bindir}/postgres", "-D", data, "-c", "listen_addresses=",
+               "-c", f"unix_socket_directories={LOCAL_SOCKET}", "-c", "fsync=off")  # fmt: skip
+        for sql in ("CREATE ROLE poolkeeper LOGIN", "CREATE DATABASE pk OWNER poolkeeper"):
+            _local_psql(sb, bindir, "postgres", sql)
+        spec = e2e.config(
+            "tick:\n  target: e2e_jobs:quick\n  every: 200ms\n",
+            extra=f"fleet:\n  database: postgresql:///pk?host={LOCAL_SOCKET}\n",
+        )
+        unit = e2e.install_instance(sb, "local", spec, HOST_ID_FROM_INSTANCE)
+        sb.write_file(f"/etc/systemd/system/{unit}.d/fleet.conf", units.FLEET)
+        sb.systemctl("daemon-reload")
+        sb.systemctl("start", unit)
+        e2e.wait_journal(sb, "fleet: registered as local", "-u", unit)
+        e2e.wait_journal(sb, "quick run", "-u", unit, "JOB=tick")
+        assert sb.show(unit, "User", "PrivateUsers", "WatchdogUSec") == {
+            "User": "poolkeeper",
+            "PrivateUsers": "yes",
+            "WatchdogUSec": "15s",
+        }
+        sb.systemctl("stop", unit)  # its runs are written before it exits
+        runs = _local_psql(
+            sb, bindir, "pk", "SELECT DISTINCT host_id FROM pk_runs WHERE job = 'tick'"
+        )
+        assert runs.split() == ["local"]
+    finally:
+        if unit:
+            e2e.cleanup(sb, unit)
+            sb.run("rm", "-rf", f"/etc/systemd/system/{unit}.d")
+        sb.systemctl("stop", LOCAL_PG, check=False)
+        sb.systemctl("reset-failed", LOCAL_PG, check=False)
+        sb.run("rm", "-rf", data)
+        sb.systemctl("daemon-reload")
+
+
+def _local_psql(sb: Sandbox, bindir: str, database: str, sql: str) -> str:
+    """psql as the server's own user, by peer authentication on the local socket."""
+    return sb.run("runuser", "-u", "postgres", "--", f"{bindir}/psql", "-h", LOCAL_SOCKET,
+                  "-d", database, "-XAtqc", sql).stdout  # fmt: skip
