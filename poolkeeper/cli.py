@@ -345,18 +345,50 @@ def _cmd_status(args: argparse.Namespace, config: Config) -> int:
     try:
         store = open_readonly(config)
         try:  # reads the DB before it prints anything
+            fleet = _fleet_view(config, live)
             if args.json:
                 from poolkeeper.reportjson import dump, status_document
 
                 document = status_document(config, store.last_outcomes(), live, time.time())
+                if fleet is not None:
+                    document["fleet"] = fleet_document(fleet)
                 dump(document, sys.stdout)
             else:
                 print_status(config, store, sys.stdout, live=live)
+                if fleet is not None:
+                    from poolkeeper.fleet.report import print_fleet
+
+                    print_fleet(fleet, sys.stdout, time.time())
         finally:
             store.close()
     except StateUnreadable as exc:
         return _state_unreadable(exc)
     return exitcodes.OK
+
+
+def _fleet_view(config: Config, live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fleet's hosts for `status` (fleet mode only: psycopg is imported then)."""
+    if config.fleet is None:
+        return None
+    from poolkeeper.fleet.report import fleet_view
+
+    return fleet_view(config, live)
+
+
+def fleet_document(view: dict[str, Any]) -> dict[str, Any]:
+    from poolkeeper.reportjson import rfc3339
+
+    hosts = [
+        {**h, "started": rfc3339(h.get("started")), "lease_until": rfc3339(h.get("lease_until"))}
+        for h in view["hosts"]
+    ]
+    return {
+        "host_id": view.get("host_id"),
+        "incarnation": view.get("incarnation"),
+        "lease": view.get("lease"),
+        "specs_differ": view["specs_differ"],
+        "hosts": hosts,
+    }
 
 
 def _ask_quietly(

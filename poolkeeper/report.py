@@ -40,7 +40,13 @@ def _took(record: RunRecord) -> str:
 
 
 def open_readonly(config: Config) -> StateStore:
-    """The config's store, read-only: raises StateUnreadable, never falls back to memory."""
+    """The config's store, read-only: raises StateUnreadable, never falls back to memory. In
+    fleet mode, the fleet's history (every host's runs, in its database), so `history` and
+    `status` answer the same on every host."""
+    if config.fleet is not None:
+        from poolkeeper.state.identity import store_at
+
+        return store_at(config.fleet.database, readonly=True)
     return open_store(config, readonly=True)
 
 
@@ -61,7 +67,7 @@ def print_history(records: Iterable[RunRecord], out: TextIO) -> None:
                 detail,
             )
         )
-    _table(rows, out)
+    table(rows, out)
 
 
 def print_status(
@@ -104,7 +110,7 @@ def print_status(
                 else "-",
             )
         )
-    _table(rows, out)
+    table(rows, out)
 
 
 def next_fire(job: Job, now: float) -> float | None:
@@ -150,7 +156,7 @@ def schedule_text(job: Job) -> str:
     return f"at {job.at}"
 
 
-def _table(rows: list[_Row], out: TextIO) -> None:
+def table(rows: list[_Row], out: TextIO) -> None:
     """Aligned columns. Every cell is printable(): error texts are the jobs' own words, and
     names and states may come from a daemon's reply."""
     rows = [tuple(printable(cell) for cell in row) for row in rows]

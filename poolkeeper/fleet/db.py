@@ -432,8 +432,18 @@ WRITE_END = f"""INSERT INTO pk_runs ({_RUN_COLUMNS}) VALUES ({_PLACES})
 
 
 def write_runs(conn: Conn, rows: Sequence[tuple[str, Row]]) -> None:
-    """This host's run rows (start or end, each with its statement), in one transaction."""
+    """This host's run rows (start or end, each with its statement), in one transaction; an
+    end is also its job's last run (what `status` shows), as the state store keeps it."""
     with conn.transaction():
         cur = conn.cursor()
+        last: dict[str, str] = {}
         for sql, row in rows:
             cur.execute(sql, row)
+            if sql is WRITE_END:
+                last[row[1]] = row[0]
+        if last:
+            cur.executemany(
+                """INSERT INTO pk_job_state (job, last_run_id) VALUES (%s, %s)
+                   ON CONFLICT (job) DO UPDATE SET last_run_id = excluded.last_run_id""",
+                sorted(last.items()),
+            )
