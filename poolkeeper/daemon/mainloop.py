@@ -642,7 +642,6 @@ class Daemon:
         self.drain_started = now
         self.drain_deadline = now + self.config.shutdown.drain_timeout
         pool = self.live_pool
-        pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
         in_flight = pool.in_flight()
         self.drained_in_flight = len(in_flight)
         dropped = sum(len(job.pending) for job in self.jobs.values())
@@ -658,6 +657,8 @@ class Daemon:
             count(dropped, "waiting run"),
             extra=event("drain_started"),
         )
+        # After the line, so that what the runs say as they stop comes after it.
+        pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
 
     def _fast_stop(self, why: str) -> None:
         self.log.warning("%s: fast stop, killing every run in flight", why)
