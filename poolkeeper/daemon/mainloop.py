@@ -690,7 +690,6 @@ class Daemon:
         pool = self.live_pool
         if self.fleet is not None:
             self.fleet.member.quiesce()  # nothing more claimed; the rest is for other hosts
-        pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
         in_flight = pool.in_flight()
         self.drained_in_flight = len(in_flight)
         dropped = sum(job.drop_pending() for job in self.jobs.values())
@@ -704,6 +703,8 @@ class Daemon:
             count(dropped, "waiting run"),
             extra=event("drain_started"),
         )
+        # After the line, so that what the runs say as they stop comes after it.
+        pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
 
     def _fast_stop(self, why: str) -> None:
         self.log.warning("%s: fast stop, killing every run in flight", why)
