@@ -10,25 +10,24 @@ the state DB in a temporary directory, info logging to a file. Two specs differ 
   /metrics every SCRAPE_EVERY seconds the whole time (as a Prometheus with the shortest
   interval in common use would); `--counting-only`: `metrics: {}` (no listener, no file).
 
-Two designs, both in every run:
-
-* side by side: the two daemons run at the same time, started in alternating order, and each
-  round's ratio compares runs done in the same seconds: the machine's load (shared, noisy)
-  falls on both at once. They share the CPUs, so each does about half of what it would alone.
-* one after the other: off and on alone, interleaved (off, on, on, off, ...); the median of
-  the rounds' ratios. Closer to a real machine, far noisier on a shared one.
+Rounds interleaved (off, on, on, off, ...): the median of the rounds' on/off ratios. On this
+shared machine one round's ratio moves by +-30%, so beside it the bench measures, in this
+process and with the same code, what metrics add to the main process: the hook per run
+(`Metrics.run_ended` against `NoMetrics.run_ended`, on a run ended like the daemon's) and
+rendering the text (what each scrape and textfile write cost, in a thread of the daemon that
+shares its interpreter lock). With the CPU per run of the off rounds, that gives the
+throughput a daemon whose main process is the bottleneck keeps (the model line).
 
 Per measurement: 1 s to settle after READY=1, then runs ended in a --window of seconds,
 counted in the state DB after SIGTERM, and the main process's CPU per run. Prints markdown.
 
-Usage: .venv/bin/python bench/bench_metrics.py [--rounds 6] [--window 5] [--counting-only]
+Usage: .venv/bin/python bench/bench_metrics.py [--rounds 8] [--window 5] [--counting-only]
 Numbers only, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import socket
 import statistics
 import sys
@@ -142,31 +141,64 @@ def measure(daemons: list[Daemon], window: float) -> list[Figures]:
     return [d.figures(a, b, c0[i], c1[i], scrapes[i]) for i, d in enumerate(daemons)]
 
 
-def rounds(args: argparse.Namespace, together: bool) -> list[tuple[Figures, Figures]]:
-    """(off, on) per round; the order of starting (or running) alternates."""
+def rounds(args: argparse.Namespace) -> list[tuple[Figures, Figures]]:
+    """(off, on) per round; which runs first alternates."""
     out = []
     for r in range(args.rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
-        with contextlib.ExitStack() as stack:
-            dirs = {
-                on: Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pk-mbench-")))
-                for on in order
-            }
-            daemons = [Daemon(dirs[on], on, args.counting_only) for on in order]
-            if together:
-                results = dict(zip(order, measure(daemons, args.window), strict=True))
-            else:
-                results = {d.on: measure([d], args.window)[0] for d in daemons}
-        off, on = results[False], results[True]
-        how = "side by side" if together else "one after the other"
-        log(f"{how}, round {r + 1}: off {off.rate:,.0f}, on {on.rate:,.0f} runs/s")
-        out.append((off, on))
+        results = {}
+        for on in order:
+            with tempfile.TemporaryDirectory(prefix="pk-mbench-") as tmp:
+                results[on] = measure([Daemon(Path(tmp), on, args.counting_only)], args.window)[0]
+        off, on_ = results[False], results[True]
+        log(f"round {r + 1}: off {off.rate:,.0f}, on {on_.rate:,.0f} runs/s")
+        out.append((off, on_))
     return out
+
+
+def hook_and_render_costs() -> tuple[float, float]:
+    """(extra seconds per run of the hook, seconds per render of the text), measured here
+    on the daemon's own classes: 20 jobs' figures, the process collector, every family."""
+    import logging
+    import timeit
+
+    from poolkeeper.config.settings import Config, Metrics
+    from poolkeeper.outcomes import Outcome
+    from poolkeeper.pool.protocol import RunEnded, Task
+    from poolkeeper.service import metrics
+    from poolkeeper.service.metrics_hooks import NoMetrics
+
+    class NoHistory:
+        def last_outcomes(self) -> dict:
+            return {}
+
+    config = Config("/x.yaml", [], None, None, None, {}, Metrics(None, None, 15.0))  # type: ignore[arg-type]
+    on = metrics.Metrics(config, NoHistory(), logging.getLogger("bench"))  # type: ignore[arg-type]
+    off = NoMetrics()
+    now = time.time()
+    ended = [
+        RunEnded(Task(f"r{i}", f"j{i % JOBS:05d}", "m:f", scheduled_at=now), Outcome.SUCCEEDED,
+                 now + 0.001, now + 0.002, 1, 0, None, None, None)
+        for i in range(JOBS)
+    ]  # fmt: skip
+    n = 20_000
+
+    def each(hook) -> float:
+        return (
+            min(timeit.repeat(lambda: [hook(ev) for ev in ended], number=n // JOBS, repeat=5)) / n
+        )
+
+    extra = each(on.run_ended) - each(off.run_ended)
+    render = min(timeit.repeat(on.text, number=50, repeat=5)) / 50
+    on.close()
+    return extra, render
 
 
 def table(title: str, pairs: list[tuple[Figures, Figures]]) -> float:
     print(f"\n{title}\n")
-    print("| round | off runs/s | on runs/s | on/off | off CPU/run | on CPU/run | scrapes answered |")
+    print(
+        "| round | off runs/s | on runs/s | on/off | off CPU/run | on CPU/run | scrapes answered |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r, (off, on) in enumerate(pairs):
         print(
@@ -195,19 +227,29 @@ def main() -> int:
         help="on = `metrics: {}`: no listener, no textfile, no scrapes (counting alone)",
     )
     args = parser.parse_args()
-    together = rounds(args, together=True)
-    alone = rounds(args, together=False)
+    pairs = rounds(args)
     on = (
         "`metrics: {}` (counting only)"
         if args.counting_only
         else f"listener + textfile every 1s + a scrape every {SCRAPE_EVERY:g}s"
     )
     print(
-        f"20 jobs `every: 1ms`, 2 fork workers each; {args.rounds} rounds of {args.window:g} s "
-        f"per design; on = {on}. Ratios: the median of the rounds' on/off."
+        f"20 jobs `every: 1ms`, 2 fork workers; {args.rounds} interleaved rounds of "
+        f"{args.window:g} s; on = {on}."
     )
-    table("Side by side (both daemons at once, the same seconds):", together)
-    table("One after the other (interleaved):", alone)
+    table("End to end:", pairs)
+    extra, render = hook_and_render_costs()
+    off_rate = statistics.median(off.rate for off, _ in pairs)
+    off_cpu = statistics.median(off.cpu for off, _ in pairs)
+    renders = 0 if args.counting_only else 1 / SCRAPE_EVERY + 1  # scrapes + textfile per s
+    added = extra + renders * render / off_rate
+    print(
+        f"\nModel: the hook adds {extra * 1e6:.2f} µs per run, a render of the text takes "
+        f"{render * 1e3:.2f} ms ({renders:g} a second: {renders * render / off_rate * 1e6:.2f} µs "
+        f"per run at {off_rate:,.0f} runs/s), against {off_cpu * 1e6:.0f} µs of main-process "
+        f"CPU per run off: throughput on/off **{off_cpu / (off_cpu + added):.3f}x** when the main "
+        "process is the bottleneck."
+    )
     return 0
 
 
