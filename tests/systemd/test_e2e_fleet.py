@@ -11,6 +11,7 @@ daemon's own view, are what the test checks.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -184,7 +185,8 @@ def test_two_members_share_the_work_and_take_each_others_over(
     with e2e.running(sb, a, b):
         sb.systemctl("start", a, b)
         both_up = float(_sql(dsn, "SELECT extract(epoch FROM now())")[0][0])
-        before = _wait_placement(sb, dsn, {"a", "b"}, "the replicas spread over a and b")
+        pk = e2e.COMMAND
+        _wait_placement(sb, dsn, {"a", "b"}, "the replicas spread over a and b")
 
         # A cron fire while both members run: one row, from one of them (the job's UNIQUE
         # constraint would fail a second run, and e2e_cron_twice would hold it).
@@ -193,6 +195,17 @@ def test_two_members_share_the_work_and_take_each_others_over(
             75,
             "a cron fire (every minute) after both members started",
         )
+
+        # Fleet-wide control from root's shell on one member: status lists both hosts; a pause
+        # on a stops the loop on b too, a resume on b brings it back on both.
+        for unit in (a, b):
+            fleet = json.loads(sb.run(*pk, "status", "--json", "--unit", unit).stdout)["fleet"]
+            assert {h["host_id"] for h in fleet["hosts"] if h["live"]} == {"a", "b"}
+            assert fleet["specs_differ"] is False
+        sb.run(*pk, "pause", "beat", "--unit", a)
+        sb.wait_for(lambda: not _placement(dsn), TAKEOVER, "no replica beating after the pause")
+        sb.run(*pk, "resume", "beat", "--unit", b)
+        before = _wait_placement(sb, dsn, {"a", "b"}, "the replicas back on a and b")
 
         # A clean stop drains a (its replicas return, exit 0) and b takes them over.
         sb.systemctl("stop", a)
