@@ -217,3 +217,17 @@ def test_a_host_started_with_host_id_keeps_it_across_reloads(fleet):
     status = _cli(a, "status")
     assert "tock" in status.stdout
     assert "fleet: registered as a" in a.log() and "registered as" not in a.log().split("reload applied")[1]
+
+
+def test_a_fleet_database_with_a_newer_schema_is_refused_in_one_line(tmp_path):
+    url = pg_server.fresh_database()
+    _sql(url, "CREATE TABLE pk_schema_version (version integer PRIMARY KEY)")
+    _sql(url, "INSERT INTO pk_schema_version VALUES (99)")
+    d = DaemonProcess(tmp_path, _spec(url, JOBS), run_args=("--host-id", "a"))
+    try:
+        assert d.wait_exit() == 78
+        refused = [line for line in d.log().splitlines() if "schema version 99" in line]
+        assert refused and "newer than this poolkeeper's" in refused[0]
+        assert "Traceback" not in d.log()
+    finally:
+        d.close()

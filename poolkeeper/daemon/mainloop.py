@@ -410,6 +410,15 @@ class Daemon:
         else:
             self._begin_drain(name)
 
+    def stop_for(self, why: str, exit_code: int) -> None:
+        """Something the daemon cannot run with (a fleet database too new for it): fail the
+        start, or drain and exit with `exit_code`."""
+        if self.phase == "starting":
+            raise StartupFailed(why, exit_code, errno.EPROTO)
+        self.exit_code = exit_code
+        if self.phase == "running":
+            self._begin_drain(why)
+
     def _dump_state(self, why: str) -> None:
         """SIGUSR1: what the daemon is doing, in one log record (one journal entry)."""
         lines = state_dump(self, time.time(), time.monotonic())

@@ -363,6 +363,8 @@ def reap(conn: Conn) -> list[Reaped]:
                RETURNING f.job, f.fire_key, f.host_id, f.state = 'ready'""",
             (lost,),
         ).fetchall()
+        if any(retried for *_, retried in rows):  # a fire waits again: wake the fleet
+            conn.execute("SELECT pg_notify(%s, '')", (WAKE_CHANNEL,))
         conn.execute(
             f"""UPDATE pk_runs r SET outcome = %s, ended = extract(epoch FROM now()),
                    error = 'host ' || coalesce(r.host_id, '?') || ' lost its lease'
@@ -372,6 +374,24 @@ def reap(conn: Conn) -> list[Reaped]:
             (lost,),
         )
     return [Reaped(*row) for row in rows]
+
+
+def prune(conn: Conn, keep: float) -> int:
+    """The fleet's history older than `keep` seconds (state.keep): ended fires and finished
+    runs. Safe for the schedules: each job's cursor, not its fires, stops old fires being
+    created again."""
+    with conn.transaction():
+        fires = conn.execute(
+            """DELETE FROM pk_fires WHERE state = 'ended'
+               AND ended_at < now() - %s * interval '1 second'""",
+            (keep,),
+        ).rowcount
+        runs = conn.execute(
+            f"""DELETE FROM pk_runs WHERE outcome <> '{RUNNING}'
+                AND ended < extract(epoch FROM now()) - %s""",
+            (keep,),
+        ).rowcount
+    return fires + runs
 
 
 # -- slots (loop replicas of fleet jobs) -----------------------------------------------------
