@@ -378,8 +378,8 @@ def reap(conn: Conn) -> list[Reaped]:
 
 def prune(conn: Conn, keep: float) -> int:
     """The fleet's history older than `keep` seconds (state.keep): ended fires and finished
-    runs. Safe for the schedules: each job's cursor, not its fires, stops old fires being
-    created again."""
+    runs, but not a job's last run (`status` shows it). Safe for the schedules: each job's
+    cursor, not its fires, stops old fires being created again."""
     with conn.transaction():
         fires = conn.execute(
             """DELETE FROM pk_fires WHERE state = 'ended'
@@ -388,7 +388,9 @@ def prune(conn: Conn, keep: float) -> int:
         ).rowcount
         runs = conn.execute(
             f"""DELETE FROM pk_runs WHERE outcome <> '{RUNNING}'
-                AND ended < extract(epoch FROM now()) - %s""",
+                AND ended < extract(epoch FROM now()) - %s
+                AND run_id NOT IN (SELECT last_run_id FROM pk_job_state
+                                   WHERE last_run_id IS NOT NULL)""",
             (keep,),
         ).rowcount
     return fires + runs
