@@ -7,9 +7,10 @@ BIN    := $(VENV)/bin
 # systemd + util-linux (+ dbus, for systemd-run --wait) boot the real systemd 252 sandbox
 # of tests/systemd. postgresql (Debian 12: 15) is the server the PostgreSQL state backend's tests
 # start themselves (tests/pg_server.py), libpq5 the library psycopg (the `fleet` extra) loads.
-# jq runs the README's examples of `--json` (tests/test_cli_json.py).
+# jq runs the README's examples of `--json` (tests/test_cli_json.py); tmux is the real terminal
+# `poolkeeper top` is tested in (tests/test_top.py).
 APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps dbus \
-  postgresql libpq5 jq
+  postgresql libpq5 jq tmux
 
 .PHONY: help deps venv run test lint typecheck schema clean bench
 
