@@ -391,6 +391,28 @@ def fleet_document(view: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@_with_config
+def _cmd_top(args: argparse.Namespace, config: Config) -> int:
+    from poolkeeper.config.durations import parse_duration
+    from poolkeeper.state import identity
+    from poolkeeper.state.store import StateUnreadable
+
+    try:
+        interval = parse_duration(args.interval)
+    except ValueError as exc:
+        print(f"poolkeeper: --interval: {printable(exc)}", file=sys.stderr)
+        return exitcodes.USAGE
+    if interval < 0.1:
+        print("poolkeeper: --interval: at least 100ms", file=sys.stderr)
+        return exitcodes.USAGE
+    from poolkeeper import top  # rich comes with it: only this command pays for it
+
+    try:
+        return top.run(config, args.socket or identity.socket_path(config), interval)
+    except StateUnreadable as exc:
+        return _state_unreadable(exc)
+
+
 def _ask_quietly(
     socket_path: str | None, config: Config, payload: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -560,6 +582,17 @@ def _add_other_commands(
     _add_socket_options(p, config_help)
     _add_json_option(p)
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "top",
+        help="a live view of the running daemon: its jobs, workers, runs/s (q quits; one "
+        "plain snapshot when stdout is not a terminal)",
+    )
+    p.add_argument(
+        "--interval", default="1s", metavar="DURATION", help="between refreshes (default 1s)"
+    )
+    _add_socket_options(p, config_help)
+    p.set_defaults(func=_cmd_top)
 
     p = sub.add_parser("history", help="recent runs, newest first (from the state DB)")
     p.add_argument("job", metavar="JOB", nargs="?", help="only this job's runs")

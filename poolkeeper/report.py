@@ -29,7 +29,11 @@ def _when(ts: float | None) -> str:
 
 
 def _took(record: RunRecord) -> str:
-    took = record.duration
+    return took_text(record.duration)
+
+
+def took_text(took: float | None) -> str:
+    """A run's duration for people: `250ms`, `3.00s`, `2m5s`, `-` when unknown."""
     if took is None:
         return "-"
     if took < 1:
