@@ -5,12 +5,12 @@ Each daemon has a directory of its own (its spec, its state.path, so its own con
 next to it, its log), runs `--host-id <name>` in a session of its own, and has
 $FLEET_TEST_HOST set for its workers (tests/fleet_jobs.py records it). Faults:
 
-- kill(): SIGKILL of the daemon alone, as a crash does. Its workers are in process groups of
+- kill(): SIGKILL of the daemon alone, as a crash does (or the OOM killer). Its workers are in process groups of
   their own (they die with the daemon, by its pidfd); the harness knows their pids from
   before the kill and waits for them (pytest is their subreaper), SIGKILLing any that
   outlive a grace period: `kill()` returns them, so a test can say so.
 - freeze()/thaw(): SIGSTOP/SIGCONT of the daemon alone: its workers keep running, as they
-  would under a real freeze (a stuck main loop, a paused VM's scheduler is another story).
+  do when a daemon's main process hangs (a paused VM would freeze them too: the milder case).
 - terminate_backends(): pg_terminate_backend of every session on the database but ours.
 - PgServer.halt()/resume() (tests/pg_server.py): the server stopped and started again.
 """
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +241,7 @@ def wait_until(
     timeout: float,
     what: str,
     *,
-    alive: list[FleetDaemon] = (),  # type: ignore[assignment]
+    alive: Sequence[FleetDaemon] = (),
     poll: float = 0.05,
 ) -> float:
     """Poll `predicate` until true; return the seconds it took. Fails after `timeout`, or
