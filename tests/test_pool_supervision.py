@@ -118,7 +118,12 @@ def test_recycling_after_max_runs(make_pool):
 
 
 def test_recycling_on_memory(make_pool):
-    d = make_pool("fork", workers=1, max_memory_per_worker=120 * 1024 * 1024)
+    # A forked worker starts with this process's resident pages (shared, but counted in its
+    # RSS): the limit sits 100 MiB above them, wherever the suite has brought them, and the
+    # big run goes 200 MiB past that.
+    resident = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    limit = resident + 100 * 1024 * 1024
+    d = make_pool("fork", workers=1, max_memory_per_worker=limit)
     ended = d.run([T("small", "my_pid"), T("big", "allocate_mib", 200), T("next", "my_pid")])
     assert ended["small"].result_repr != ended["next"].result_repr
     recycled = [e for e in d.events if isinstance(e, WorkerEvent) and e.kind == "recycled"]
