@@ -8,9 +8,10 @@ BIN    := $(VENV)/bin
 # of tests/systemd. postgresql (Debian 12: 15) is the server the PostgreSQL state backend's tests
 # start themselves (tests/pg_server.py), libpq5 the library psycopg (the `fleet` extra) loads.
 # jq runs the README's examples of `--json` (tests/test_cli_json.py); prometheus (Debian 12:
-# 2.42) is the server and promtool the metrics tests run (issue 12).
+# 2.42) is the server and promtool the metrics tests run (issue 12); tmux is the real terminal
+# `poolkeeper top` is tested in (tests/test_top.py).
 APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv systemd util-linux procps dbus \
-  postgresql libpq5 jq prometheus
+  postgresql libpq5 jq prometheus tmux
 
 .PHONY: help deps venv run test lint typecheck schema clean bench
 

@@ -37,8 +37,8 @@ import fleet_jobs  # noqa: E402
 import pg_server  # noqa: E402
 import psycopg  # noqa: E402
 from fleet_harness import Fleet, fleet_spec, query, wait_until  # noqa: E402
-from poolkeeper.fleet import db  # noqa: E402
 
+from poolkeeper.fleet import db  # noqa: E402
 from poolkeeper.outcomes import Outcome  # noqa: E402
 from poolkeeper.state.postgres import _migrate  # noqa: E402
 

@@ -345,18 +345,72 @@ def _cmd_status(args: argparse.Namespace, config: Config) -> int:
     try:
         store = open_readonly(config)
         try:  # reads the DB before it prints anything
+            fleet = _fleet_view(config, live)
             if args.json:
                 from poolkeeper.reportjson import dump, status_document
 
                 document = status_document(config, store.last_outcomes(), live, time.time())
+                if fleet is not None:
+                    document["fleet"] = fleet_document(fleet)
                 dump(document, sys.stdout)
             else:
                 print_status(config, store, sys.stdout, live=live)
+                if fleet is not None:
+                    from poolkeeper.fleet.report import print_fleet
+
+                    print_fleet(fleet, sys.stdout, time.time())
         finally:
             store.close()
     except StateUnreadable as exc:
         return _state_unreadable(exc)
     return exitcodes.OK
+
+
+def _fleet_view(config: Config, live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fleet's hosts for `status` (fleet mode only: psycopg is imported then)."""
+    if config.fleet is None:
+        return None
+    from poolkeeper.fleet.report import fleet_view
+
+    return fleet_view(config, live)
+
+
+def fleet_document(view: dict[str, Any]) -> dict[str, Any]:
+    from poolkeeper.reportjson import rfc3339
+
+    hosts = [
+        {**h, "started": rfc3339(h.get("started")), "lease_until": rfc3339(h.get("lease_until"))}
+        for h in view["hosts"]
+    ]
+    return {
+        "host_id": view.get("host_id"),
+        "incarnation": view.get("incarnation"),
+        "lease": view.get("lease"),
+        "specs_differ": view["specs_differ"],
+        "hosts": hosts,
+    }
+
+
+@_with_config
+def _cmd_top(args: argparse.Namespace, config: Config) -> int:
+    from poolkeeper.config.durations import parse_duration
+    from poolkeeper.state import identity
+    from poolkeeper.state.store import StateUnreadable
+
+    try:
+        interval = parse_duration(args.interval)
+    except ValueError as exc:
+        print(f"poolkeeper: --interval: {printable(exc)}", file=sys.stderr)
+        return exitcodes.USAGE
+    if interval < 0.1:
+        print("poolkeeper: --interval: at least 100ms", file=sys.stderr)
+        return exitcodes.USAGE
+    from poolkeeper import top  # rich comes with it: only this command pays for it
+
+    try:
+        return top.run(config, args.socket or identity.socket_path(config), interval)
+    except StateUnreadable as exc:
+        return _state_unreadable(exc)
 
 
 def _ask_quietly(
@@ -528,6 +582,17 @@ def _add_other_commands(
     _add_socket_options(p, config_help)
     _add_json_option(p)
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "top",
+        help="a live view of the running daemon: its jobs, workers, runs/s (q quits; one "
+        "plain snapshot when stdout is not a terminal)",
+    )
+    p.add_argument(
+        "--interval", default="1s", metavar="DURATION", help="between refreshes (default 1s)"
+    )
+    _add_socket_options(p, config_help)
+    p.set_defaults(func=_cmd_top)
 
     p = sub.add_parser("history", help="recent runs, newest first (from the state DB)")
     p.add_argument("job", metavar="JOB", nargs="?", help="only this job's runs")

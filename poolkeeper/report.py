@@ -29,7 +29,11 @@ def _when(ts: float | None) -> str:
 
 
 def _took(record: RunRecord) -> str:
-    took = record.duration
+    return took_text(record.duration)
+
+
+def took_text(took: float | None) -> str:
+    """A run's duration for people: `250ms`, `3.00s`, `2m5s`, `-` when unknown."""
     if took is None:
         return "-"
     if took < 1:
@@ -40,7 +44,13 @@ def _took(record: RunRecord) -> str:
 
 
 def open_readonly(config: Config) -> StateStore:
-    """The config's store, read-only: raises StateUnreadable, never falls back to memory."""
+    """The config's store, read-only: raises StateUnreadable, never falls back to memory. In
+    fleet mode, the fleet's history (every host's runs, in its database), so `history` and
+    `status` answer the same on every host."""
+    if config.fleet is not None:
+        from poolkeeper.state.identity import store_at
+
+        return store_at(config.fleet.database, readonly=True)
     return open_store(config, readonly=True)
 
 
@@ -61,7 +71,7 @@ def print_history(records: Iterable[RunRecord], out: TextIO) -> None:
                 detail,
             )
         )
-    _table(rows, out)
+    table(rows, out)
 
 
 def print_status(
@@ -104,7 +114,7 @@ def print_status(
                 else "-",
             )
         )
-    _table(rows, out)
+    table(rows, out)
 
 
 def next_fire(job: Job, now: float) -> float | None:
@@ -150,7 +160,7 @@ def schedule_text(job: Job) -> str:
     return f"at {job.at}"
 
 
-def _table(rows: list[_Row], out: TextIO) -> None:
+def table(rows: list[_Row], out: TextIO) -> None:
     """Aligned columns. Every cell is printable(): error texts are the jobs' own words, and
     names and states may come from a daemon's reply."""
     rows = [tuple(printable(cell) for cell in row) for row in rows]

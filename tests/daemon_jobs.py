@@ -215,3 +215,10 @@ def detach_then_die(ctx, out_dir):
 def say_hello(ctx):
     """A job whose first act is a line on stdout, naming its run as the daemon's log does."""
     print(f"hello from run {ctx.run_id[:8]}", flush=True)
+
+
+def loop_says_bye(ctx):
+    """A loop that waits for the drain, then says so on stdout."""
+    print("the loop runs", flush=True)
+    ctx.stopping.wait()
+    print("the loop saw the drain", flush=True)

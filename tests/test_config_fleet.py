@@ -310,7 +310,7 @@ from poolkeeper import cli
 from poolkeeper.daemon import mainloop
 
 class ShowConfig:
-    def __init__(self, config, *, log_target, notifier, pool=None):
+    def __init__(self, config, *, log_target, notifier, pool=None, host_id=None):
         self.config, self.pool = config, pool
 
     def run(self):

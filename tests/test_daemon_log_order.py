@@ -1,5 +1,6 @@
 """What `make run` shows, read as a user reads it: each run's `run started` line comes before
-the first line the job prints, and the drain lines are good English for one run."""
+the first line the job prints, the drain's line before what the runs say as they stop, and
+the drain lines are good English for one run."""
 
 from __future__ import annotations
 
@@ -37,18 +38,39 @@ def test_the_drain_lines_count_in_good_english(daemon_factory):
         shutdown: {drain_timeout: 30s}
         jobs:
           consumer:
-            target: daemon_jobs:loop_units
+            target: daemon_jobs:loop_says_bye
             loop: {replicas: 1}
-            kwargs: {out_dir: $OUT}
         """)
-    d.wait_for(lambda: d.units() >= 1, what="a loop unit")
+    d.wait_log("the loop runs")
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     log = d.log()
-    assert (
+    draining = (
         "SIGTERM: draining 1 run in flight (1 loop replica) within 30s; "
-        "0 waiting runs will not start" in log
+        "0 waiting runs will not start"
     )
+    assert draining in log
+    # The daemon says it drains before the runs react to it.
+    assert log.index(draining) < log.index("the loop saw the drain")
     assert re.search(
         r"drain finished in [\d.]+s: 1 run in flight; drained: 1 succeeded; killed: 0", log
     )
+
+
+def test_the_drain_line_comes_before_what_the_runs_say_as_they_stop(daemon_factory):
+    """Six loop replicas, each woken by the drain: none may speak before the daemon says it
+    drains (it used to set ctx.stopping first, then write its line)."""
+    d = daemon_factory("""
+        pool: {workers: 7, start_method: fork}
+        jobs:
+          consumer:
+            target: daemon_jobs:loop_says_bye
+            loop: {replicas: 6}
+        """)
+    d.wait_for(lambda: d.log().count("the loop runs") == 6, what="6 loop replicas")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    log = d.log()
+    assert log.count("the loop saw the drain") == 6
+    draining = "SIGTERM: draining 6 runs in flight (6 loop replicas) within 30s"
+    assert log.index(draining) < log.index("the loop saw the drain")

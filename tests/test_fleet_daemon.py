@@ -4,6 +4,7 @@ at once, the job's view of its fence. Each host is a `poolkeeper run --host-id`.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,6 +115,16 @@ jobs:
     a.wait_for(lambda: len(_runs(a)) + len(_runs(b)) >= 3, what="three runs by hand")
     keys = _sql(fleet.url, "SELECT fire_key, state FROM pk_fires")
     assert len(keys) == 3 and all(k.startswith("manual:") and s == "ended" for k, s in keys)
+    # the history is the fleet's, the same from every host
+    a.wait_for(
+        lambda: len(json.loads(_cli(b, "history", "--json").stdout)) == 3,
+        what="three runs in the fleet's history",
+    )
+    from_a = json.loads(_cli(a, "history", "--json").stdout)
+    assert sorted(r["run_id"] for r in from_a) == sorted(
+        r["run_id"] for r in json.loads(_cli(b, "history", "--json").stdout)
+    )
+    assert all(r["outcome"] == "succeeded" for r in from_a)
 
 
 LOOP = """\
@@ -146,12 +157,27 @@ def test_replicas_spread_over_hosts_and_a_clean_stop_hands_them_over(fleet):
     b = fleet("b", LOOP)
     # equal capacity: one each, the move made only after a's run of it ended
     b.wait_for(lambda: len(_holding(b)) == 1 and len(_holding(a)) == 1, what="one each")
+    # status from any host lists every host; --json gives each host's fields
     status = _cli(b, "status")
     assert status.returncode == 0, status.stderr
+    assert "fleet: 2 live hosts, this is b" in status.stdout
+    document = json.loads(_cli(a, "status", "--json").stdout)["fleet"]
+    assert document["host_id"] == "a" and document["specs_differ"] is True  # their $OUT differ
+    hosts = {h["host_id"]: h for h in document["hosts"]}
+    assert set(hosts) == {"a", "b"}
+    for h in hosts.values():
+        assert set(h) == {
+            "incarnation", "host_id", "version", "spec_hash", "pid", "capacity", "busy",
+            "started", "lease_until", "live",
+        }
+        assert h["live"] is True and h["capacity"] == 2 and h["lease_until"].endswith("Z")
     a.signal()
     assert a.wait_exit() == 0
     # a left: b takes a's replica at once (a clean stop ends the lease now)
     b.wait_for(lambda: _holding(b) == {0, 1}, timeout=10, what="b holds both replicas")
+    # a is gone from the fleet (it left) and says so when asked without a daemon of its own
+    status = _cli(a, "status")
+    assert "fleet: 1 live host\n" in status.stdout and "gone" in status.stdout
     epochs = _sql(fleet.url, "SELECT replica, epoch, owner_inc IS NOT NULL FROM pk_slots")
     assert len(epochs) == 2 and all(owned for _, _, owned in epochs)
     assert len({e for _, e, _ in epochs}) == 2
@@ -191,3 +217,17 @@ def test_a_host_started_with_host_id_keeps_it_across_reloads(fleet):
     status = _cli(a, "status")
     assert "tock" in status.stdout
     assert "fleet: registered as a" in a.log() and "registered as" not in a.log().split("reload applied")[1]
+
+
+def test_a_fleet_database_with_a_newer_schema_is_refused_in_one_line(tmp_path):
+    url = pg_server.fresh_database()
+    _sql(url, "CREATE TABLE pk_schema_version (version integer PRIMARY KEY)")
+    _sql(url, "INSERT INTO pk_schema_version VALUES (99)")
+    d = DaemonProcess(tmp_path, _spec(url, JOBS), run_args=("--host-id", "a"))
+    try:
+        assert d.wait_exit() == 78
+        refused = [line for line in d.log().splitlines() if "schema version 99" in line]
+        assert refused and "newer than this poolkeeper's" in refused[0]
+        assert "Traceback" not in d.log()
+    finally:
+        d.close()

@@ -263,3 +263,15 @@ def test_a_slot_claim_is_skipped_not_waited_for(conn):
         assert db.claim_slots(conn, a, ["eat"], 1) == []
     assert [s.replica for s in db.claim_slots(conn, a, ["eat"], 1)] == [0]
 
+
+
+def test_pruning_the_fleets_history_never_brings_old_fires_back(conn):
+    db.sync_jobs(conn, [TICK])
+    db.create_fires(conn, [NewFire("tick", "every:1", 101.0, 101.0)])
+    inc = _host(conn, "a")
+    (claim,) = db.claim_fires(conn, inc, "a", ["tick"], 1)
+    db.finish_fires(conn, inc, [Ended(claim.fire_id, claim.fence, Outcome.SUCCEEDED, None)])
+    conn.execute("UPDATE pk_fires SET ended_at = now() - interval '2 hours'")
+    assert db.prune(conn, 3600.0) == 1
+    assert _fires(conn) == []
+    assert db.create_fires(conn, [NewFire("tick", "every:1", 101.0, 101.0)]) == 0

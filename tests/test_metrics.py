@@ -27,6 +27,7 @@ jobs:
   x: {{target: daemon_jobs:ok, every: 100ms}}
   y: {{target: daemon_jobs:fail, every: 150ms}}
   hung: {{target: daemon_jobs:hold, args: [30], every: 1s, timeout: 200ms}}
+  crash: {{target: jobs_for_tests:die_exit3, every: 1s}}
 """
 
 
@@ -43,9 +44,10 @@ def test_metrics_count_runs_outcomes_and_replacements_and_promtool_accepts_them(
         bad = value(text, "poolkeeper_runs_total", job="y", outcome="failed")
         timeout = value(text, "poolkeeper_worker_replacements_total", cause="timeout")
         recycled = value(text, "poolkeeper_worker_replacements_total", cause="max_runs")
-        return text if ok and ok >= 3 and bad and timeout and recycled else None
+        died = value(text, "poolkeeper_worker_replacements_total", cause="died")
+        return text if ok and ok >= 3 and bad and timeout and recycled and died else None
 
-    text = d.wait_for(enough, what="runs ok and failed, a timeout, a recycled worker")
+    text = d.wait_for(enough, what="runs ok and failed; workers replaced for each cause")
     checked = promtool("check", "metrics", stdin=text)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
@@ -57,7 +59,8 @@ def test_metrics_count_runs_outcomes_and_replacements_and_promtool_accepts_them(
     last_bad = value(text, "poolkeeper_job_last_failure_timestamp_seconds", job="y")
     assert started < last_ok < time.time() and started < last_bad < time.time()
     assert value(text, "poolkeeper_job_last_success_timestamp_seconds", job="y") is None
-    assert value(text, "poolkeeper_jobs") == 3
+    assert value(text, "poolkeeper_jobs") == 4
+    assert value(text, "poolkeeper_runs_total", job="crash", outcome="lost") >= 1
     busy = value(text, "poolkeeper_workers", state="busy")
     idle = value(text, "poolkeeper_workers", state="idle")
     assert busy + idle == 2
@@ -194,7 +197,31 @@ def test_the_listener_answers_on_ipv6_loopback(daemon_factory):
     d.wait_log("ready")
     with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    assert value(text, "poolkeeper_jobs") == 3
+    assert value(text, "poolkeeper_jobs") == 4
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_the_gauges_show_a_full_pool_and_the_runs_waiting_for_it(daemon_factory):
+    d = daemon_factory(
+        """
+        pool: {workers: 1, start_method: fork}
+        shutdown: {drain_timeout: 1s}
+        metrics: {}
+        jobs:
+          long: {target: daemon_jobs:hold, args: [60], at: startup}
+          tick: {target: daemon_jobs:ok, every: 100ms}
+        """
+    )
+    d.wait_log("long[")  # its run started: the one worker is taken
+
+    def full():
+        text = daemon_metrics(d.config)
+        return text if (value(text, "poolkeeper_runs_queued") or 0) >= 1 else None
+
+    text = d.wait_for(full, what="a run of tick waiting")
+    assert value(text, "poolkeeper_workers", state="busy") == 1
+    assert value(text, "poolkeeper_workers", state="idle") == 0
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
 
@@ -236,7 +263,7 @@ def test_a_reload_that_changes_metrics_is_refused_and_counted(daemon_factory):
     text = daemon_metrics(d.config)
     assert value(text, "poolkeeper_reloads_total", result="rejected") == 1
     assert value(text, "poolkeeper_reloads_total", result="applied") == 1
-    assert value(text, "poolkeeper_jobs") == 4
+    assert value(text, "poolkeeper_jobs") == 5
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
 

@@ -88,6 +88,22 @@ def test_a_run_round_trips_through_flush_and_reopen(backend, store):
         assert [r.run_id for r in again.history("rollup")] == ["r1"]
 
 
+def test_history_filters_and_ended_between(backend, store):
+    """`history --since/--outcome` and `top`'s hour counts, read in the storage."""
+    for i, (job, outcome) in enumerate([("a", "succeeded"), ("b", "failed"), ("a", "lost")]):
+        start(store, f"r{i}", job=job, at=T0 + 10 * i)
+        end(store, f"r{i}", job=job, at=T0 + 10 * i, outcome=outcome)
+    start(store, "r3", at=T0 + 30)  # running: started, never ended
+    store.flush()
+    reader = backend.open(readonly=True)
+    ids = lambda **kw: [r.run_id for r in reader.history(**kw)]  # noqa: E731
+    assert ids(since=T0 + 10) == ["r3", "r2", "r1"]
+    assert ids(outcome="lost") == ["r2"] and ids(outcome="running") == ["r3"]
+    assert ids(job="a", since=T0 + 5, outcome="lost") == ["r2"]
+    assert reader.ended_between(T0, T0 + 21) == {"a": {"succeeded": 1}, "b": {"failed": 1}}
+    assert reader.ended_between(T0 + 21, T0 + 100) == {"a": {"lost": 1}}
+
+
 def test_reads_see_writes_not_flushed_yet(store):
     start(store, 1)
     end(store, 1)

@@ -410,6 +410,15 @@ class Daemon:
         else:
             self._begin_drain(name)
 
+    def stop_for(self, why: str, exit_code: int) -> None:
+        """Something the daemon cannot run with (a fleet database too new for it): fail the
+        start, or drain and exit with `exit_code`."""
+        if self.phase == "starting":
+            raise StartupFailed(why, exit_code, errno.EPROTO)
+        self.exit_code = exit_code
+        if self.phase == "running":
+            self._begin_drain(why)
+
     def _dump_state(self, why: str) -> None:
         """SIGUSR1: what the daemon is doing, in one log record (one journal entry)."""
         lines = state_dump(self, time.time(), time.monotonic())
@@ -690,7 +699,6 @@ class Daemon:
         pool = self.live_pool
         if self.fleet is not None:
             self.fleet.member.quiesce()  # nothing more claimed; the rest is for other hosts
-        pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
         in_flight = pool.in_flight()
         self.drained_in_flight = len(in_flight)
         dropped = sum(job.drop_pending() for job in self.jobs.values())
@@ -704,6 +712,8 @@ class Daemon:
             count(dropped, "waiting run"),
             extra=event("drain_started"),
         )
+        # After the line, so that what the runs say as they stop comes after it.
+        pool.drain()  # sets every ctx.stopping; queued, unstarted runs come back NotStarted
 
     def _fast_stop(self, why: str) -> None:
         self.log.warning("%s: fast stop, killing every run in flight", why)

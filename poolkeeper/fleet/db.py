@@ -363,6 +363,8 @@ def reap(conn: Conn) -> list[Reaped]:
                RETURNING f.job, f.fire_key, f.host_id, f.state = 'ready'""",
             (lost,),
         ).fetchall()
+        if any(retried for *_, retried in rows):  # a fire waits again: wake the fleet
+            conn.execute("SELECT pg_notify(%s, '')", (WAKE_CHANNEL,))
         conn.execute(
             f"""UPDATE pk_runs r SET outcome = %s, ended = extract(epoch FROM now()),
                    error = 'host ' || coalesce(r.host_id, '?') || ' lost its lease'
@@ -372,6 +374,26 @@ def reap(conn: Conn) -> list[Reaped]:
             (lost,),
         )
     return [Reaped(*row) for row in rows]
+
+
+def prune(conn: Conn, keep: float) -> int:
+    """The fleet's history older than `keep` seconds (state.keep): ended fires and finished
+    runs, but not a job's last run (`status` shows it). Safe for the schedules: each job's
+    cursor, not its fires, stops old fires being created again."""
+    with conn.transaction():
+        fires = conn.execute(
+            """DELETE FROM pk_fires WHERE state = 'ended'
+               AND ended_at < now() - %s * interval '1 second'""",
+            (keep,),
+        ).rowcount
+        runs = conn.execute(
+            f"""DELETE FROM pk_runs WHERE outcome <> '{RUNNING}'
+                AND ended < extract(epoch FROM now()) - %s
+                AND run_id NOT IN (SELECT last_run_id FROM pk_job_state
+                                   WHERE last_run_id IS NOT NULL)""",
+            (keep,),
+        ).rowcount
+    return fires + runs
 
 
 # -- slots (loop replicas of fleet jobs) -----------------------------------------------------
@@ -432,8 +454,18 @@ WRITE_END = f"""INSERT INTO pk_runs ({_RUN_COLUMNS}) VALUES ({_PLACES})
 
 
 def write_runs(conn: Conn, rows: Sequence[tuple[str, Row]]) -> None:
-    """This host's run rows (start or end, each with its statement), in one transaction."""
+    """This host's run rows (start or end, each with its statement), in one transaction; an
+    end is also its job's last run (what `status` shows), as the state store keeps it."""
     with conn.transaction():
         cur = conn.cursor()
+        last: dict[str, str] = {}
         for sql, row in rows:
             cur.execute(sql, row)
+            if sql is WRITE_END:
+                last[row[1]] = row[0]
+        if last:
+            cur.executemany(
+                """INSERT INTO pk_job_state (job, last_run_id) VALUES (%s, %s)
+                   ON CONFLICT (job) DO UPDATE SET last_run_id = excluded.last_run_id""",
+                sorted(last.items()),
+            )

@@ -19,6 +19,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from poolkeeper import exitcodes
 from poolkeeper.config.settings import Config, Job
 from poolkeeper.fleet import db
 from poolkeeper.fleet.jobs import FleetJobRuntime
@@ -28,6 +29,7 @@ from poolkeeper.fleet.member import (
     Granted,
     LeaseLost,
     Paused,
+    Refused,
     Revoke,
     Superseded,
 )
@@ -69,6 +71,7 @@ class FleetSide:
             capacity=daemon.config.pool.workers,
             log=log,
         )
+        self.member.keep = daemon.config.state.keep
         self.jobs_changed = True
         self._expired = False  # past the deadline, and what it stops was stopped
 
@@ -200,6 +203,9 @@ class FleetSide:
             self._paused(event.job, event.paused, now_wall, now_mono)
         elif isinstance(event, LeaseLost):
             self._stop_held(lease_lost=True)
+        elif isinstance(event, Refused):
+            self.log.error("fleet: %s", event.why)
+            d.stop_for(f"fleet: {event.why}", exitcodes.CONFIG)
         elif isinstance(event, Superseded):
             for end in event.ends:
                 self.log.warning(

@@ -40,7 +40,7 @@ import psycopg
 from poolkeeper import __version__
 from poolkeeper.fleet import db
 from poolkeeper.fleet.db import Claim, Ended, Host, JobInfo, NewFire, Slot
-from poolkeeper.state.postgres import CONNECT_TIMEOUT, _migrate, redact
+from poolkeeper.state.postgres import CONNECT_TIMEOUT, SCHEMA_VERSION, _migrate, redact
 from poolkeeper.state.rows import Row
 
 # What the heartbeat cadence and the safety margin are, as parts of the lease.
@@ -51,6 +51,7 @@ RECONNECT_AFTER = 1.0  # seconds between attempts while the database cannot be r
 # SQLite has them all; past this the oldest are dropped from the fleet's copy, and said so).
 MAX_UNSENT_ROWS = 100_000
 MAX_UNSENT_FIRES = 10_000
+PRUNE_EVERY = 3600.0  # the fleet's history is pruned (state.keep) about hourly, by every host
 
 
 class Claimed(NamedTuple):
@@ -83,7 +84,13 @@ class Superseded(NamedTuple):
     ends: list[Ended]
 
 
-Event = Claimed | Granted | Revoke | Paused | LeaseLost | Superseded
+class Refused(NamedTuple):
+    """The database cannot be used by this poolkeeper (its schema is newer): fleet mode stops."""
+
+    why: str
+
+
+Event = Claimed | Granted | Revoke | Paused | LeaseLost | Superseded | Refused
 
 
 class Load(NamedTuple):
@@ -151,6 +158,8 @@ class FleetMember:
         self._down_since: float | None = None
         self._next_attempt = 0.0
         self._quiet = False  # draining: nothing more is claimed
+        self.keep: float | None = None  # state.keep, for the fleet's history (set by the loop)
+        self._next_prune = 0.0
         self._spec_hashes: frozenset[str] = frozenset()
 
     # -- the loop's side -----------------------------------------------------------------
@@ -258,6 +267,9 @@ class FleetMember:
                 if self._stopping:
                     break
                 self._step()
+        except _SchemaTooNew as exc:
+            self.deadline = 0.0
+            self._emit(Refused(str(exc)))
         except Exception:  # a bug: the loop's deadline still protects; say it loudly
             self.log.exception("fleet: the fleet thread failed; this host holds no fleet work")
             self.deadline = 0.0
@@ -342,7 +354,12 @@ class FleetMember:
         self._next_attempt = now + RECONNECT_AFTER * self.rng.uniform(0.8, 1.2)
         try:
             self._conn = self._connect("poolkeeper:" + self.host_id)
-            _migrate(self._conn)
+            version = _migrate(self._conn)
+            if version > SCHEMA_VERSION:
+                raise _SchemaTooNew(
+                    f"the fleet database {self.where} has schema version {version}, newer than "
+                    f"this poolkeeper's ({SCHEMA_VERSION}): upgrade poolkeeper on this host"
+                )
             self._listen = self._connect("poolkeeper-listen:" + self.host_id)
             self._listen.execute(f"LISTEN {db.WAKE_CHANNEL}")
             self._listen.execute(f"LISTEN {db.CONTROL_CHANNEL}")
@@ -456,6 +473,12 @@ class FleetMember:
             self._claim_wanted = self._claim_wanted or reaped.retried
         self._poll_control(conn)
         self._balance_slots(conn)
+        now = time.monotonic()
+        if self.keep is not None and now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY * self.rng.uniform(0.9, 1.1)
+            pruned = db.prune(conn, self.keep)
+            if pruned:
+                self.log.info("fleet: pruned %d fires and runs older than state.keep", pruned)
         return True
 
     def _warn_spec_hashes(self) -> None:
@@ -576,6 +599,10 @@ class FleetMember:
         for c in (self._conn, self._listen):
             if c is not None:
                 c.close()
+
+
+class _SchemaTooNew(Exception):
+    pass
 
 
 def _pipe() -> tuple[int, int]:

@@ -78,12 +78,12 @@ class RunContext:
         stopping: set when the daemon drains, or a reload changes or removes this job
             (`is_set()`, `wait(timeout) -> bool`; see `Stopping`). A loop job checks it
             between units of work and returns when it is set.
-        replica: this loop replica's index (0, 1, ...); None for a scheduled run.
+        replica: in fleet mode, this loop replica's index (0, 1, ...); else None.
         fence: in fleet mode, the fencing token of this run (the slot's epoch for a loop
             replica, the fire's fence for a scheduled run), else None. It only grows: a job that
             writes somewhere shared can store it and refuse writes carrying an older one. The
-            run's environment has it as POOLKEEPER_FENCE (and POOLKEEPER_REPLICA), for the
-            programs the job starts (POOLKEEPER_REPLICA only in fleet mode).
+            run's environment has it as POOLKEEPER_FENCE (and a replica's index as
+            POOLKEEPER_REPLICA), for the programs the job starts.
     """
 
     __slots__ = (

@@ -164,6 +164,41 @@ RestrictAddressFamilies=AF_UNIX
 MemoryDenyWriteExecute=yes
 """
 
+# Keep docs/fleet.md ("The watchdog") in step with the numbers below.
+FLEET = """\
+# fleet.conf: the drop-in for a fleet member (a spec with `fleet:`, docs/fleet.md).
+# Install: mkdir -p /etc/systemd/system/poolkeeper@.service.d
+#          cp fleet.conf /etc/systemd/system/poolkeeper@.service.d/
+#          systemctl daemon-reload && systemctl restart poolkeeper@NAME
+# (or poolkeeper.service.d/, or poolkeeper@NAME.service.d/ for one instance). With offline.conf
+# too, the [Unit] lines below must sort after it (it empties Wants= and After=): name this file
+# zz-fleet.conf. Generated from poolkeeper/service/unit.py.
+[Unit]
+# The unit already waits for network-online.target: that is what a database on another host
+# needs. On a host that runs the fleet's database itself (Debian's postgresql package), also
+# uncomment these two lines: the daemon then starts after the local clusters
+# (postgresql@VERSION-NAME.service is ordered before postgresql.service) and, at shutdown,
+# drains before the database stops, so its last runs are written. Wants=, not Requires=: a
+# database that stops is an outage the daemon rides out (scope: host jobs go on), not a reason
+# to stop the daemon.
+#Wants=postgresql.service
+#After=postgresql.service
+
+[Service]
+# A frozen daemon (SIGSTOP, a paused VM) stops renewing its lease, but its workers run on.
+# Other hosts may take its work over lease - margin after the freeze: its last renewal came
+# at most one heartbeat (lease/6) before it, and margin = lease/6. systemd sends SIGABRT to
+# every process of the unit at most WatchdogSec after the freeze, and SIGKILL to what is left
+# TimeoutAbortSec later. Hence the rule:
+#     WatchdogSec + TimeoutAbortSec < lease - lease/6
+# These values are for the default lease, 30s: 15s + 5s = 20s < 25s. For another fleet.lease
+# scale both: lease 10s -> 5s + 2s (< 8.3s); lease 5s -> 2s + 1s (< 4.2s). A WatchdogSec under
+# 2s is not tested: keep fleet.lease at 5s or more. The unit alone breaks the rule (30s, and
+# TimeoutAbortSec= is TimeoutStopSec=, 45s, when unset).
+WatchdogSec=15s
+TimeoutAbortSec=5s
+"""
+
 SYSUSERS = """\
 # sysusers.d(5): the system user the poolkeeper units run as (install as
 # /usr/lib/sysusers.d/poolkeeper.conf, then `systemd-sysusers`).
@@ -185,6 +220,7 @@ SHIPPED_NAMES = (
     "poolkeeper.service",
     "poolkeeper@.service",
     "offline.conf",
+    "fleet.conf",
     "sysusers.d/poolkeeper.conf",
     "tmpfiles.d/poolkeeper.conf",
 )
@@ -229,6 +265,7 @@ def shipped_files() -> dict[str, str]:
         "poolkeeper.service": render(PLAIN, shipped),
         "poolkeeper@.service": render(TEMPLATE, shipped),
         "offline.conf": OFFLINE,
+        "fleet.conf": FLEET,
         "sysusers.d/poolkeeper.conf": SYSUSERS,
         "tmpfiles.d/poolkeeper.conf": TMPFILES,
     }

@@ -473,11 +473,12 @@ class PostgresStore:
         )
         return [RunRecord(*r) for r in rows]
 
-    def ended_since(self, since: float) -> dict[str, dict[str, int]]:
+    def ended_between(self, start: float, end: float) -> dict[str, dict[str, int]]:
         self.flush()
         rows = self._query(
-            "SELECT job, outcome, count(*) FROM pk_runs WHERE ended >= %s GROUP BY job, outcome",
-            (since,),
+            "SELECT job, outcome, count(*) FROM pk_runs WHERE ended >= %s AND ended < %s "
+            "GROUP BY job, outcome",
+            (start, end),
         )
         return by_job(rows)
 

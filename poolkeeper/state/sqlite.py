@@ -523,13 +523,15 @@ class SqliteStore:
             )
         return [RunRecord(*r) for r in rows]
 
-    def ended_since(self, since: float) -> dict[str, dict[str, int]]:
-        """job -> outcome -> runs that ended at `since` or later (the `ended` index)."""
+    def ended_between(self, start: float, end: float) -> dict[str, dict[str, int]]:
+        """job -> outcome -> runs that ended at `start` or later, before `end` (the `ended`
+        index: a range of it, whatever the size of the history)."""
         with self._mutex:
             self.flush()
             rows = self._query(
-                "SELECT job, outcome, count(*) FROM runs WHERE ended >= ? GROUP BY job, outcome",
-                (since,),
+                "SELECT job, outcome, count(*) FROM runs WHERE ended >= ? AND ended < ? "
+                "GROUP BY job, outcome",
+                (start, end),
             )
         return by_job(rows)
 

@@ -47,7 +47,8 @@ may be slow)
                           order), of one job or all; at most `limit` (None: all); only those
                           started at `since` or later (never started: scheduled), only those
                           of `outcome`, when given.
-    ended_since(t)        job -> outcome -> how many runs ended at t or later (`top`).
+    ended_between(a, b)   job -> outcome -> how many runs ended in [a, b) (`top`: a range
+                          of an index, whatever the size of the history).
     last_outcomes()       job -> its last finished run (RunRecord).
     counts(overall)       outcome -> finished runs recorded since this store was opened (O(1),
                           in memory: the daemon's STATUS= figures); `overall=True` counts the
@@ -171,7 +172,7 @@ class StateStore(Protocol):
         outcome: str | None = None,
     ) -> list[RunRecord]: ...
 
-    def ended_since(self, since: float) -> dict[str, dict[str, int]]: ...
+    def ended_between(self, start: float, end: float) -> dict[str, dict[str, int]]: ...
 
     def last_outcomes(self) -> dict[str, RunRecord]: ...
 
