@@ -172,7 +172,16 @@ def hook_and_render_costs() -> tuple[float, float]:
         def last_outcomes(self) -> dict:
             return {}
 
-    config = Config("/x.yaml", [], None, None, None, {}, Metrics(None, None, 15.0))  # type: ignore[arg-type]
+    config = Config(  # type: ignore[arg-type]
+        path="/x.yaml",
+        pythonpath=[],
+        pool=None,
+        shutdown=None,
+        state=None,
+        fleet=None,
+        jobs={},
+        metrics=Metrics(None, None, 15.0),
+    )
     on = metrics.Metrics(config, NoHistory(), logging.getLogger("bench"))  # type: ignore[arg-type]
     off = NoMetrics()
     now = time.time()
