@@ -386,7 +386,9 @@ class FleetMember:
         extra["options"] = (
             f"-c statement_timeout={int(self.margin * 1000)} "
             f"-c lock_timeout={int(self.margin * 1000)} "
-            "-c idle_in_transaction_session_timeout=60000"
+            # and the server ends a transaction left open by a frozen host (SIGSTOP mid-step)
+            # within the margin: its row locks (pk_jobs) would stall every host's fires.
+            f"-c idle_in_transaction_session_timeout={int(self.margin * 1000)}"
         )
         for key, value in (
             ("connect_timeout", bound),
