@@ -64,10 +64,11 @@ class ForkserverWatch:
         self._dead_forkservers.add(pid)
         how = helper_processes.forget_dead_forkserver(pid) or "reaped elsewhere"
         alive = self._alive(pid)
+        workers = f"{alive} worker runs" if alive == 1 else f"{alive} workers run"
         log.error(
-            "the forkserver (pid %d) died (%s), killed by a job or by hand? Its %d workers run "
-            "on, but their exit status is lost with it; new workers come from a new forkserver",
-            pid, how, alive,
+            "the forkserver (pid %d) died (%s), killed by a job or by hand? Its %s on, "
+            "but their exit status is lost with it; new workers come from a new forkserver",
+            pid, how, workers,
         )  # fmt: skip
 
     def is_dead(self, pid: int | None) -> bool:
