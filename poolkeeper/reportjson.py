@@ -67,7 +67,7 @@ def status_document(
         daemon["workers"] = {"busy": workers.get("busy"), "total": workers.get("total")}
         for name, view in live.get("jobs", {}).items():
             spec = config.jobs.get(name)
-            scope = view.get("scope") or (_scope(spec) if spec is not None else None)
+            scope = view.get("scope") or (spec.scope if spec is not None else None)
             jobs.append(
                 _job(name, view["kind"], scope, view["schedule"], view["state"], view["next"])
                 | {"running": view.get("running")}
@@ -75,7 +75,7 @@ def status_document(
     else:
         daemon = dict(_NO_DAEMON)
         for name, spec in config.jobs.items():
-            job = _job(name, spec.kind, _scope(spec), schedule_text(spec), None, None)
+            job = _job(name, spec.kind, spec.scope, schedule_text(spec), None, None)
             job["next_fire"] = rfc3339(next_fire(spec, now))
             jobs.append(job | {"running": None})
     for job in jobs:
@@ -86,12 +86,6 @@ def status_document(
         "daemon": daemon,
         "jobs": jobs,
     }
-
-
-def _scope(spec: Job) -> str | None:
-    # Job.scope comes with fleet mode (docs/fleet.md); a config model without it has none.
-    scope: str | None = getattr(spec, "scope", None)
-    return scope
 
 
 def _job(

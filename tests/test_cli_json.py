@@ -114,7 +114,7 @@ def test_status_json_from_the_daemon_then_from_the_state_db(daemon_factory):
     assert [job["name"] for job in doc["jobs"]] == ["tick", "bad", "consume", "yearly"]
     for job in doc["jobs"]:
         assert set(job) == JOB_KEYS
-        assert job["scope"] in (None, "host")  # 'host' once the config knows fleet mode
+        assert job["scope"] == "host"  # no fleet: section: every job runs on this host
     tick, bad, consume, yearly = (jobs[n] for n in ("tick", "bad", "consume", "yearly"))
     assert (tick["kind"], tick["schedule"]) == ("every", "every 100ms")
     assert tick["state"] in ("idle", "running") and tick["running"] in (0, 1)

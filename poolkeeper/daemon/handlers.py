@@ -124,7 +124,7 @@ class ControlHandlers:
     def _tell_fleet(self, job: JobRuntime, *, paused: bool) -> None:
         """A fleet job is paused or resumed on every host (each hears it from the database)."""
         fleet = self.daemon.fleet
-        if fleet is not None and job.spec.name in fleet.member_jobs():
+        if fleet is not None and job.spec.scope == "fleet":
             fleet.pause(job.name, paused)
 
     def run_now(self, job: JobRuntime) -> dict[str, Any]:
@@ -157,10 +157,9 @@ def _view(job: JobRuntime, now: float) -> dict[str, Any]:
 def _spec_view(
     spec: Job, next_fire: float | None, doing: str, state: str, running: int
 ) -> dict[str, Any]:
-    # scope: fleet mode's settings.Job.scope, absent from a config without it.
     return {
         "kind": spec.kind,
-        "scope": getattr(spec, "scope", None),
+        "scope": spec.scope,
         "schedule": schedule_text(spec),
         "next": next_fire,
         "now": doing,

@@ -319,11 +319,8 @@ class Daemon:
 
     def runtime_for(self, spec: Job) -> JobRuntime:
         """A new job's runtime: a fleet job's runs come from the fleet (poolkeeper.fleet)."""
-        if self.fleet is not None:
-            from poolkeeper.fleet.loop import is_fleet_job
-
-            if is_fleet_job(spec):
-                return self.fleet.runtime(spec, self)
+        if self.fleet is not None and spec.scope == "fleet":
+            return self.fleet.runtime(spec, self)
         # One random stream for every job (jitter, backoff): a Random is 2.5 KB of state,
         # 25 MB for 10,000 jobs; no decision needs a job's draws apart from the others'.
         return JobRuntime(spec, self.rng)

@@ -13,7 +13,6 @@ JobRuntime of a job on one host.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from poolkeeper.config.settings import Job
@@ -234,6 +233,3 @@ class FleetJobRuntime(JobRuntime):
 
         self.member.run_now(self.name, manual_key(), now_wall)
         return None
-
-    def holds(self) -> Iterator[Hold]:
-        yield from self.held.values()

@@ -41,10 +41,6 @@ if TYPE_CHECKING:
     from poolkeeper.daemon.mainloop import Daemon
 
 
-def is_fleet_job(spec: Job) -> bool:
-    return spec.scope == "fleet"
-
-
 def spec_hash(config: Config) -> str:
     """What hosts compare to find they run different specs: the jobs as validated."""
     jobs = config.to_json().get("jobs", {})
@@ -138,10 +134,6 @@ class FleetSide:
             ev.error,
         )
         self.member.row(db.WRITE_END, row)
-
-    def member_jobs(self) -> set[str]:
-        """The names of this host's fleet jobs."""
-        return {job.name for job in self._fleet_jobs()}
 
     def pause(self, job: str, paused: bool) -> None:
         self.member.pause(job, paused)
