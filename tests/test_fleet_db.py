@@ -275,3 +275,23 @@ def test_pruning_the_fleets_history_never_brings_old_fires_back(conn):
     assert db.prune(conn, 3600.0) == 1
     assert _fires(conn) == []
     assert db.create_fires(conn, [NewFire("tick", "every:1", 101.0, 101.0)]) == 0
+
+
+def test_the_fleets_connections_bound_every_wait_and_the_urls_settings_win(conn):
+    """Statements, lock waits and idle transactions are bounded by the margin (lease/6), and
+    what the URL sets itself (its `options`, its connect_timeout) is kept over that."""
+    import logging
+
+    from poolkeeper.fleet.member import FleetMember
+
+    base = conn.info.dsn
+    plain = FleetMember(base, host_id="a", lease=6.0, spec_hash="h", capacity=1,
+                        log=logging.getLogger("t"))
+    own = FleetMember(f"{base} options='-c statement_timeout=12345'", host_id="a", lease=6.0,
+                      spec_hash="h", capacity=1, log=logging.getLogger("t"))
+    for member, statement in ((plain, "1s"), (own, "12345ms")):
+        with member._connect("poolkeeper:test") as c:
+            shown = [c.execute(f"SHOW {name}").fetchone()[0] for name in
+                     ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")]
+            assert shown == [statement, "1s", "1s"]
+            assert c.execute("SHOW application_name").fetchone()[0] == "poolkeeper:test"

@@ -173,6 +173,12 @@ class FleetMember:
         take over at once), and join the thread."""
         self._send("stop", None)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            # Still in a statement (bounded by the margin): its pipes stay open, or a write to
+            # a closed descriptor could land in whatever file reuses its number. The process
+            # is about to exit; the thread is a daemon thread.
+            self.log.warning("fleet: the fleet thread did not finish within %gs", timeout)
+            return
         for fd in (self._wake_thread_r, self._wake_thread_w, self._wake_loop_r, self._wake_loop_w):
             os.close(fd)
 
@@ -390,6 +396,8 @@ class FleetMember:
             # within the margin: its row locks (pk_jobs) would stall every host's fires.
             f"-c idle_in_transaction_session_timeout={int(self.margin * 1000)}"
         )
+        if given.get("options"):  # the URL's own options come after: the last -c wins
+            extra["options"] += f" {given['options']}"
         for key, value in (
             ("connect_timeout", bound),
             ("keepalives", 1),
