@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from poolkeeper.config.settings import Job
 from poolkeeper.daemon.jobs import JobRuntime, PendingRun, _backoff
 from poolkeeper.fleet.db import Claim, Ended, NewFire, Slot
-from poolkeeper.fleet.keys import GridIntervalTrigger, fire_key
+from poolkeeper.fleet.keys import GridIntervalTrigger, fire_key, manual_key
 from poolkeeper.outcomes import Outcome
 from poolkeeper.pool.supervisor import RunEnded, Task
 from poolkeeper.scheduling.backoff import FailureTracker, RetryDecider
@@ -75,7 +75,7 @@ class FleetJobRuntime(JobRuntime):
     def claimed(self, claim: Claim, now_mono: float) -> None:
         """This host won `claim`: its run waits for a worker."""
         if self.paused:  # paused here before the fleet heard: not run
-            self.member.fire_ended(Ended(claim.fire_id, claim.fence, Outcome.KILLED, "paused"))
+            self._end_unstarted(claim, "paused")
             return
         self.member.waiting.add(claim.fire_id)
         self._queue(PendingRun(self.name, claim.attempt, claim.scheduled, now_mono, None, claim))
@@ -115,11 +115,7 @@ class FleetJobRuntime(JobRuntime):
             # killed (written, fence-checked, when the database answers again).
             if isinstance(run.claim, Claim):
                 self.pending.remove(run)
-                self.member.waiting.discard(run.claim.fire_id)
-                why = "not started: this host's fleet lease ran out"
-                self.member.fire_ended(
-                    Ended(run.claim.fire_id, run.claim.fence, Outcome.KILLED, why)
-                )
+                self._end_unstarted(run.claim, "not started: this host's fleet lease ran out")
             elif replicas and isinstance(run.claim, Slot):
                 self.pending.remove(run)
                 self._release(run.claim.replica)
@@ -134,10 +130,7 @@ class FleetJobRuntime(JobRuntime):
     def pause(self) -> list[Task]:
         for run in self.pending:
             if isinstance(run.claim, Claim):
-                self.member.waiting.discard(run.claim.fire_id)
-                self.member.fire_ended(
-                    Ended(run.claim.fire_id, run.claim.fence, Outcome.KILLED, "paused")
-                )
+                self._end_unstarted(run.claim, "paused")
         for replica in [r.replica for r in self.pending if isinstance(r.claim, Slot)]:
             if replica is not None:
                 self._release(replica)
@@ -187,9 +180,7 @@ class FleetJobRuntime(JobRuntime):
                 self.member.waiting.discard(run.claim.fire_id)
                 self.member.give_back(run.claim)
             elif isinstance(run.claim, Claim):  # a retry: the fire ends with this attempt
-                self.member.fire_ended(
-                    Ended(run.claim.fire_id, run.claim.fence, Outcome.KILLED, "not retried")
-                )
+                self._end_unstarted(run.claim, "not retried")
             elif isinstance(run.claim, Slot) and run.replica is not None:
                 self._release(run.replica)
         return super().drop_pending()
@@ -205,7 +196,6 @@ class FleetJobRuntime(JobRuntime):
 
     def ended(self, ev: RunEnded, now_wall: float, now_mono: float, draining: bool) -> str:
         hold = self.held.pop(ev.task.run_id, None)
-        self._carry = None
         if isinstance(hold, Slot) and hold.replica in self.revoked:
             draining = True  # given back: not restarted here
         self._carry = hold
@@ -220,6 +210,12 @@ class FleetJobRuntime(JobRuntime):
                 self._release(hold.replica)
         return follow_up
 
+    def _end_unstarted(self, claim: Claim, why: str) -> None:
+        """A claimed fire whose run will not start here: its outcome is `killed`, with why
+        (written, fence-checked, when the database answers)."""
+        self.member.waiting.discard(claim.fire_id)
+        self.member.fire_ended(Ended(claim.fire_id, claim.fence, Outcome.KILLED, why))
+
     def _release(self, replica: int) -> None:
         slot = self.slots.pop(replica, None)
         self.revoked.discard(replica)
@@ -229,7 +225,5 @@ class FleetJobRuntime(JobRuntime):
     def run_now(self, now_wall: float, now_mono: float) -> str | None:
         if self.is_loop:
             return super().run_now(now_wall, now_mono)
-        from poolkeeper.fleet.keys import manual_key
-
         self.member.run_now(self.name, manual_key(), now_wall)
         return None
