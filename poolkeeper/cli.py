@@ -351,6 +351,8 @@ def _cmd_status(args: argparse.Namespace, config: Config) -> int:
 
                 document = status_document(config, store.last_outcomes(), live, time.time())
                 if fleet is not None:
+                    from poolkeeper.fleet.report import fleet_document
+
                     document["fleet"] = fleet_document(fleet)
                 dump(document, sys.stdout)
             else:
@@ -373,22 +375,6 @@ def _fleet_view(config: Config, live: dict[str, Any] | None) -> dict[str, Any] |
     from poolkeeper.fleet.report import fleet_view
 
     return fleet_view(config, live)
-
-
-def fleet_document(view: dict[str, Any]) -> dict[str, Any]:
-    from poolkeeper.reportjson import rfc3339
-
-    hosts = [
-        {**h, "started": rfc3339(h.get("started")), "lease_until": rfc3339(h.get("lease_until"))}
-        for h in view["hosts"]
-    ]
-    return {
-        "host_id": view.get("host_id"),
-        "incarnation": view.get("incarnation"),
-        "lease": view.get("lease"),
-        "specs_differ": view["specs_differ"],
-        "hosts": hosts,
-    }
 
 
 @_with_config

@@ -108,9 +108,8 @@ class FleetSide:
         else:
             self._expired = False
         pool = d.live_pool
-        busy = len(pool.in_flight())
         free = pool.free_slots() if d.phase == "running" else 0
-        self.member.set_load(d.config.pool.workers, busy, free)
+        self.member.set_load(d.config.pool.workers, pool.busy_count(), free)
 
     def run_started(self, task: Task, started_at: float, worker_pid: int) -> None:
         row = start_row(

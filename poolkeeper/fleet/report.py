@@ -27,6 +27,23 @@ def fleet_view(config: Config, live: dict[str, Any] | None) -> dict[str, Any] | 
     return view
 
 
+def fleet_document(view: dict[str, Any]) -> dict[str, Any]:
+    """`status --json`'s `fleet` (docs/json.md): times as RFC 3339."""
+    from poolkeeper.reportjson import rfc3339
+
+    hosts = [
+        {**h, "started": rfc3339(h.get("started")), "lease_until": rfc3339(h.get("lease_until"))}
+        for h in view["hosts"]
+    ]
+    return {
+        "host_id": view.get("host_id"),
+        "incarnation": view.get("incarnation"),
+        "lease": view.get("lease"),
+        "specs_differ": view["specs_differ"],
+        "hosts": hosts,
+    }
+
+
 def _read_hosts(url: str) -> tuple[list[dict[str, Any]], str | None]:
     import psycopg
 
